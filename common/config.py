@@ -1,0 +1,188 @@
+"""The federation's configuration: one dataclass, read from TOML or JSON, overridden by flags.
+
+The seed's `conf.json` is read as it is: its keys are aliases of the fields below (`no_models`,
+`type`, `global_epochs`, `k`, `lambda`). The server is the one source of truth for the training
+config; clients receive what they need of it with every `JoinRound` reply.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config file or flag value is wrong; the message names the key and says what is allowed."""
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class Config:
+    # What is trained.
+    model_name: str = field(default="cnn", metadata=_help("model: mlp, cnn or resnet18"))
+    dataset: str = field(default="digits", metadata=_help(
+        "data set: digits (built in, offline), mnist or cifar10 (read from --data-root)"))
+    data_root: str = field(default="data", metadata=_help(
+        "folder holding torchvision data sets (MNIST/raw/..., cifar-10-batches-py/); unused for digits"))
+    num_clients: int = field(default=3, metadata=_help(
+        "clients in the federation (seed: no_models); client i without --data trains on the i-th IID share"))
+    # Rounds.
+    rounds: int = field(default=10, metadata=_help("rounds of federated training (seed: global_epochs)"))
+    clients_per_round: int = field(default=3, metadata=_help("clients sampled each round (seed: k)"))
+    min_clients: int = field(default=0, metadata=_help(
+        "clients that must have joined before the first round starts (0 = clients_per_round)"))
+    min_fit: int = field(default=0, metadata=_help(
+        "updates a round needs at its deadline to be aggregated rather than re-run (0 = clients_per_round)"))
+    round_timeout: float = field(default=300.0, metadata=_help(
+        "seconds a round waits for its updates before closing with what arrived"))
+    server_lr: float = field(default=1.0, metadata=_help(
+        "server learning rate applied to the averaged diff (seed: lambda); 1.0 is plain FedAvg"))
+    # Local training, sent to every client.
+    local_epochs: int = field(default=2, metadata=_help("epochs each client trains per round"))
+    batch_size: int = field(default=32, metadata=_help("local mini-batch size"))
+    lr: float = field(default=0.05, metadata=_help("client learning rate"))
+    momentum: float = field(default=0.9, metadata=_help("client SGD momentum"))
+    weight_decay: float = field(default=0.0, metadata=_help("client L2 weight decay"))
+    optimizer: str = field(default="sgd", metadata=_help("client optimizer: sgd or adam"))
+    seed: int = field(default=0, metadata=_help(
+        "base seed: sampling, data split, initial model; client i uses seed + i"))
+    # The service.
+    host: str = field(default="127.0.0.1", metadata=_help(
+        "address to listen on (0.0.0.0 or [::] for every interface)"))
+    port: int = field(default=50051, metadata=_help("port to listen on; 0 picks a free one"))
+    out: str = field(default="runs/latest", metadata=_help(
+        "folder for metrics.jsonl, checkpoints and final_model.pt"))
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def effective_min_clients(self) -> int:
+        return self.min_clients or self.clients_per_round
+
+    @property
+    def effective_min_fit(self) -> int:
+        return self.min_fit or self.clients_per_round
+
+
+# The seed's conf.json names, mapped onto ours.
+ALIASES = {
+    "no_models": "num_clients",
+    "type": "dataset",
+    "global_epochs": "rounds",
+    "k": "clients_per_round",
+    "lambda": "server_lr",
+}
+MODELS = ("mlp", "cnn", "resnet18")
+DATASETS = ("digits", "mnist", "cifar10")
+DATASET_ALIASES = {"cifar": "cifar10"}  # the seed calls CIFAR-10 "cifar"
+OPTIMIZERS = ("sgd", "adam")
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _check_type(key: str, value: Any, kind: type) -> Any:
+    # bool is an int in Python; a config saying `rounds = true` is a mistake, not 1.
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"config key {key!r}: expected a whole number, got {value!r}")
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+        return float(value)
+    if kind is str and not isinstance(value, str):
+        raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
+    return value
+
+
+def _field_type(name: str) -> type:
+    return {"int": int, "float": float, "str": str}[str(FIELDS[name].type)]
+
+
+def validate(cfg: Config) -> None:
+    for name in FIELDS:
+        _check_type(name, getattr(cfg, name), _field_type(name))
+
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"config key {key!r}: {what}, got {getattr(cfg, key)!r}")
+
+    need(cfg.model_name in MODELS, "model_name", f"must be one of {', '.join(MODELS)}")
+    need(cfg.dataset in DATASETS, "dataset", f"must be one of {', '.join(DATASETS)}")
+    need(cfg.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
+    for key in ("num_clients", "rounds", "clients_per_round", "local_epochs", "batch_size"):
+        need(getattr(cfg, key) >= 1, key, "must be at least 1")
+    for key in ("min_clients", "min_fit", "seed"):
+        need(getattr(cfg, key) >= 0, key, "must be 0 or more")
+    need(cfg.lr > 0, "lr", "must be positive")
+    need(cfg.server_lr > 0, "server_lr", "must be positive (seed: lambda)")
+    need(cfg.momentum >= 0, "momentum", "must be 0 or more")
+    need(cfg.weight_decay >= 0, "weight_decay", "must be 0 or more")
+    need(cfg.round_timeout > 0, "round_timeout", "must be a positive number of seconds")
+    need(0 <= cfg.port <= 65535, "port", "must be between 0 and 65535")
+    need(cfg.effective_min_fit <= cfg.clients_per_round, "min_fit",
+         f"cannot exceed clients_per_round ({cfg.clients_per_round})")
+    need(cfg.clients_per_round <= cfg.effective_min_clients, "clients_per_round",
+         f"cannot exceed min_clients ({cfg.effective_min_clients}), or a round could never be sampled")
+
+
+def _normalize(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = ALIASES.get(key, key)
+        if name not in FIELDS:
+            raise ConfigError(f"{source}: unknown config key {key!r}; known keys are "
+                              f"{', '.join(sorted(FIELDS))} (and the seed's {', '.join(ALIASES)})")
+        if name in values:
+            raise ConfigError(f"{source}: config key {key!r} is given twice (also as an alias)")
+        value = _check_type(key, value, _field_type(name))
+        if name == "dataset":
+            value = DATASET_ALIASES.get(value, value)
+        values[name] = value
+    return values
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    """The file's settings, normalized to field names; TOML or JSON, chosen by the extension."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        if path.suffix == ".toml":
+            raw = tomllib.loads(text)
+        elif path.suffix == ".json":
+            raw = json.loads(text)
+        else:
+            raise ConfigError(f"config file {path} must end in .toml or .json")
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper()}: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a table/object of keys")
+    return _normalize(raw, str(path))
+
+
+def load(path: str | Path | None = None, **overrides: Any) -> Config:
+    """Defaults, then the file, then overrides (flags); None overrides mean "not given"."""
+    values = read_file(path) if path else {}
+    values.update(_normalize({k: v for k, v in overrides.items() if v is not None}, "flags"))
+    return Config(**values)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field (`--clients-per-round`, ...), each defaulting to "not given"."""
+    parser.add_argument("--config", metavar="FILE", help="TOML or JSON config file (the seed's conf.json works)")
+    for f in dataclasses.fields(Config):
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_field_type(f.name),
+                            default=None, help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def from_arguments(args: argparse.Namespace) -> Config:
+    return load(args.config, **{name: getattr(args, name) for name in FIELDS})

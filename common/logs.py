@@ -1,0 +1,19 @@
+"""Logging set-up shared by the command-line tools: timestamps on stderr, stdout left for results."""
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def configure(level: str = "INFO", log_file: str | None = None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(level=level.upper(), handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def fail(program: str, message: str, code: int = 2) -> int:
+    """Print the one sentence a user needs (what is wrong, what to do) and return the exit code."""
+    print(f"{program}: error: {message}", file=sys.stderr, flush=True)
+    return code

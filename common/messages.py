@@ -1,0 +1,105 @@
+"""The protocol's messages as plain dataclasses: what the server and client logic work on.
+
+Only `common.convert` knows protobuf; everything else speaks these.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from common.tensors import TensorSpec
+
+PROTOCOL_VERSION = 1
+
+
+class Action(enum.Enum):
+    TRAIN = 1
+    WAIT = 2
+    FINISHED = 3
+
+
+class Encoding(enum.Enum):
+    FULL_WEIGHTS = 1  # the tensors themselves
+    DIFF = 2  # local - global, in each tensor's own dtype
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    input_shape: tuple[int, ...]  # one sample, e.g. (1, 8, 8)
+    num_classes: int
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What a client needs to know to train one round; sent with every JoinRound reply."""
+
+    model: ModelSpec
+    dataset: str
+    num_clients: int
+    seed: int
+    local_epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    optimizer: str
+
+
+@dataclass(frozen=True)
+class JoinRequest:
+    client_id: str
+    num_samples: int  # 0 = not known yet
+    device: str = ""
+    protocol_version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class JoinDecision:
+    action: Action
+    config: TrainConfig
+    round: int = 0
+    model_version: int = 0
+    retry_after: float = 0.0
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    client_id: str
+    model_version: int = 0  # 0 = current
+    protocol_version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class PayloadHeader:
+    specs: list[TensorSpec]
+    total_bytes: int
+    num_chunks: int
+    crc32: int
+    encoding: Encoding
+
+
+@dataclass(frozen=True)
+class ModelHeader:
+    round: int
+    model_version: int
+    payload: PayloadHeader
+
+
+@dataclass(frozen=True)
+class UpdateHeader:
+    client_id: str
+    round: int
+    model_version: int
+    num_samples: int
+    payload: PayloadHeader
+    metrics: dict[str, float] = field(default_factory=dict)
+    protocol_version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    accepted: bool
+    duplicate: bool = False
+    message: str = ""

@@ -1,0 +1,108 @@
+"""The models a federation can train, built by name from a `ModelSpec` on both sides.
+
+The server and every client must build exactly the same architecture, since only weights travel;
+`build_model` is the one place that maps a spec to a module.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from common.messages import ModelSpec
+
+
+class MLP(nn.Module):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden: int = 200):
+        super().__init__()
+        # Two hidden layers of 200, as the FedAvg paper's "2NN" (McMahan et al., 2017).
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), hidden), nn.ReLU(),
+                                 nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CNN(nn.Module):
+    """The FedAvg paper's CNN: two 5x5 conv layers (32, 64 channels) each followed by 2x2 max-pooling,
+    a 512-unit dense layer and the classifier. Padding 2 keeps it usable on 8x8 digits."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int):
+        super().__init__()
+        channels, height, width = input_shape
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+        flat = 64 * (height // 4) * (width // 4)
+        self.classifier = nn.Sequential(nn.Linear(flat, 512), nn.ReLU(), nn.Linear(512, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR-style ResNet-18 (He et al., 2016): a 3x3 stem and no max-pool, since 32x32 inputs would
+    lose most of their resolution to ImageNet's 7x7 stride-2 stem."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int):
+        super().__init__()
+        self.in_planes = 64
+        self.conv1 = nn.Conv2d(input_shape[0], 64, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.layer1 = self._layer(64, 2, 1)
+        self.layer2 = self._layer(128, 2, 2)
+        self.layer3 = self._layer(256, 2, 2)
+        self.layer4 = self._layer(512, 2, 2)
+        self.linear = nn.Linear(512, num_classes)
+
+    def _layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        layers = []
+        for s in [stride] + [1] * (blocks - 1):
+            layers.append(BasicBlock(self.in_planes, planes, s))
+            self.in_planes = planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(out)
+
+
+MODELS = {"mlp": MLP, "cnn": CNN, "resnet18": ResNet18}
+
+
+def build_model(spec: ModelSpec, seed: int | None = None) -> nn.Module:
+    """The architecture named by `spec`; with a seed, the same initial weights on every machine."""
+    if spec.name not in MODELS:
+        raise ValueError(f"unknown model {spec.name!r}; choose one of {', '.join(MODELS)}")
+    if spec.name in ("cnn", "resnet18") and len(spec.input_shape) != 3:
+        raise ValueError(f"model {spec.name!r} needs image inputs (channels, height, width), "
+                         f"got shape {spec.input_shape}")
+    if seed is None:
+        return MODELS[spec.name](spec.input_shape, spec.num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MODELS[spec.name](spec.input_shape, spec.num_classes)

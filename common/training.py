@@ -1,0 +1,90 @@
+"""Local training and evaluation loops, shared by the client (training) and the server (evaluation)."""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from common.messages import TrainConfig
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float  # mean training loss over the last local epoch
+    num_samples: int  # samples in the shard (the FedAvg weight)
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    accuracy: float
+    num_samples: int
+
+
+def select_device(requested: str = "auto") -> torch.device:
+    """`auto` takes the first GPU when CUDA is usable, else the CPU; `cuda`/`cuda:N` insist on a GPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ValueError(f"unknown device {requested!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {requested!r} asked for, but CUDA is not available on this machine; "
+                             "use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {requested!r} asked for, but this machine has "
+                             f"{torch.cuda.device_count()} GPU(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"unsupported device {requested!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def train(model: nn.Module, loader: Iterable, cfg: TrainConfig, device: torch.device) -> TrainResult:
+    """`cfg.local_epochs` epochs of mini-batch training; a fresh optimizer each round, as in FedAvg."""
+    start = time.perf_counter()
+    model.to(device).train()
+    optimizer = make_optimizer(model, cfg)
+    epoch_loss, num_samples = 0.0, 0
+    for _ in range(cfg.local_epochs):
+        total, num_samples = torch.zeros((), device=device), 0
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            # Accumulate on the device: a .item() per batch would stall the GPU every step.
+            total += loss.detach() * len(y)
+            num_samples += len(y)
+        epoch_loss = float(total) / max(num_samples, 1)
+    return TrainResult(loss=epoch_loss, num_samples=num_samples, seconds=time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device) -> EvalResult:
+    model.to(device).eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    count = 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        correct += (logits.argmax(dim=1) == y).sum()
+        count += len(y)
+    if count == 0:
+        return EvalResult(loss=float("nan"), accuracy=float("nan"), num_samples=0)
+    return EvalResult(loss=float(loss_sum) / count, accuracy=float(correct) / count, num_samples=count)

@@ -1,0 +1,63 @@
+"""`fl-client`: the daemon a data owner runs beside its private shard."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from common import logs
+from common.datasets import DataError
+from common.partition import read_shard
+from common.training import select_device
+from fl_client.connection import RequestRefusedError, ServerConnection, ServerUnreachableError
+from fl_client.daemon import ClientDaemon, ClientOptions
+
+log = logging.getLogger("fl_client")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fl-client", description="Federated-learning client daemon.")
+    parser.add_argument("--id", required=True, help="this client's id, unique in the federation (e.g. 3)")
+    parser.add_argument("--data", help="folder of this client's shard (see fl-partition); without it, client "
+                                       "i trains on the i-th IID share of the federation's data set")
+    parser.add_argument("--server", default="127.0.0.1:50051", help="the server's HOST:PORT")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--data-root", default="data", help="where mnist / cifar10 live, when training without "
+                                                             "--data on such a federation")
+    parser.add_argument("--give-up-after", type=float, default=None, metavar="SECONDS",
+                        help="exit when the server has been unreachable this long (default: keep trying)")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--log-file", help="also write the log to this file")
+    return parser.parse_args(argv)
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    # SIGTERM ends the client like Ctrl-C, without a traceback; the server carries on without it.
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logs.configure(args.log_level, args.log_file)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        device = select_device(args.device)
+        data = read_shard(args.data) if args.data else None
+        with ServerConnection(args.server, give_up_after=args.give_up_after) as connection:
+            ClientDaemon(ClientOptions(client_id=args.id, device=device, data=data, data_root=args.data_root),
+                         connection).run()
+    except (DataError, ValueError) as e:
+        return logs.fail("fl-client", str(e))
+    except ServerUnreachableError as e:
+        return logs.fail("fl-client", str(e), code=3)
+    except RequestRefusedError as e:
+        return logs.fail("fl-client", f"the server refused this client: {e}")
+    except KeyboardInterrupt:
+        log.info("interrupted; leaving the federation")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The client's side of the wire: the three RPCs as plain method calls, with retries where they help."""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import grpc
+import torch
+
+from common import convert, tensors
+from common import messages as m
+from common.proto import federation_pb2_grpc as pb_grpc
+from common.tensors import CHUNK_SIZE
+
+log = logging.getLogger("fl_client.connection")
+
+T = TypeVar("T")
+
+# Only these can get better by trying again: the server is down or restarting, or the network is slow.
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+JOIN_DEADLINE = 30.0  # above the server's long-poll (10 s), so a healthy long-poll never times out here
+TRANSFER_DEADLINE = 600.0  # a whole model up or down; generous for slow links
+
+
+class ServerUnreachableError(ConnectionError):
+    pass
+
+
+class RequestRefusedError(Exception):
+    """The server refused a request with a status that retrying will not change."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{details} ({code.name})")
+        self.code = code
+        self.details = details
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter (AWS architecture blog, "Exponential Backoff And
+    Jitter", 2015): spreads out many clients reconnecting to a restarted server at once."""
+
+    def __init__(self, base: float = 0.5, cap: float = 10.0, rng: random.Random | None = None):
+        self.base, self.cap = base, cap
+        self.attempt = 0
+        self.rng = rng or random.Random()
+
+    def next_delay(self) -> float:
+        delay = self.rng.uniform(0, min(self.cap, self.base * 2 ** self.attempt))
+        self.attempt += 1
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class ServerConnection:
+    def __init__(self, address: str, give_up_after: float | None = None,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.address = address
+        self.give_up_after = give_up_after  # seconds of failing in a row; None = keep trying forever
+        self.sleep = sleep
+        self.channel = grpc.insecure_channel(address, options=[
+            # Models arrive in 1 MiB chunks, but a large model's header (every tensor's name and shape)
+            # can exceed gRPC's 4 MiB default.
+            ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+            # Reconnect promptly after a server restart rather than after gRPC's default 20 s+ backoff;
+            # our own retry loop adds the jitter.
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 5000),
+        ])
+        self.stub = pb_grpc.FederationStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> ServerConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        backoff = Backoff()
+        first_failure: float | None = None
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as e:
+                code, details = e.code(), e.details() or ""
+                if code not in RETRYABLE:
+                    raise RequestRefusedError(code, details) from None
+                now = time.monotonic()
+                first_failure = first_failure or now
+                if self.give_up_after is not None and now - first_failure > self.give_up_after:
+                    raise ServerUnreachableError(
+                        f"server {self.address} unreachable for {self.give_up_after:.0f} s ({code.name}); check "
+                        "that fl-server runs there and the address is right") from None
+                delay = backoff.next_delay()
+                log.warning("%s: server %s unavailable (%s); retrying in %.1f s", what, self.address,
+                            code.name, delay)
+                self.sleep(delay)
+
+    def join(self, req: m.JoinRequest) -> m.JoinDecision:
+        reply = self._call("JoinRound", lambda: self.stub.JoinRound(
+            convert.join_request_to_proto(req), timeout=JOIN_DEADLINE))
+        return convert.join_decision_from_proto(reply)
+
+    def fetch_model(self, req: m.ModelRequest) -> tuple[m.ModelHeader, dict[str, torch.Tensor]]:
+        def fetch() -> tuple[m.ModelHeader, dict[str, torch.Tensor]]:
+            stream = self.stub.GetGlobalModel(convert.model_request_to_proto(req), timeout=TRANSFER_DEADLINE)
+            first = next(stream, None)
+            if first is None:
+                raise convert.MalformedMessage("the server sent an empty model stream")
+            header = convert.model_header_from_proto(first)
+            state = tensors.assemble(header.payload.specs, convert.data_chunks(stream, "model"),
+                                     header.payload.crc32)
+            return header, state
+
+        return self._call("GetGlobalModel", fetch)
+
+    def submit(self, header: m.UpdateHeader, payload: tensors.Payload) -> m.SubmitResult:
+        # A generator is single-use, so each retry builds a fresh stream.
+        reply = self._call("SubmitUpdate", lambda: self.stub.SubmitUpdate(
+            convert.update_chunks_to_proto(header, payload, CHUNK_SIZE), timeout=TRANSFER_DEADLINE))
+        return convert.submit_result_from_proto(reply)

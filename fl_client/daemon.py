@@ -1,0 +1,107 @@
+"""The client daemon's loop: join, fetch, train, submit; until the server says training is finished."""
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from common import tensors
+from common import messages as m
+from common.convert import payload_header_of
+from common.datasets import ArrayData, BatchLoader, DataError, load_dataset
+from common.models import build_model
+from common.partition import iid_share
+from common.training import train
+from fl_client.connection import RequestRefusedError, ServerConnection
+
+log = logging.getLogger("fl_client")
+
+
+def client_index(client_id: str) -> int:
+    """A number for seeding and for picking a share of the built-in data: the id itself when numeric."""
+    return int(client_id) if client_id.isdigit() else zlib.crc32(client_id.encode()) % 1_000_000
+
+
+@dataclass
+class ClientOptions:
+    client_id: str
+    device: torch.device
+    data: ArrayData | None = None  # the client's own shard; None = its share of the federation's data set
+    data_root: str = "data"  # where the federation's data set lives, when `data` is None
+
+
+class ClientDaemon:
+    def __init__(self, options: ClientOptions, connection: ServerConnection):
+        self.options = options
+        self.connection = connection
+        self.client_id = options.client_id
+        self.data = options.data
+        self._loader: BatchLoader | None = None
+        self._model: torch.nn.Module | None = None
+        self.rounds_trained = 0
+
+    def run(self) -> None:
+        """Serve rounds until the server answers FINISHED."""
+        while True:
+            decision = self.connection.join(m.JoinRequest(
+                client_id=self.client_id, num_samples=len(self.data) if self.data is not None else 0,
+                device=str(self.options.device)))
+            if decision.action is m.Action.FINISHED:
+                log.info("server says training is finished after %d round(s) here", self.rounds_trained)
+                return
+            self._prepare(decision.config)
+            if decision.action is m.Action.WAIT:
+                if decision.retry_after:
+                    time.sleep(decision.retry_after)
+                continue
+            try:
+                self.train_round(decision)
+            except RequestRefusedError as e:
+                if e.code is not grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+                # The round closed or moved on while we trained: resynchronize by joining again.
+                log.warning("round %d: update not taken (%s); joining again", decision.round, e.details)
+
+    def _prepare(self, cfg: m.TrainConfig) -> None:
+        """Load the data (once) and check that it fits the federation's model."""
+        if self.data is None:
+            train_data, _ = load_dataset(cfg.dataset, self.options.data_root)
+            self.data = iid_share(train_data, client_index(self.client_id), cfg.num_clients, cfg.seed)
+            log.info("training on share %d of %d of %s: %d samples", client_index(self.client_id),
+                     cfg.num_clients, cfg.dataset, len(self.data))
+        if self.data.input_shape != cfg.model.input_shape or self.data.num_classes != cfg.model.num_classes:
+            raise DataError(f"this client's data has samples of shape {list(self.data.input_shape)} with "
+                            f"{self.data.num_classes} classes, but the federation trains {cfg.model.name} on "
+                            f"{list(cfg.model.input_shape)} with {cfg.model.num_classes} classes ({cfg.dataset}); "
+                            "give --data a shard of the federation's data set")
+        if self._loader is None:
+            seed = cfg.seed + client_index(self.client_id)
+            self._loader = BatchLoader(self.data, cfg.batch_size, shuffle=True, seed=seed, device=self.options.device)
+
+    def train_round(self, decision: m.JoinDecision) -> m.SubmitResult:
+        cfg = decision.config
+        header, global_state = self.connection.fetch_model(
+            m.ModelRequest(client_id=self.client_id, model_version=decision.model_version))
+        if self._model is None:
+            self._model = build_model(cfg.model)
+        model = self._model
+        model.load_state_dict(global_state)
+        torch.manual_seed(cfg.seed + client_index(self.client_id) + 1000 * decision.round)
+        result = train(model, self._loader, cfg, self.options.device)
+        local = {name: t.detach().cpu() for name, t in model.state_dict().items()}
+        diff = {name: local[name] - global_state[name] for name in global_state}
+        payload = tensors.encode(diff)
+        update = m.UpdateHeader(
+            client_id=self.client_id, round=decision.round, model_version=header.model_version,
+            num_samples=result.num_samples,
+            payload=payload_header_of(payload, m.Encoding.DIFF, tensors.CHUNK_SIZE),
+            metrics={"train_loss": result.loss, "train_seconds": result.seconds})
+        reply = self.connection.submit(update, payload)
+        self.rounds_trained += 1
+        log.info("round %d: trained %d samples in %.2f s (loss %.4f); server: %s", decision.round,
+                 result.num_samples, result.seconds, result.loss, reply.message)
+        return reply

@@ -1,0 +1,97 @@
+"""FedAvg over diffs, as a running weighted sum: memory is one model, not one per client.
+
+    global <- global + server_lr * sum_i(n_i * diff_i) / sum_i(n_i)
+
+(McMahan et al., 2017, with the server learning rate of Reddi et al., 2021, "Adaptive Federated
+Optimization"; server_lr = 1 is plain FedAvg, and the seed's `lambda`.)
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from common.tensors import TensorSpec, specs_of
+
+
+class UpdateRejected(ValueError):
+    """An update that must not touch the model (wrong tensors, NaN or Inf...)."""
+
+
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Integer buffers (BatchNorm's num_batches_tracked) and float64 are summed in float64 so their
+    # mean is exact enough to round back; half precisions are summed in float32 to avoid overflow.
+    return torch.float32 if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float64
+
+
+def spec_mismatch(got: list[TensorSpec], expected: list[TensorSpec]) -> str | None:
+    """None when `got` is exactly `expected`; otherwise the first difference, in words."""
+    if got == expected:
+        return None
+    wanted = {s.name: s for s in expected}
+    for spec in got:
+        if spec.name not in wanted:
+            return f"update has tensor {spec.name!r}, which the model does not have"
+        w = wanted[spec.name]
+        if spec != w:
+            return f"tensor {spec.name!r} is {spec.dtype}{list(spec.shape)}, the model's is {w.dtype}{list(w.shape)}"
+    names = {s.name for s in got}
+    missing = [s.name for s in expected if s.name not in names]
+    if missing:
+        return f"update lacks tensors {missing[:5]}"
+    return "update lists the model's tensors in another order"
+
+
+def check_update(diff: Mapping[str, torch.Tensor], expected: list[TensorSpec]) -> None:
+    """Raise UpdateRejected unless `diff` has exactly the expected tensors, all finite."""
+    mismatch = spec_mismatch(specs_of(diff), expected)
+    if mismatch:
+        raise UpdateRejected(mismatch)
+    for name, tensor in diff.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UpdateRejected(f"tensor {name!r} holds NaN or Inf")
+
+
+class FedAvg:
+    """Sample-weighted mean of diffs, folded in one update at a time."""
+
+    def __init__(self, specs: list[TensorSpec], server_lr: float = 1.0):
+        self.specs = specs
+        self.server_lr = server_lr
+        self._sums: dict[str, torch.Tensor] = {}
+        self.total_weight = 0
+        self.count = 0
+
+    def reset(self) -> None:
+        self._sums = {}
+        self.total_weight = 0
+        self.count = 0
+
+    def add(self, diff: Mapping[str, torch.Tensor], weight: int) -> None:
+        """Fold in one diff. Checks everything first, so a rejected diff leaves the sum untouched."""
+        check_update(diff, self.specs)
+        if weight <= 0:
+            raise UpdateRejected(f"update weight (num_samples) must be positive, got {weight}")
+        if not self._sums:
+            self._sums = {s.name: torch.zeros(s.shape, dtype=_accumulator_dtype(diff[s.name].dtype))
+                          for s in self.specs}
+        for name, tensor in diff.items():
+            acc = self._sums[name]
+            acc.add_(tensor.to(acc.dtype), alpha=weight)
+        self.total_weight += weight
+        self.count += 1
+
+    def apply(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The new global state; the old one is not modified."""
+        if self.count == 0:
+            raise ValueError("no updates to aggregate")
+        scale = self.server_lr / self.total_weight
+        new_state = {}
+        for name, current in global_state.items():
+            step = self._sums[name] * scale
+            if current.is_floating_point():
+                new_state[name] = (current.to(step.dtype) + step).to(current.dtype)
+            else:
+                # Round, not truncate: a mean step of 0.99 batches must not become 0.
+                new_state[name] = (current.to(torch.float64) + step).round().to(current.dtype)
+        return new_state

@@ -1,0 +1,86 @@
+"""Crash-safe files in the run's output folder: checkpoint, metrics log and final model.
+
+Every write goes to a temporary file in the same folder, is fsynced, then renamed over the target,
+so a `kill -9` at any moment leaves either the old file or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.config import Config
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+FINAL_MODEL = "final_model.pt"
+
+# Settings that change what a run computes. Changing one of them between a checkpoint and a restart
+# would silently mix two experiments; rounds, timeouts and addresses may change freely.
+_RUN_DEFINING = ("model_name", "dataset", "num_clients", "clients_per_round", "min_fit", "server_lr",
+                 "local_epochs", "batch_size", "lr", "momentum", "weight_decay", "optimizer", "seed")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def config_hash(cfg: Config) -> str:
+    defining = {k: v for k, v in asdict(cfg).items() if k in _RUN_DEFINING}
+    return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    # Make the rename itself durable.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+class RunFolder:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        write_atomically(self.path / CHECKPOINT, _torch_bytes(checkpoint))
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        path = self.path / CHECKPOINT
+        if not path.exists():
+            return None
+        try:
+            # weights_only: a checkpoint is data; never let a file in the output folder run code.
+            return torch.load(path, weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {path} is unreadable ({e}); move it away to start afresh") from None
+
+    def write_metrics(self, records: list[dict[str, Any]]) -> None:
+        """Rewrite the whole log from the checkpoint's records, so it always agrees with the checkpoint."""
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        write_atomically(self.path / METRICS, text.encode())
+
+    def save_final_model(self, state: dict[str, torch.Tensor]) -> Path:
+        path = self.path / FINAL_MODEL
+        write_atomically(path, _torch_bytes(state))
+        return path

@@ -1,0 +1,118 @@
+"""`fl-demo` (what `make demo` runs): a server and three clients as separate processes on localhost.
+
+Also the one way the integration tests start real processes (`start_server`, `start_client`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import IO
+
+LISTENING = re.compile(r"^listening on (\S+):(\d+)$")
+
+
+def command(tool: str) -> list[str]:
+    """The installed entry point beside this Python (`fl-server`, `fl-client`), else `python -m`."""
+    script = Path(sys.executable).parent / tool
+    if script.exists():
+        return [str(script)]
+    module = {"fl-server": "fl_server.cli", "fl-client": "fl_client.cli"}[tool]
+    return [sys.executable, "-m", module]
+
+
+class ServerProcess:
+    """A running fl-server; `port` is what it printed in its `listening on HOST:PORT` line."""
+
+    def __init__(self, args: list[str], echo: IO[str] | None = None, env: dict[str, str] | None = None,
+                 startup_timeout: float = 120.0):
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(command("fl-server") + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=env)
+        self.stderr_lines: list[str] = []
+        self._listening = threading.Event()
+        self.port = 0
+        self._echo = echo
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+        if not self._listening.wait(startup_timeout) or not self.port:
+            self.stop()
+            raise RuntimeError("fl-server did not start:\n" + "".join(self.stderr_lines[-20:]))
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            match = LISTENING.match(line.strip())
+            if match:
+                self.port = int(match.group(2))
+                self._listening.set()
+            elif self._echo:
+                self._echo.write(line)
+                self._echo.flush()
+        self._listening.set()  # exited before listening: unblock the waiter
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+def start_client(client_id: str, server: str, extra: list[str] | None = None, log_file: Path | None = None,
+                 env: dict[str, str] | None = None) -> subprocess.Popen:
+    out = open(log_file, "w") if log_file else subprocess.DEVNULL  # noqa: SIM115 - lives as long as the process
+    return subprocess.Popen(command("fl-client") + ["--id", client_id, "--server", server, *(extra or [])],
+                            stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fl-demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--model", default="cnn", help="mlp or cnn")
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"))
+    args = parser.parse_args(argv)
+
+    shutil.rmtree(args.out, ignore_errors=True)  # a demo starts afresh rather than resuming the last one
+    args.out.mkdir(parents=True)
+    # Each process trains with one thread: 2 cores shared by 4 processes go further without oversubscription.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    print(f"fl-demo: starting fl-server and {args.clients} fl-client processes on localhost (built-in digits, "
+          f"{args.model}, {args.rounds} rounds); logs in {args.out}/", flush=True)
+    server = ServerProcess(["--port", "0", "--rounds", str(args.rounds), "--num-clients", str(args.clients),
+                            "--clients-per-round", str(args.clients), "--model-name", args.model,
+                            "--round-timeout", "120", "--out", str(args.out),
+                            "--log-file", str(args.out / "server.log")], echo=sys.stdout, env=env)
+    print(f"fl-demo: server listening on {server.address}", flush=True)
+    clients = [start_client(str(i), server.address, ["--device", "cpu", "--give-up-after", "60"],
+                            args.out / f"client{i}.log", env=env) for i in range(args.clients)]
+    codes = [c.wait() for c in clients]
+    server_code = server.stop()
+    metrics = [json.loads(line) for line in (args.out / "metrics.jsonl").read_text().splitlines()]
+    if any(codes) or server_code or len(metrics) < args.rounds:
+        print(f"fl-demo: something failed (client exit codes {codes}, server {server_code}); see {args.out}/*.log",
+              file=sys.stderr)
+        return 1
+    print(f"fl-demo: final test accuracy {metrics[-1]['accuracy']:.2%} after {len(metrics)} rounds; "
+          f"model in {args.out}/final_model.pt, metrics in {args.out}/metrics.jsonl", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

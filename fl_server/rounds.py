@@ -1,0 +1,322 @@
+"""The round state machine: who has joined, who is selected, what has been submitted.
+
+A plain thread-safe object with no gRPC in it: the servicer calls `join`, `model` and `submit` from
+its worker threads; the coordinator's loop calls `open_round`, `wait_until_complete` and
+`close_round`. One condition variable wakes everyone waiting the moment something changes, so no one
+ever sleep-polls.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from common import tensors
+from common.messages import (
+    PROTOCOL_VERSION, Action, Encoding, JoinDecision, JoinRequest, ModelRequest, SubmitResult, TrainConfig,
+    UpdateHeader,
+)
+from fl_server.aggregation import FedAvg, UpdateRejected, spec_mismatch
+
+log = logging.getLogger("fl_server.rounds")
+
+MAX_NUM_SAMPLES = 10**12  # a FedAvg weight beyond this is a lie that would drown every honest client
+
+
+class FederationError(Exception):
+    """Base of the errors a client's request can cause; each maps to one gRPC status code."""
+
+
+class ProtocolMismatchError(FederationError):
+    pass
+
+
+class UnknownClientError(FederationError):
+    pass
+
+
+class StaleRoundError(FederationError):
+    """The update is for a round that is closed, or was trained from an older model."""
+
+
+class NotSelectedError(FederationError):
+    pass
+
+
+class UploadInProgressError(FederationError):
+    pass
+
+
+class InvalidUpdateError(FederationError):
+    """The update is malformed or does not fit the model; it never touches the aggregate."""
+
+
+class ShuttingDownError(FederationError):
+    pass
+
+
+@dataclass
+class ClientInfo:
+    num_samples: int
+    device: str
+    last_seen: float
+
+
+@dataclass
+class ModelSnapshot:
+    """One version of the global model, serialized once and served to every client that asks."""
+
+    version: int
+    round: int
+    payload: tensors.Payload
+
+
+@dataclass
+class RoundOutcome:
+    round: int
+    selected: list[str]
+    contributors: list[str]
+    num_samples: int
+    client_metrics: dict[str, dict[str, float]]
+    seconds: float
+    aggregated: bool
+
+    @property
+    def dropped(self) -> list[str]:
+        return [c for c in self.selected if c not in self.contributors]
+
+
+@dataclass
+class _OpenRound:
+    number: int
+    selected: list[str]
+    deadline: float
+    started: float
+    submitted: dict[str, int] = field(default_factory=dict)  # client -> num_samples
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    uploading: set[str] = field(default_factory=set)
+
+
+class RoundState:
+    def __init__(self, *, global_state: Mapping[str, torch.Tensor], train_config: TrainConfig,
+                 clients_per_round: int, min_clients: int, min_fit: int, round_timeout: float,
+                 server_lr: float = 1.0, seed: int = 0, model_version: int = 0,
+                 clock: Callable[[], float] = time.monotonic, liveness_seconds: float = 60.0):
+        self.train_config = train_config
+        self.clients_per_round = clients_per_round
+        self.min_clients = min_clients
+        self.min_fit = min_fit
+        self.round_timeout = round_timeout
+        self.clock = clock
+        # A client not heard from for this long is not sampled: it has likely gone away.
+        self.liveness_seconds = liveness_seconds
+        self.rng = np.random.default_rng(seed)
+        self.clients: dict[str, ClientInfo] = {}
+        self.finished = False
+        self.stopping = False
+        self._cond = threading.Condition()
+        self._round: _OpenRound | None = None
+        self._global = {name: t.detach().cpu().clone() for name, t in global_state.items()}
+        self._specs = tensors.specs_of(self._global)
+        self._aggregator = FedAvg(self._specs, server_lr)
+        self._snapshot = ModelSnapshot(model_version, model_version + 1, tensors.encode(self._global))
+
+    # --- what clients call ---------------------------------------------------------------------------
+
+    @property
+    def model_version(self) -> int:
+        return self._snapshot.version
+
+    @property
+    def global_state(self) -> dict[str, torch.Tensor]:
+        return self._global
+
+    def join(self, req: JoinRequest, timeout: float) -> JoinDecision:
+        """Register the client and hold the call until there is something for it to do, or `timeout`."""
+        self._check_protocol(req.protocol_version)
+        deadline = self.clock() + timeout
+        with self._cond:
+            known = req.client_id in self.clients
+            self.clients[req.client_id] = ClientInfo(req.num_samples, req.device, self.clock())
+            if not known:
+                log.info("client %s joined (%d samples, %s); %d known", req.client_id, req.num_samples,
+                         req.device or "?", len(self.clients))
+            self._cond.notify_all()  # the coordinator may be waiting for enough clients
+            while True:
+                decision = self._decision_for(req.client_id)
+                remaining = deadline - self.clock()
+                if decision is not None or remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            self.clients[req.client_id].last_seen = self.clock()
+        return decision or JoinDecision(Action.WAIT, self.train_config, message="no round needs you yet")
+
+    def _decision_for(self, client_id: str) -> JoinDecision | None:
+        if self.finished:
+            return JoinDecision(Action.FINISHED, self.train_config, model_version=self.model_version,
+                                message="training finished")
+        if self.stopping:
+            return JoinDecision(Action.WAIT, self.train_config, retry_after=1.0, message="server is stopping")
+        r = self._round
+        if r is not None and client_id in r.selected and client_id not in r.submitted:
+            return JoinDecision(Action.TRAIN, self.train_config, round=r.number, model_version=self.model_version)
+        return None
+
+    def model(self, req: ModelRequest) -> ModelSnapshot:
+        self._check_protocol(req.protocol_version)
+        with self._cond:
+            snapshot = self._snapshot
+        if req.model_version not in (0, snapshot.version):
+            raise StaleRoundError(f"model version {req.model_version} is gone; the current one is "
+                                  f"{snapshot.version}: join again")
+        return snapshot
+
+    def submit(self, header: UpdateHeader, chunks: Iterable[bytes]) -> SubmitResult:
+        """Receive one update and fold it into the round's aggregate, or refuse it untouched."""
+        self._check_protocol(header.protocol_version)
+        with self._cond:
+            r = self._check_submittable(header)
+            if header.client_id in r.submitted:
+                return SubmitResult(accepted=True, duplicate=True,
+                                    message=f"update for round {r.number} was already counted")
+            if header.client_id in r.uploading:
+                raise UploadInProgressError(f"an upload from client {header.client_id} for round {r.number} "
+                                            "is already in progress")
+            self._check_header(header)
+            r.uploading.add(header.client_id)
+        try:
+            # Outside the lock: uploads from different clients stream in parallel.
+            receiver = tensors.PayloadReceiver(header.payload.specs, header.payload.crc32)
+            received_chunks = 0
+            for chunk in chunks:
+                receiver.add(chunk)
+                received_chunks += 1
+            if received_chunks != header.payload.num_chunks:
+                raise InvalidUpdateError(f"update announced {header.payload.num_chunks} chunks but sent "
+                                         f"{received_chunks}")
+            diff = receiver.finish()
+        except (tensors.PayloadError, UpdateRejected) as e:
+            raise InvalidUpdateError(str(e)) from None
+        finally:
+            with self._cond:
+                r.uploading.discard(header.client_id)
+        with self._cond:
+            # The round may have closed while the bytes were streaming in.
+            if self._round is not r:
+                raise StaleRoundError(f"round {r.number} closed while the update was uploading")
+            if header.client_id in r.submitted:
+                return SubmitResult(accepted=True, duplicate=True, message="already counted")
+            try:
+                self._aggregator.add(diff, header.num_samples)
+            except UpdateRejected as e:
+                raise InvalidUpdateError(str(e)) from None
+            r.submitted[header.client_id] = header.num_samples
+            r.metrics[header.client_id] = dict(header.metrics)
+            self.clients[header.client_id].last_seen = self.clock()
+            log.info("round %d: update from %s (%d samples), %d/%d in", r.number, header.client_id,
+                     header.num_samples, len(r.submitted), len(r.selected))
+            self._cond.notify_all()
+        return SubmitResult(accepted=True, message=f"update for round {r.number} counted")
+
+    def _check_protocol(self, version: int) -> None:
+        if version != PROTOCOL_VERSION:
+            raise ProtocolMismatchError(f"client speaks protocol version {version}, this server speaks "
+                                        f"{PROTOCOL_VERSION}; install matching fl-client and fl-server versions")
+
+    def _check_submittable(self, header: UpdateHeader) -> _OpenRound:
+        if header.client_id not in self.clients:
+            raise UnknownClientError(f"client {header.client_id!r} has not joined; call JoinRound first")
+        r = self._round
+        if r is None or header.round != r.number or header.model_version != self.model_version:
+            current = f"round {r.number}" if r else "no round"
+            raise StaleRoundError(f"update is for round {header.round} (model version {header.model_version}) "
+                                  f"but {current} is open (model version {self.model_version}); join again")
+        if header.client_id not in r.selected:
+            raise NotSelectedError(f"client {header.client_id!r} was not selected for round {r.number}")
+        return r
+
+    def _check_header(self, header: UpdateHeader) -> None:
+        p = header.payload
+        if p.encoding is not Encoding.DIFF:
+            raise InvalidUpdateError(f"update must be encoded as DIFF, got {p.encoding.name}")
+        if not 0 < header.num_samples <= MAX_NUM_SAMPLES:
+            raise InvalidUpdateError(f"num_samples must be between 1 and {MAX_NUM_SAMPLES}, "
+                                     f"got {header.num_samples}")
+        # Compared against the model we hold before anything is allocated: a header claiming
+        # 100 GB is refused here, not after an attempt to allocate it.
+        mismatch = spec_mismatch(p.specs, self._specs)
+        if mismatch:
+            raise InvalidUpdateError(mismatch)
+        expected = sum(s.nbytes for s in self._specs)
+        if p.total_bytes != expected:
+            raise InvalidUpdateError(f"update announces {p.total_bytes} bytes; the model's diff is {expected}")
+
+    # --- what the coordinator calls ------------------------------------------------------------------
+
+    def wait_for_clients(self, stop: threading.Event | None = None) -> None:
+        """Block until `min_clients` live clients have joined (or we are stopping)."""
+        with self._cond:
+            while len(self._live_clients()) < self.min_clients and not self.stopping:
+                self._cond.wait(1.0)  # also wakes now and then to let clients age out
+
+    def _live_clients(self) -> list[str]:
+        now = self.clock()
+        return sorted(c for c, info in self.clients.items() if now - info.last_seen <= self.liveness_seconds)
+
+    def open_round(self) -> list[str]:
+        """Sample `clients_per_round` of the live clients and wake them; returns who was selected."""
+        with self._cond:
+            live = self._live_clients()
+            k = min(self.clients_per_round, len(live))
+            selected = sorted(self.rng.choice(live, size=k, replace=False).tolist()) if k else []
+            now = self.clock()
+            self._aggregator.reset()
+            self._round = _OpenRound(number=self.model_version + 1, selected=selected,
+                                     deadline=now + self.round_timeout, started=now)
+            log.info("round %d started with %s", self._round.number, selected)
+            self._cond.notify_all()
+            return selected
+
+    def wait_until_complete(self) -> None:
+        """Block until every selected client has submitted, the deadline passes, or we are stopping."""
+        with self._cond:
+            r = self._round
+            assert r is not None, "no round is open"
+            while len(r.submitted) < len(r.selected) and not self.stopping:
+                remaining = r.deadline - self.clock()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+
+    def close_round(self) -> RoundOutcome:
+        """Close the open round: aggregate if at least `min_fit` updates arrived, else discard them."""
+        with self._cond:
+            r = self._round
+            assert r is not None, "no round is open"
+            self._round = None
+            aggregated = len(r.submitted) >= self.min_fit and not self.stopping
+            if aggregated:
+                self._global = self._aggregator.apply(self._global)
+                version = self.model_version + 1
+                self._snapshot = ModelSnapshot(version, version + 1, tensors.encode(self._global))
+            self._aggregator.reset()
+            self._cond.notify_all()
+            return RoundOutcome(round=r.number, selected=r.selected, contributors=sorted(r.submitted),
+                                num_samples=sum(r.submitted.values()), client_metrics=r.metrics,
+                                seconds=self.clock() - r.started, aggregated=aggregated)
+
+    def finish(self) -> None:
+        with self._cond:
+            self.finished = True
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self.stopping = True
+            self._cond.notify_all()
+

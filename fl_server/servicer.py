@@ -1,0 +1,113 @@
+"""The gRPC layer: parse, call one method of `RoundState`, map its exceptions to one status each."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from concurrent import futures
+from typing import NoReturn
+
+import grpc
+
+from common import convert
+from common.proto import federation_pb2 as pb
+from common.proto import federation_pb2_grpc as pb_grpc
+from common.tensors import CHUNK_SIZE
+from fl_server import rounds
+
+log = logging.getLogger("fl_server.servicer")
+
+LONG_POLL_SECONDS = 10.0  # how long JoinRound holds a call open before answering WAIT
+
+STATUS_FOR = {
+    convert.MalformedMessage: grpc.StatusCode.INVALID_ARGUMENT,
+    rounds.InvalidUpdateError: grpc.StatusCode.INVALID_ARGUMENT,
+    rounds.ProtocolMismatchError: grpc.StatusCode.FAILED_PRECONDITION,
+    rounds.UnknownClientError: grpc.StatusCode.FAILED_PRECONDITION,
+    rounds.StaleRoundError: grpc.StatusCode.FAILED_PRECONDITION,
+    rounds.NotSelectedError: grpc.StatusCode.FAILED_PRECONDITION,
+    rounds.UploadInProgressError: grpc.StatusCode.ABORTED,
+    rounds.ShuttingDownError: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def _abort(context: grpc.ServicerContext, error: Exception) -> NoReturn:
+    code = next(code for kind, code in STATUS_FOR.items() if isinstance(error, kind))
+    log.warning("%s refused (%s): %s", context.peer(), code.name, error)
+    context.abort(code, str(error))
+    raise AssertionError("unreachable: context.abort raises")
+
+
+_REFUSABLE = tuple(STATUS_FOR)
+
+
+class FederationServicer(pb_grpc.FederationServicer):
+    def __init__(self, state: rounds.RoundState, long_poll: float = LONG_POLL_SECONDS):
+        self.state = state
+        self.long_poll = long_poll
+        self._model_cache: tuple[int, list[pb.ModelChunk]] | None = None
+
+    def JoinRound(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        try:
+            req = convert.join_request_from_proto(request)
+            # Answer before the client's own deadline runs out, or it would see DEADLINE_EXCEEDED.
+            remaining = context.time_remaining()
+            timeout = self.long_poll if remaining is None else max(0.0, min(self.long_poll, remaining - 1.0))
+            return convert.join_decision_to_proto(self.state.join(req, timeout))
+        except _REFUSABLE as e:
+            _abort(context, e)
+
+    def GetGlobalModel(self, request: pb.ModelRequest, context: grpc.ServicerContext) -> Iterator[pb.ModelChunk]:
+        try:
+            snapshot = self.state.model(convert.model_request_from_proto(request))
+        except _REFUSABLE as e:
+            _abort(context, e)
+        yield from self._chunks_of(snapshot)
+
+    def _chunks_of(self, snapshot: rounds.ModelSnapshot) -> list[pb.ModelChunk]:
+        # Built once per model version and replayed to every client that asks for it.
+        cache = self._model_cache
+        if cache is None or cache[0] != snapshot.version:
+            header = convert.model_header_of(snapshot.round, snapshot.version, snapshot.payload, CHUNK_SIZE)
+            cache = (snapshot.version, convert.model_chunks_to_proto(header, snapshot.payload, CHUNK_SIZE))
+            self._model_cache = cache
+        return cache[1]
+
+    def SubmitUpdate(self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext) -> pb.SubmitReply:
+        try:
+            first = next(request_iterator, None)
+            if first is None:
+                raise convert.MalformedMessage("the update stream is empty")
+            header = convert.update_header_from_proto(first)
+            chunks = convert.data_chunks(request_iterator, "update")
+            return convert.submit_result_to_proto(self.state.submit(header, chunks))
+        except _REFUSABLE as e:
+            _abort(context, e)
+
+
+class PortInUseError(OSError):
+    pass
+
+
+def create_server(servicer: FederationServicer, host: str, port: int,
+                  max_workers: int = 64) -> tuple[grpc.Server, int]:
+    """Build (not start) a server; port 0 binds a free port, which is returned."""
+    server = grpc.server(
+        # Each long-polling JoinRound holds a worker thread, so allow many more than cores.
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+        options=[
+            # Chunks are 1 MiB; headers list every tensor's name and shape. 8 MiB leaves room for a
+            # large model's header without letting one message balloon.
+            ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+            # A second server on the same port would silently share its traffic: refuse instead.
+            ("grpc.so_reuseport", 0),
+        ])
+    pb_grpc.add_FederationServicer_to_server(servicer, server)
+    address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise PortInUseError(f"cannot listen on {address}: the port is in use or the address is not this "
+                             "machine's; pick another with --port (0 picks a free one) or --host")
+    return server, bound
