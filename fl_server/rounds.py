@@ -196,10 +196,10 @@ class RoundState:
             for chunk in chunks:
                 receiver.add(chunk)
                 received_chunks += 1
+            diff = receiver.finish()
             if received_chunks != header.payload.num_chunks:
                 raise InvalidUpdateError(f"update announced {header.payload.num_chunks} chunks but sent "
                                          f"{received_chunks}")
-            diff = receiver.finish()
         except (tensors.PayloadError, UpdateRejected) as e:
             raise InvalidUpdateError(str(e)) from None
         finally:

@@ -1,0 +1,88 @@
+"""Real fl-server and fl-client processes over real gRPC on localhost."""
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.integration.conftest import ENV, free_port, read_metrics
+
+pytestmark = pytest.mark.integration
+
+
+def test_three_clients_reach_90_percent_within_10_rounds(federation):
+    server = federation.start_server("--rounds", "10", "--num-clients", "3", "--clients-per-round", "3",
+                                     "--model-name", "cnn")
+    for i in range(3):
+        federation.start_client(str(i))
+    codes = federation.wait_clients()
+    assert codes == {"0": 0, "1": 0, "2": 0}, [federation.client_log(c) for c in codes]
+
+    metrics = read_metrics(federation.out)
+    assert [m["round"] for m in metrics] == list(range(1, 11))
+    assert max(m["accuracy"] for m in metrics) >= 0.90
+    assert metrics[-1]["accuracy"] >= 0.90
+    for m in metrics:
+        assert m["clients"] == ["0", "1", "2"]
+        assert m["num_samples"] == 1437  # the three shares of the 1,437 training digits
+        assert m["seconds"] > 0 and 0 <= m["loss"] < 10
+
+    # The final model is a plain state_dict that loads without running any code from the file.
+    state = torch.load(federation.out / "final_model.pt", weights_only=True)
+    assert "classifier.2.weight" in state
+
+    # The server keeps serving after the last round, then stops cleanly on SIGTERM.
+    assert server.proc.poll() is None
+    assert server.stop() == 0
+    assert any("finished 10 rounds" in line for line in server.lines)
+    for text in ["".join(server.stderr_lines), *map(federation.client_log, codes)]:
+        assert "Traceback" not in text
+
+
+def test_client_started_before_the_server_waits_and_joins(federation):
+    port = free_port()
+    client = federation.start_client("0", server=f"127.0.0.1:{port}")
+    time.sleep(3)
+    assert client.poll() is None, "the client gave up instead of waiting for the server"
+    federation.start_server("--rounds", "2", "--num-clients", "1", "--clients-per-round", "1",
+                            "--model-name", "mlp", port=port)
+    assert federation.wait_clients(timeout=120) == {"0": 0}
+    assert "unavailable" in federation.client_log("0")  # it really did retry
+    assert [m["clients"] for m in read_metrics(federation.out)] == [["0"], ["0"]]
+    assert federation.server.stop() == 0
+
+
+def test_clients_train_on_shards_written_by_fl_partition(federation, tmp_path):
+    shards = tmp_path / "shards"
+    bin_dir = __import__("pathlib").Path(sys.executable).parent
+    done = subprocess.run([str(bin_dir / "fl-partition"), "--clients", "2", "--out", str(shards)],
+                          capture_output=True, text=True, env=ENV)
+    assert done.returncode == 0, done.stderr
+    federation.start_server("--rounds", "3", "--clients-per-round", "2", "--model-name", "mlp")
+    federation.start_client("alice", "--data", str(shards / "shard0"))
+    federation.start_client("bob", "--data", str(shards / "shard1"))
+    assert federation.wait_clients(timeout=120) == {"alice": 0, "bob": 0}
+    metrics = read_metrics(federation.out)
+    assert len(metrics) == 3 and all(m["clients"] == ["alice", "bob"] for m in metrics)
+    assert metrics[-1]["num_samples"] == 1437
+    assert metrics[-1]["accuracy"] > 0.8
+
+
+def test_restarted_server_resumes_from_its_checkpoint(federation):
+    args = ("--rounds", "2", "--num-clients", "1", "--clients-per-round", "1", "--model-name", "mlp")
+    federation.start_server(*args)
+    federation.start_client("0")
+    assert federation.wait_clients(timeout=120) == {"0": 0}
+    assert federation.server.stop() == 0
+    first = read_metrics(federation.out)
+
+    # Same --out, more rounds: it continues at round 3 rather than starting over.
+    server = federation.start_server("--rounds", "4", *args[2:])
+    federation.clients.clear()
+    federation.start_client("0")
+    assert federation.wait_clients(timeout=120) == {"0": 0}
+    metrics = read_metrics(federation.out)
+    assert [m["round"] for m in metrics] == [1, 2, 3, 4]
+    assert metrics[:2] == first
+    assert server.stop() == 0

@@ -1,0 +1,73 @@
+"""Every error a user can cause ends in one sentence on stderr, never a traceback."""
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import ENV, free_port
+
+pytestmark = pytest.mark.integration
+BIN = Path(sys.executable).parent
+
+
+def run(tool, *args, timeout=60):
+    return subprocess.run([str(BIN / tool), *args], capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def assert_clear_error(done, *fragments, code=2):
+    assert done.returncode == code, done.stderr
+    assert "Traceback" not in done.stderr
+    error_lines = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1, done.stderr
+    for fragment in fragments:
+        assert fragment in error_lines[0]
+
+
+def test_unknown_config_key(tmp_path):
+    conf = tmp_path / "conf.json"
+    conf.write_text(json.dumps({"model_name": "cnn", "globl_epochs": 3}))
+    assert_clear_error(run("fl-server", "--config", str(conf), "--port", "0"), "unknown config key 'globl_epochs'")
+
+
+def test_bad_config_value_from_a_flag(tmp_path):
+    assert_clear_error(run("fl-server", "--clients-per-round", "0", "--out", str(tmp_path)),
+                       "'clients_per_round': must be at least 1")
+
+
+def test_port_in_use(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert_clear_error(run("fl-server", "--port", str(port), "--out", str(tmp_path)),
+                           f"cannot listen on 127.0.0.1:{port}", "--port")
+
+
+def test_missing_data_folder(tmp_path):
+    assert_clear_error(run("fl-client", "--id", "0", "--data", str(tmp_path / "nowhere")),
+                       "does not exist", "fl-partition")
+
+
+def test_empty_data_folder(tmp_path):
+    assert_clear_error(run("fl-client", "--id", "0", "--data", str(tmp_path)), "holds no shard")
+
+
+def test_unreachable_server():
+    done = run("fl-client", "--id", "0", "--server", f"127.0.0.1:{free_port()}", "--give-up-after", "2")
+    assert_clear_error(done, "unreachable", "check that fl-server runs there", code=3)
+
+
+def test_cuda_requested_without_a_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert_clear_error(run("fl-client", "--id", "0", "--device", "cuda"), "CUDA is not available")
+
+
+def test_missing_mnist_files(tmp_path):
+    assert_clear_error(run("fl-server", "--dataset", "mnist", "--data-root", str(tmp_path), "--out", str(tmp_path)),
+                       "MNIST file", "not found")

@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from common.tensors import specs_of
+from fl_server.aggregation import FedAvg, UpdateRejected
+
+
+def make(global_state, server_lr=1.0):
+    return FedAvg(specs_of(global_state), server_lr)
+
+
+def test_fedavg_weights_by_num_samples():
+    g = {"w": torch.zeros(2)}
+    agg = make(g)
+    agg.add({"w": torch.tensor([1.0, 1.0])}, weight=1)
+    agg.add({"w": torch.tensor([4.0, -2.0])}, weight=3)
+    new = agg.apply(g)
+    # (1*1 + 3*4)/4 = 3.25 ; (1*1 + 3*-2)/4 = -1.25
+    assert torch.allclose(new["w"], torch.tensor([3.25, -1.25]))
+
+
+def test_equal_weights_give_the_plain_mean_and_leave_the_old_state_alone():
+    g = {"w": torch.tensor([10.0, 20.0])}
+    agg = make(g)
+    for d in ([1.0, 2.0], [3.0, 4.0], [5.0, 6.0]):
+        agg.add({"w": torch.tensor(d)}, weight=7)
+    new = agg.apply(g)
+    assert torch.allclose(new["w"], torch.tensor([13.0, 24.0]))
+    assert torch.equal(g["w"], torch.tensor([10.0, 20.0]))
+
+
+@pytest.mark.parametrize("server_lr", [0.1, 0.5, 1.0, 2.0])
+def test_server_lr_scales_the_averaged_diff(server_lr):
+    g = {"w": torch.ones(3)}
+    agg = make(g, server_lr)
+    agg.add({"w": torch.full((3,), 2.0)}, weight=5)
+    agg.add({"w": torch.full((3,), 4.0)}, weight=5)
+    assert torch.allclose(agg.apply(g)["w"], torch.full((3,), 1.0 + server_lr * 3.0))
+
+
+def test_integer_buffers_are_rounded_not_truncated():
+    g = {"num_batches_tracked": torch.tensor(100, dtype=torch.int64)}
+    agg = make(g)
+    # Mean step 14.75: truncation would give 114, rounding gives 115.
+    agg.add({"num_batches_tracked": torch.tensor(15, dtype=torch.int64)}, weight=3)
+    agg.add({"num_batches_tracked": torch.tensor(14, dtype=torch.int64)}, weight=1)
+    new = agg.apply(g)
+    assert new["num_batches_tracked"].dtype == torch.int64
+    assert new["num_batches_tracked"].item() == 115
+
+
+def test_large_integer_buffers_keep_exact_values():
+    g = {"n": torch.tensor(2**40, dtype=torch.int64)}
+    agg = make(g)
+    agg.add({"n": torch.tensor(3, dtype=torch.int64)}, weight=10)
+    assert agg.apply(g)["n"].item() == 2**40 + 3
+
+
+def test_half_precision_models_keep_their_dtype():
+    g = {"w": torch.zeros(4, dtype=torch.bfloat16)}
+    agg = make(g)
+    agg.add({"w": torch.ones(4, dtype=torch.bfloat16)}, weight=2)
+    new = agg.apply(g)
+    assert new["w"].dtype == torch.bfloat16 and torch.equal(new["w"], torch.ones(4, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("bad", [
+    {"w": torch.tensor([float("nan"), 0.0])},
+    {"w": torch.tensor([float("inf"), 0.0])},
+    {"w": torch.zeros(3)},
+    {"w": torch.zeros(2, dtype=torch.float64)},
+    {"v": torch.zeros(2)},
+    {"w": torch.zeros(2), "extra": torch.zeros(1)},
+    {},
+])
+def test_rejected_update_leaves_the_sum_exactly_as_it_was(bad):
+    g = {"w": torch.zeros(2)}
+    agg = make(g)
+    agg.add({"w": torch.tensor([1.0, 2.0])}, weight=2)
+    before = agg.apply(g)
+    with pytest.raises(UpdateRejected):
+        agg.add(bad, weight=5)
+    assert agg.count == 1 and agg.total_weight == 2
+    assert torch.equal(agg.apply(g)["w"], before["w"])
+
+
+def test_non_positive_weight_is_rejected():
+    agg = make({"w": torch.zeros(1)})
+    with pytest.raises(UpdateRejected, match="positive"):
+        agg.add({"w": torch.zeros(1)}, weight=0)
+
+
+def test_apply_without_updates_is_an_error():
+    with pytest.raises(ValueError):
+        make({"w": torch.zeros(1)}).apply({"w": torch.zeros(1)})

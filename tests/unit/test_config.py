@@ -1,0 +1,93 @@
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from common import config
+from common.config import Config, ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_reads_the_seeds_conf_json_as_it_is():
+    cfg = config.load(CONFIGS / "seed_conf.json")
+    assert cfg.model_name == "resnet18"
+    assert cfg.num_clients == 10  # no_models
+    assert cfg.dataset == "cifar10"  # type "cifar"
+    assert cfg.rounds == 20  # global_epochs
+    assert cfg.local_epochs == 3
+    assert cfg.clients_per_round == 6  # k
+    assert cfg.batch_size == 32
+    assert cfg.lr == 0.001 and cfg.momentum == 0.0001
+    assert cfg.server_lr == 0.1  # lambda
+    assert cfg.effective_min_clients == 6 and cfg.effective_min_fit == 6
+
+
+def test_reads_toml():
+    cfg = config.load(CONFIGS / "digits.toml")
+    assert (cfg.model_name, cfg.dataset, cfg.rounds, cfg.clients_per_round) == ("cnn", "digits", 10, 3)
+
+
+def test_flags_override_the_file():
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    args = parser.parse_args(["--config", str(CONFIGS / "seed_conf.json"), "--rounds", "3",
+                              "--clients-per-round", "2", "--server-lr", "1.0", "--model-name", "cnn"])
+    cfg = config.from_arguments(args)
+    assert (cfg.rounds, cfg.clients_per_round, cfg.server_lr, cfg.model_name) == (3, 2, 1.0, "cnn")
+    assert cfg.num_clients == 10  # untouched file value
+
+
+def test_defaults_without_a_file():
+    assert config.load() == Config()
+
+
+def write(tmp_path, data, name="c.json"):
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key 'globl_epochs'"):
+        config.load(write(tmp_path, {"globl_epochs": 3}))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("k", 0, "'clients_per_round': must be at least 1"),
+    ("global_epochs", -1, "'rounds': must be at least 1"),
+    ("lr", "fast", "'lr': expected a number"),
+    ("lr", 0, "'lr': must be positive"),
+    ("lambda", -0.5, "'server_lr': must be positive"),
+    ("no_models", 2.5, "'no_models': expected a whole number"),
+    ("local_epochs", True, "'local_epochs': expected a whole number"),
+    ("model_name", "vgg", "'model_name': must be one of"),
+    ("type", "imagenet", "'dataset': must be one of"),
+    ("optimizer", "rmsprop", "'optimizer': must be one of"),
+    ("port", 70000, "'port': must be between"),
+])
+def test_bad_values_name_the_key(tmp_path, key, value, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        config.load(write(tmp_path, {key: value}))
+
+
+def test_min_fit_cannot_exceed_k(tmp_path):
+    with pytest.raises(ConfigError, match="'min_fit'"):
+        config.load(write(tmp_path, {"k": 2, "min_fit": 3}))
+
+
+def test_alias_and_name_together_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="given twice"):
+        config.load(write(tmp_path, {"k": 2, "clients_per_round": 3}))
+
+
+def test_invalid_json_and_missing_file_and_extension(tmp_path):
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        config.load(write(tmp_path, "{nope", "bad.json"))
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(write(tmp_path, "rounds = = 3", "bad.toml"))
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        config.load(tmp_path / "missing.json")
+    with pytest.raises(ConfigError, match="must end in .toml or .json"):
+        config.load(write(tmp_path, "rounds: 3", "c.yaml"))

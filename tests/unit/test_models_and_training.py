@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from common.datasets import BatchLoader, load_digits, model_spec_for
+from common.messages import ModelSpec, TrainConfig
+from common.models import build_model
+from common.training import evaluate, select_device, train
+
+
+@pytest.mark.parametrize("name, shape, params", [
+    ("mlp", (1, 8, 8), 64 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10),
+    ("cnn", (1, 28, 28), 32 * 25 + 32 + 64 * 32 * 25 + 64 + 64 * 7 * 7 * 512 + 512 + 5120 + 10),
+    ("resnet18", (3, 32, 32), 11_173_962),
+])
+def test_forward_pass_and_parameter_count(name, shape, params):
+    model = build_model(ModelSpec(name, shape, 10), seed=0)
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert model(torch.zeros(2, *shape)).shape == (2, 10)
+
+
+def test_same_seed_same_initial_weights():
+    a = build_model(ModelSpec("cnn", (1, 8, 8), 10), seed=5).state_dict()
+    b = build_model(ModelSpec("cnn", (1, 8, 8), 10), seed=5).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resnet18_has_integer_batchnorm_counters():
+    state = build_model(ModelSpec("resnet18", (3, 32, 32), 10)).state_dict()
+    assert state["bn1.num_batches_tracked"].dtype == torch.int64
+
+
+def test_local_training_learns_digits():
+    train_data, test_data = load_digits()
+    model = build_model(model_spec_for("mlp", train_data), seed=0)
+    cfg = TrainConfig(model=model_spec_for("mlp", train_data), dataset="digits", num_clients=1, seed=0,
+                      local_epochs=3, batch_size=32, lr=0.05, momentum=0.9, weight_decay=0.0, optimizer="sgd")
+    device = torch.device("cpu")
+    before = evaluate(model, BatchLoader(test_data, 256), device)
+    result = train(model, BatchLoader(train_data, 32, shuffle=True), cfg, device)
+    after = evaluate(model, BatchLoader(test_data, 256), device)
+    assert result.num_samples == len(train_data)
+    assert before.accuracy < 0.3 and after.accuracy > 0.9 and after.loss < before.loss
+
+
+def test_batch_loader_covers_every_sample_once_per_epoch():
+    train_data, _ = load_digits()
+    loader = BatchLoader(train_data, 100, shuffle=True, seed=1)
+    ys = torch.cat([y for _, y in loader])
+    assert len(loader) == 15 and torch.equal(ys.sort().values, train_data.y.sort().values)
+
+
+def test_device_selection():
+    assert select_device("cpu").type == "cpu"
+    assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            select_device("cuda:0")
+    with pytest.raises(ValueError, match="unknown device"):
+        select_device("tpu-ish")

@@ -1,0 +1,109 @@
+import zlib
+
+import pytest
+import torch
+
+from common import tensors
+from common.tensors import CHUNK_SIZE, PayloadError, PayloadReceiver, TensorSpec
+
+
+def roundtrip(state, chunk_size=CHUNK_SIZE):
+    payload = tensors.encode(state)
+    return tensors.assemble(payload.specs, payload.chunks(chunk_size), payload.crc32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.float64,
+                                   torch.int32, torch.int8, torch.uint8, torch.bool])
+def test_roundtrip_keeps_every_bit(dtype):
+    source = torch.randn(7, 5) * 100
+    tensor = source > 0 if dtype is torch.bool else source.to(dtype)
+    back = roundtrip({"w": tensor})["w"]
+    assert back.dtype == dtype and back.shape == tensor.shape
+    assert torch.equal(back, tensor)
+
+
+def test_roundtrip_empty_and_scalar_tensors():
+    state = {"empty": torch.empty(0, 3), "scalar": torch.tensor(3.5), "count": torch.tensor(7, dtype=torch.int64),
+             "after": torch.arange(4, dtype=torch.float32)}
+    back = roundtrip(state)
+    assert list(back) == list(state)
+    assert back["empty"].shape == (0, 3)
+    assert back["scalar"].shape == () and back["scalar"].item() == 3.5
+    assert back["count"].dtype == torch.int64 and back["count"].item() == 7
+    assert torch.equal(back["after"], state["after"])
+
+
+def test_roundtrip_of_non_contiguous_tensor():
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4).t()
+    assert torch.equal(roundtrip({"t": t})["t"], t)
+
+
+def test_bytes_are_little_endian_raw_values():
+    payload = tensors.encode({"x": torch.tensor([1, 256], dtype=torch.int32)})
+    assert payload.data == b"\x01\x00\x00\x00\x00\x01\x00\x00"
+    assert payload.crc32 == zlib.crc32(payload.data)
+
+
+@pytest.mark.parametrize("size", [0, 1, 63, 64, 65, 127, 128, 129])
+def test_chunking_at_and_around_boundaries(size):
+    chunk = 64
+    data = bytes(range(256)) * 1
+    data = (data * 2)[:size]
+    chunks = list(tensors.split(data, chunk))
+    assert b"".join(chunks) == data
+    assert all(len(c) == chunk for c in chunks[:-1])
+    assert len(chunks) == -(-size // chunk)
+    assert all(0 < len(c) <= chunk for c in chunks)
+
+
+@pytest.mark.parametrize("numel", [CHUNK_SIZE // 4 - 1, CHUNK_SIZE // 4, CHUNK_SIZE // 4 + 1, CHUNK_SIZE // 2])
+def test_model_sized_payload_around_the_real_chunk_size(numel):
+    state = {"w": torch.randn(numel)}
+    payload = tensors.encode(state)
+    assert payload.num_chunks() == len(list(payload.chunks())) == -(-numel * 4 // CHUNK_SIZE)
+    assert torch.equal(roundtrip(state)["w"], state["w"])
+
+
+def test_any_chunking_gives_the_same_tensors():
+    state = {"a": torch.randn(33), "b": torch.randint(0, 9, (5,)), "c": torch.randn(2, 2).bfloat16()}
+    for chunk_size in (1, 3, 7, 1000):
+        back = roundtrip(state, chunk_size)
+        assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def receiver_for(state):
+    payload = tensors.encode(state)
+    return payload, PayloadReceiver(payload.specs, payload.crc32)
+
+
+def test_receiver_refuses_more_bytes_than_announced():
+    payload, receiver = receiver_for({"w": torch.zeros(4)})
+    receiver.add(payload.data)
+    with pytest.raises(PayloadError, match="longer"):
+        receiver.add(b"\x00")
+
+
+def test_receiver_refuses_truncated_payload():
+    payload, receiver = receiver_for({"w": torch.zeros(4)})
+    receiver.add(payload.data[:-1])
+    with pytest.raises(PayloadError, match="ended after 15 of the 16"):
+        receiver.finish()
+
+
+def test_receiver_detects_reordered_chunks():
+    payload, receiver = receiver_for({"w": torch.arange(8, dtype=torch.float32)})
+    chunks = list(payload.chunks(8))
+    for chunk in reversed(chunks):
+        receiver.add(chunk)
+    with pytest.raises(PayloadError, match="checksum"):
+        receiver.finish()
+
+
+def test_receiver_allocates_from_specs_not_from_claims():
+    spec = TensorSpec("w", "float32", (2, 3))
+    assert PayloadReceiver([spec], 0).total_bytes == 24
+
+
+def test_unsupported_dtype_is_refused_when_encoding():
+    with pytest.raises(TypeError, match="complex64"):
+        tensors.encode({"z": torch.zeros(2, dtype=torch.complex64)})
