@@ -71,3 +71,19 @@ def test_cuda_requested_without_a_gpu():
 def test_missing_mnist_files(tmp_path):
     assert_clear_error(run("fl-server", "--dataset", "mnist", "--data-root", str(tmp_path), "--out", str(tmp_path)),
                        "MNIST file", "not found")
+
+
+SHARED_MNIST = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
+
+
+def test_client_data_that_does_not_fit_the_federations_model(federation, tmp_path):
+    if not SHARED_MNIST.is_dir():
+        pytest.skip(f"no MNIST copy at {SHARED_MNIST}")
+    assert run("fl-partition", "--clients", "1", "--out", str(tmp_path / "shards")).returncode == 0
+    federation.start_server("--dataset", "mnist", "--data-root", str(SHARED_MNIST), "--clients-per-round", "1",
+                            "--model-name", "mlp")
+    proc = federation.start_client("0", "--data", str(tmp_path / "shards" / "shard0"))
+    assert proc.wait(60) == 2
+    text = federation.client_log("0")
+    assert "Traceback" not in text
+    assert "shape [1, 8, 8]" in text and "[1, 28, 28]" in text and "(mnist)" in text

@@ -91,3 +91,12 @@ def test_invalid_json_and_missing_file_and_extension(tmp_path):
         config.load(tmp_path / "missing.json")
     with pytest.raises(ConfigError, match="must end in .toml or .json"):
         config.load(write(tmp_path, "rounds: 3", "c.yaml"))
+
+
+def test_config_reference_in_docs_is_current():
+    import subprocess
+    import sys
+
+    root = CONFIGS.parent
+    done = subprocess.run([sys.executable, str(root / "scripts" / "gen_config_doc.py"), "--check"])
+    assert done.returncode == 0, "docs/config.md is stale: run python scripts/gen_config_doc.py"
