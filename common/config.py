@@ -43,6 +43,8 @@ class Config:
         "updates a round needs at its deadline to be aggregated rather than re-run (0 = clients_per_round)"))
     round_timeout: float = field(default=300.0, metadata=_help(
         "seconds a round waits for its updates before closing with what arrived"))
+    heartbeat_seconds: float = field(default=2.0, metadata=_help(
+        "how often working clients report in; a selected client silent for 3 heartbeats + 2 s is dropped"))
     server_lr: float = field(default=1.0, metadata=_help(
         "server learning rate applied to the averaged diff (seed: lambda); 1.0 is plain FedAvg"))
     # Local training, sent to every client.
@@ -125,6 +127,7 @@ def validate(cfg: Config) -> None:
     need(cfg.momentum >= 0, "momentum", "must be 0 or more")
     need(cfg.weight_decay >= 0, "weight_decay", "must be 0 or more")
     need(cfg.round_timeout > 0, "round_timeout", "must be a positive number of seconds")
+    need(0.1 <= cfg.heartbeat_seconds <= 3600, "heartbeat_seconds", "must be between 0.1 and 3600 seconds")
     need(0 <= cfg.port <= 65535, "port", "must be between 0 and 65535")
     need(cfg.effective_min_fit <= cfg.clients_per_round, "min_fit",
          f"cannot exceed clients_per_round ({cfg.clients_per_round})")

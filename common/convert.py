@@ -73,7 +73,7 @@ def model_header_of(round_: int, version: int, payload: Payload, chunk_size: int
 
 def join_request_to_proto(req: m.JoinRequest) -> pb.JoinRequest:
     return pb.JoinRequest(protocol_version=req.protocol_version, client_id=req.client_id,
-                          num_samples=req.num_samples, device=req.device)
+                          num_samples=req.num_samples, device=req.device, training_round=req.training_round)
 
 
 def _client_id(value: str) -> str:
@@ -84,7 +84,8 @@ def _client_id(value: str) -> str:
 
 def join_request_from_proto(msg: pb.JoinRequest) -> m.JoinRequest:
     return m.JoinRequest(client_id=_client_id(msg.client_id), num_samples=msg.num_samples,
-                         device=msg.device[:100], protocol_version=msg.protocol_version)
+                         device=msg.device[:100], training_round=msg.training_round,
+                         protocol_version=msg.protocol_version)
 
 
 def train_config_to_proto(cfg: m.TrainConfig) -> pb.TrainConfig:
@@ -109,14 +110,15 @@ _ACTIONS_BACK = {v: k for k, v in _ACTIONS.items()}
 def join_decision_to_proto(d: m.JoinDecision) -> pb.JoinReply:
     return pb.JoinReply(action=_ACTIONS[d.action], round=d.round, model_version=d.model_version,
                         config=train_config_to_proto(d.config), retry_after_seconds=d.retry_after,
-                        message=d.message)
+                        message=d.message, heartbeat_seconds=d.heartbeat_seconds)
 
 
 def join_decision_from_proto(msg: pb.JoinReply) -> m.JoinDecision:
     _require(msg.action in _ACTIONS_BACK, f"unknown action {msg.action}")
     return m.JoinDecision(action=_ACTIONS_BACK[msg.action], config=train_config_from_proto(msg.config),
                           round=msg.round, model_version=msg.model_version,
-                          retry_after=max(0.0, msg.retry_after_seconds), message=msg.message)
+                          retry_after=max(0.0, msg.retry_after_seconds), message=msg.message,
+                          heartbeat_seconds=max(0.0, msg.heartbeat_seconds))
 
 
 # --- GetGlobalModel ----------------------------------------------------------------------------------

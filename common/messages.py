@@ -51,6 +51,7 @@ class JoinRequest:
     client_id: str
     num_samples: int  # 0 = not known yet
     device: str = ""
+    training_round: int = 0  # non-zero: a heartbeat while working on this round
     protocol_version: int = PROTOCOL_VERSION
 
 
@@ -62,6 +63,7 @@ class JoinDecision:
     model_version: int = 0
     retry_after: float = 0.0
     message: str = ""
+    heartbeat_seconds: float = 0.0  # TRAIN only: how often to send heartbeats while working
 
 
 @dataclass(frozen=True)

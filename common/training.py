@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +10,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from common.messages import TrainConfig
+
+
+class TrainingStopped(Exception):
+    """Training was asked to stop (its round is over); the partial result is thrown away."""
 
 
 @dataclass(frozen=True)
@@ -52,8 +56,11 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def train(model: nn.Module, loader: Iterable, cfg: TrainConfig, device: torch.device) -> TrainResult:
-    """`cfg.local_epochs` epochs of mini-batch training; a fresh optimizer each round, as in FedAvg."""
+def train(model: nn.Module, loader: Iterable, cfg: TrainConfig, device: torch.device,
+          should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    """`cfg.local_epochs` epochs of mini-batch training; a fresh optimizer each round, as in FedAvg.
+
+    `should_stop` is asked before every batch; when it says yes, TrainingStopped is raised."""
     start = time.perf_counter()
     model.to(device).train()
     optimizer = make_optimizer(model, cfg)
@@ -61,6 +68,8 @@ def train(model: nn.Module, loader: Iterable, cfg: TrainConfig, device: torch.de
     for _ in range(cfg.local_epochs):
         total, num_samples = torch.zeros((), device=device), 0
         for x, y in loader:
+            if should_stop is not None and should_stop():
+                raise TrainingStopped
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x), y)

@@ -32,15 +32,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _interrupt(_signum: int, _frame: object) -> None:
-    # SIGTERM ends the client like Ctrl-C, without a traceback; the server carries on without it.
-    raise KeyboardInterrupt
+class Terminated(Exception):
+    pass
+
+
+def _terminate(_signum: int, _frame: object) -> None:
+    # SIGTERM ends the client like Ctrl-C, without a traceback; the server carries on without it
+    # (an upload cut short never touches the aggregate).
+    raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logs.configure(args.log_level, args.log_file)
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         device = select_device(args.device)
         data = read_shard(args.data) if args.data else None
@@ -53,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         return logs.fail("fl-client", str(e), code=3)
     except RequestRefusedError as e:
         return logs.fail("fl-client", f"the server refused this client: {e}")
+    except Terminated:
+        log.info("terminated; leaving the federation")
+        return 0
     except KeyboardInterrupt:
         log.info("interrupted; leaving the federation")
         return 130

@@ -108,6 +108,14 @@ class ServerConnection:
             convert.join_request_to_proto(req), timeout=JOIN_DEADLINE))
         return convert.join_decision_from_proto(reply)
 
+    def heartbeat(self, req: m.JoinRequest, timeout: float) -> m.JoinDecision | None:
+        """One attempt, no retries: a missed heartbeat costs nothing, and the main loop handles outages."""
+        try:
+            return convert.join_decision_from_proto(
+                self.stub.JoinRound(convert.join_request_to_proto(req), timeout=timeout))
+        except (grpc.RpcError, convert.MalformedMessage):
+            return None
+
     def fetch_model(self, req: m.ModelRequest) -> tuple[m.ModelHeader, dict[str, torch.Tensor]]:
         def fetch() -> tuple[m.ModelHeader, dict[str, torch.Tensor]]:
             stream = self.stub.GetGlobalModel(convert.model_request_to_proto(req), timeout=TRANSFER_DEADLINE)

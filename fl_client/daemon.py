@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -15,7 +17,7 @@ from common.convert import payload_header_of
 from common.datasets import ArrayData, BatchLoader, DataError, load_dataset
 from common.models import build_model
 from common.partition import iid_share
-from common.training import train
+from common.training import TrainingStopped, train
 from fl_client.connection import RequestRefusedError, ServerConnection
 
 log = logging.getLogger("fl_client")
@@ -24,6 +26,35 @@ log = logging.getLogger("fl_client")
 def client_index(client_id: str) -> int:
     """A number for seeding and for picking a share of the built-in data: the id itself when numeric."""
     return int(client_id) if client_id.isdigit() else zlib.crc32(client_id.encode()) % 1_000_000
+
+
+class Heartbeat:
+    """Tells the server, every few seconds while this client works on a round, that it is alive; and
+    notices when the server says the round is over, so the work can stop early."""
+
+    def __init__(self, connection: ServerConnection, request: m.JoinRequest, interval: float):
+        self.connection = connection
+        self.request = request
+        self.interval = interval
+        self.round_over = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            reply = self.connection.heartbeat(self.request, timeout=max(self.interval, 1.0))
+            if reply is not None and (reply.action is not m.Action.TRAIN or reply.round != self.request.training_round):
+                log.info("round %d: %s", self.request.training_round, reply.message or "round is over")
+                self.round_over.set()
+                return
+
+    def __enter__(self) -> Heartbeat:
+        if self.interval > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
 
 
 @dataclass
@@ -60,10 +91,13 @@ class ClientDaemon:
                 continue
             try:
                 self.train_round(decision)
+            except TrainingStopped:
+                log.info("round %d: abandoned; joining again", decision.round)
             except RequestRefusedError as e:
                 if e.code is not grpc.StatusCode.FAILED_PRECONDITION:
                     raise
-                # The round closed or moved on while we trained: resynchronize by joining again.
+                # The round closed or moved on while we trained (or the server restarted and does not
+                # know us yet): resynchronize by joining again.
                 log.warning("round %d: update not taken (%s); joining again", decision.round, e.details)
 
     def _prepare(self, cfg: m.TrainConfig) -> None:
@@ -78,11 +112,16 @@ class ClientDaemon:
                             f"{self.data.num_classes} classes, but the federation trains {cfg.model.name} on "
                             f"{list(cfg.model.input_shape)} with {cfg.model.num_classes} classes ({cfg.dataset}); "
                             "give --data a shard of the federation's data set")
-        if self._loader is None:
-            seed = cfg.seed + client_index(self.client_id)
-            self._loader = BatchLoader(self.data, cfg.batch_size, shuffle=True, seed=seed, device=self.options.device)
+        if self._loader is None or self._loader.batch_size != cfg.batch_size:
+            self._loader = BatchLoader(self.data, cfg.batch_size, shuffle=True, device=self.options.device)
 
     def train_round(self, decision: m.JoinDecision) -> m.SubmitResult:
+        heartbeat_request = m.JoinRequest(client_id=self.client_id, num_samples=len(self.data),
+                                          device=str(self.options.device), training_round=decision.round)
+        with Heartbeat(self.connection, heartbeat_request, decision.heartbeat_seconds) as heartbeat:
+            return self._train_round(decision, heartbeat.round_over.is_set)
+
+    def _train_round(self, decision: m.JoinDecision, round_over: Callable[[], bool]) -> m.SubmitResult:
         cfg = decision.config
         header, global_state = self.connection.fetch_model(
             m.ModelRequest(client_id=self.client_id, model_version=decision.model_version))
@@ -90,8 +129,15 @@ class ClientDaemon:
             self._model = build_model(cfg.model)
         model = self._model
         model.load_state_dict(global_state)
-        torch.manual_seed(cfg.seed + client_index(self.client_id) + 1000 * decision.round)
-        result = train(model, self._loader, cfg, self.options.device)
+        # Seeded by (client, round), not by how many rounds this process happens to have run: a round
+        # re-run after a server restart trains exactly as the first attempt did.
+        seed = cfg.seed + client_index(self.client_id) + 100_003 * decision.round
+        torch.manual_seed(seed)
+        self._loader.generator.manual_seed(seed)
+        log.info("round %d: training on %d samples", decision.round, len(self.data))
+        result = train(model, self._loader, cfg, self.options.device, should_stop=round_over)
+        if round_over():
+            raise TrainingStopped
         local = {name: t.detach().cpu() for name, t in model.state_dict().items()}
         diff = {name: local[name] - global_state[name] for name in global_state}
         payload = tensors.encode(diff)

@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
     state_kwargs = dict(train_config=train_config_of(cfg, spec), clients_per_round=cfg.clients_per_round,
                         min_clients=cfg.effective_min_clients, min_fit=cfg.effective_min_fit,
-                        round_timeout=cfg.round_timeout, server_lr=cfg.server_lr, seed=cfg.seed)
+                        round_timeout=cfg.round_timeout, server_lr=cfg.server_lr, seed=cfg.seed,
+                        heartbeat_seconds=cfg.heartbeat_seconds)
     if checkpoint is None:
         state = RoundState(global_state=build_model(spec, seed=cfg.seed).state_dict(), **state_kwargs)
         metrics: list = []
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                            **state_kwargs)
         state.rng.bit_generator.state = checkpoint["rng_state"]
         metrics = checkpoint["metrics"]
+        run.write_metrics(metrics)  # a crash may have come between the checkpoint and the metrics log
         log.info("resumed from %s at model version %d", run.path, checkpoint["model_version"])
 
     try:

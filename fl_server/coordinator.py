@@ -44,9 +44,11 @@ class Coordinator:
             if not outcome.aggregated:
                 if self.state.stopping:
                     return False
-                log.warning("round %d: only %d of %d updates by the deadline (min_fit %d); re-running it with "
-                            "a fresh sample; dropped: %s", outcome.round, len(outcome.contributors),
-                            len(outcome.selected), self.state.min_fit, outcome.dropped)
+                log.warning("round %d: only %d of %d updates (min_fit %d); re-running it with a fresh sample; "
+                            "dropped: %s", outcome.round, len(outcome.contributors), len(outcome.selected),
+                            self.state.min_fit, outcome.drop_reasons)
+                self.metrics.append(self._record(outcome, None))
+                self.run_folder.write_metrics(self.metrics)
                 continue
             result = self.evaluate()
             self.metrics.append(self._record(outcome, result))
@@ -55,9 +57,8 @@ class Coordinator:
                         f"{result.loss:.4f}, clients {outcome.contributors}, {outcome.seconds:.2f} s")
         path = self.run_folder.save_final_model(self.state.global_state)
         self.state.finish()
-        final = self.metrics[-1] if self.metrics else {}
-        self.report(f"finished {self.rounds} rounds: final accuracy {final.get('accuracy', float('nan')):.4f}; "
-                    f"model saved to {path}")
+        final = self.evaluate()
+        self.report(f"finished {self.rounds} rounds: final accuracy {final.accuracy:.4f}; model saved to {path}")
         return True
 
     def evaluate(self) -> EvalResult:
@@ -74,16 +75,20 @@ class Coordinator:
         })
         self.run_folder.write_metrics(self.metrics)
 
-    def _record(self, outcome: RoundOutcome, result: EvalResult) -> dict[str, Any]:
+    def _record(self, outcome: RoundOutcome, result: EvalResult | None) -> dict[str, Any]:
+        """One line of metrics.jsonl; a round re-run for lack of updates has `aggregated: false` and no
+        accuracy, and is followed by another line for the same round."""
         return {
             "round": outcome.round,
-            "accuracy": result.accuracy,
-            "loss": result.loss,
+            "aggregated": outcome.aggregated,
+            "accuracy": result.accuracy if result else None,
+            "loss": result.loss if result else None,
             "clients": outcome.contributors,
             "num_samples": outcome.num_samples,
             "seconds": round(outcome.seconds, 4),
             "selected": outcome.selected,
             "dropped": outcome.dropped,
+            "drop_reasons": outcome.drop_reasons,
             "client_metrics": outcome.client_metrics,
             "time": time.time(),
         }

@@ -64,7 +64,8 @@ class ShuttingDownError(FederationError):
 class ClientInfo:
     num_samples: int
     device: str
-    last_seen: float
+    last_seen: float  # last time the client called us (join, heartbeat, fetch, upload)
+    polls: int = 0  # JoinRound long-polls of this client being held open right now
 
 
 @dataclass
@@ -85,10 +86,11 @@ class RoundOutcome:
     client_metrics: dict[str, dict[str, float]]
     seconds: float
     aggregated: bool
+    drop_reasons: dict[str, str]  # selected clients that did not contribute, and why
 
     @property
     def dropped(self) -> list[str]:
-        return [c for c in self.selected if c not in self.contributors]
+        return sorted(self.drop_reasons)
 
 
 @dataclass
@@ -100,21 +102,29 @@ class _OpenRound:
     submitted: dict[str, int] = field(default_factory=dict)  # client -> num_samples
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     uploading: set[str] = field(default_factory=set)
+    silent: dict[str, str] = field(default_factory=dict)  # client -> why it was given up on
+
+    @property
+    def settled(self) -> bool:
+        """Every selected client has either submitted or been given up on."""
+        return len(self.submitted) + len(self.silent) >= len(self.selected)
 
 
 class RoundState:
     def __init__(self, *, global_state: Mapping[str, torch.Tensor], train_config: TrainConfig,
                  clients_per_round: int, min_clients: int, min_fit: int, round_timeout: float,
-                 server_lr: float = 1.0, seed: int = 0, model_version: int = 0,
-                 clock: Callable[[], float] = time.monotonic, liveness_seconds: float = 60.0):
+                 server_lr: float = 1.0, seed: int = 0, model_version: int = 0, heartbeat_seconds: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic):
         self.train_config = train_config
         self.clients_per_round = clients_per_round
         self.min_clients = min_clients
         self.min_fit = min_fit
         self.round_timeout = round_timeout
         self.clock = clock
-        # A client not heard from for this long is not sampled: it has likely gone away.
-        self.liveness_seconds = liveness_seconds
+        self.heartbeat_seconds = heartbeat_seconds
+        # Working clients report every heartbeat; three missed ones (plus slack for a busy machine) means
+        # the client is gone: it is dropped from its round and not sampled until it calls again.
+        self.silence_limit = 3 * heartbeat_seconds + 2.0
         self.rng = np.random.default_rng(seed)
         self.clients: dict[str, ClientInfo] = {}
         self.finished = False
@@ -141,20 +151,36 @@ class RoundState:
         self._check_protocol(req.protocol_version)
         deadline = self.clock() + timeout
         with self._cond:
-            known = req.client_id in self.clients
-            self.clients[req.client_id] = ClientInfo(req.num_samples, req.device, self.clock())
-            if not known:
+            info = self.clients.get(req.client_id)
+            if info is None:
+                info = self.clients[req.client_id] = ClientInfo(req.num_samples, req.device, self.clock())
                 log.info("client %s joined (%d samples, %s); %d known", req.client_id, req.num_samples,
                          req.device or "?", len(self.clients))
+            info.num_samples, info.device, info.last_seen = req.num_samples, req.device, self.clock()
+            if req.training_round:
+                return self._heartbeat_reply(req.client_id, req.training_round)
             self._cond.notify_all()  # the coordinator may be waiting for enough clients
-            while True:
-                decision = self._decision_for(req.client_id)
-                remaining = deadline - self.clock()
-                if decision is not None or remaining <= 0:
-                    break
-                self._cond.wait(remaining)
-            self.clients[req.client_id].last_seen = self.clock()
+            info.polls += 1
+            try:
+                while True:
+                    decision = self._decision_for(req.client_id)
+                    remaining = deadline - self.clock()
+                    if decision is not None or remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+            finally:
+                info.polls -= 1
         return decision or JoinDecision(Action.WAIT, self.train_config, message="no round needs you yet")
+
+    def _heartbeat_reply(self, client_id: str, training_round: int) -> JoinDecision:
+        r = self._round
+        if r is not None and r.number == training_round and client_id in r.selected and client_id not in r.submitted:
+            if r.silent.pop(client_id, None):
+                log.info("round %d: client %s is back after being given up on", r.number, client_id)
+            return JoinDecision(Action.TRAIN, self.train_config, round=r.number, model_version=self.model_version,
+                                heartbeat_seconds=self.heartbeat_seconds, message="carry on")
+        return JoinDecision(Action.WAIT, self.train_config,
+                            message=f"round {training_round} is over for this client; stop working on it")
 
     def _decision_for(self, client_id: str) -> JoinDecision | None:
         if self.finished:
@@ -164,13 +190,16 @@ class RoundState:
             return JoinDecision(Action.WAIT, self.train_config, retry_after=1.0, message="server is stopping")
         r = self._round
         if r is not None and client_id in r.selected and client_id not in r.submitted:
-            return JoinDecision(Action.TRAIN, self.train_config, round=r.number, model_version=self.model_version)
+            return JoinDecision(Action.TRAIN, self.train_config, round=r.number, model_version=self.model_version,
+                                heartbeat_seconds=self.heartbeat_seconds)
         return None
 
     def model(self, req: ModelRequest) -> ModelSnapshot:
         self._check_protocol(req.protocol_version)
         with self._cond:
             snapshot = self._snapshot
+            if req.client_id in self.clients:
+                self.clients[req.client_id].last_seen = self.clock()
         if req.model_version not in (0, snapshot.version):
             raise StaleRoundError(f"model version {req.model_version} is gone; the current one is "
                                   f"{snapshot.version}: join again")
@@ -216,6 +245,7 @@ class RoundState:
             except UpdateRejected as e:
                 raise InvalidUpdateError(str(e)) from None
             r.submitted[header.client_id] = header.num_samples
+            r.silent.pop(header.client_id, None)
             r.metrics[header.client_id] = dict(header.metrics)
             self.clients[header.client_id].last_seen = self.clock()
             log.info("round %d: update from %s (%d samples), %d/%d in", r.number, header.client_id,
@@ -258,15 +288,16 @@ class RoundState:
 
     # --- what the coordinator calls ------------------------------------------------------------------
 
-    def wait_for_clients(self, stop: threading.Event | None = None) -> None:
+    def wait_for_clients(self) -> None:
         """Block until `min_clients` live clients have joined (or we are stopping)."""
         with self._cond:
             while len(self._live_clients()) < self.min_clients and not self.stopping:
-                self._cond.wait(1.0)  # also wakes now and then to let clients age out
+                self._cond.wait(1.0)  # joins wake us at once; the timeout only lets silent clients age out
 
     def _live_clients(self) -> list[str]:
         now = self.clock()
-        return sorted(c for c, info in self.clients.items() if now - info.last_seen <= self.liveness_seconds)
+        return sorted(c for c, info in self.clients.items()
+                      if info.polls > 0 or now - info.last_seen <= self.silence_limit)
 
     def open_round(self) -> list[str]:
         """Sample `clients_per_round` of the live clients and wake them; returns who was selected."""
@@ -283,15 +314,28 @@ class RoundState:
             return selected
 
     def wait_until_complete(self) -> None:
-        """Block until every selected client has submitted, the deadline passes, or we are stopping."""
+        """Block until every selected client has submitted or fallen silent, the deadline passes, or
+        we are stopping."""
         with self._cond:
             r = self._round
             assert r is not None, "no round is open"
-            while len(r.submitted) < len(r.selected) and not self.stopping:
+            while not self.stopping:
+                self._give_up_on_silent(r)
                 remaining = r.deadline - self.clock()
-                if remaining <= 0:
+                if r.settled or remaining <= 0:
                     break
-                self._cond.wait(remaining)
+                # Submissions wake us at once; the timeout is what notices a silent client.
+                self._cond.wait(min(remaining, self.heartbeat_seconds))
+
+    def _give_up_on_silent(self, r: _OpenRound) -> None:
+        now = self.clock()
+        for c in r.selected:
+            if c in r.submitted or c in r.silent or c in r.uploading:
+                continue
+            silent_for = now - max(self.clients[c].last_seen, r.started)
+            if silent_for > self.silence_limit:
+                r.silent[c] = f"silent for {silent_for:.1f} s (no heartbeat)"
+                log.warning("round %d: client %s %s; giving up on it", r.number, c, r.silent[c])
 
     def close_round(self) -> RoundOutcome:
         """Close the open round: aggregate if at least `min_fit` updates arrived, else discard them."""
@@ -306,9 +350,11 @@ class RoundState:
                 self._snapshot = ModelSnapshot(version, version + 1, tensors.encode(self._global))
             self._aggregator.reset()
             self._cond.notify_all()
+            reasons = {c: r.silent.get(c, "stopping" if self.stopping else "no update by the round's deadline")
+                       for c in r.selected if c not in r.submitted}
             return RoundOutcome(round=r.number, selected=r.selected, contributors=sorted(r.submitted),
                                 num_samples=sum(r.submitted.values()), client_metrics=r.metrics,
-                                seconds=self.clock() - r.started, aggregated=aggregated)
+                                seconds=self.clock() - r.started, aggregated=aggregated, drop_reasons=reasons)
 
     def finish(self) -> None:
         with self._cond:

@@ -28,16 +28,18 @@ FULL_WEIGHTS: Encoding
 DIFF: Encoding
 
 class JoinRequest(_message.Message):
-    __slots__ = ("protocol_version", "client_id", "num_samples", "device")
+    __slots__ = ("protocol_version", "client_id", "num_samples", "device", "training_round")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_ROUND_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     client_id: str
     num_samples: int
     device: str
-    def __init__(self, protocol_version: _Optional[int] = ..., client_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+    training_round: int
+    def __init__(self, protocol_version: _Optional[int] = ..., client_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., device: _Optional[str] = ..., training_round: _Optional[int] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
     __slots__ = ("name", "input_shape", "num_classes")
@@ -74,20 +76,22 @@ class TrainConfig(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., dataset: _Optional[str] = ..., num_clients: _Optional[int] = ..., seed: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., optimizer: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("action", "round", "model_version", "config", "retry_after_seconds", "message")
+    __slots__ = ("action", "round", "model_version", "config", "retry_after_seconds", "message", "heartbeat_seconds")
     ACTION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     action: Action
     round: int
     model_version: int
     config: TrainConfig
     retry_after_seconds: float
     message: str
-    def __init__(self, action: _Optional[_Union[Action, str]] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., config: _Optional[_Union[TrainConfig, _Mapping]] = ..., retry_after_seconds: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+    heartbeat_seconds: float
+    def __init__(self, action: _Optional[_Union[Action, str]] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., config: _Optional[_Union[TrainConfig, _Mapping]] = ..., retry_after_seconds: _Optional[float] = ..., message: _Optional[str] = ..., heartbeat_seconds: _Optional[float] = ...) -> None: ...
 
 class ModelRequest(_message.Message):
     __slots__ = ("protocol_version", "client_id", "model_version")

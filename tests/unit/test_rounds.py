@@ -232,3 +232,62 @@ def test_sampling_is_seeded():
 
     assert sample(1) == sample(1)
     assert len({tuple(sample(s)) for s in range(10)}) > 1
+
+
+def heartbeat(state, cid, round_):
+    return state.join(JoinRequest(client_id=cid, num_samples=10, training_round=round_), 10.0)
+
+
+def test_heartbeat_answers_at_once_carry_on_or_stop():
+    state = started()
+    start = time.monotonic()
+    d = heartbeat(state, "a", 1)
+    assert d.action is Action.TRAIN and d.round == 1 and d.heartbeat_seconds == 2.0
+    assert time.monotonic() - start < 1.0  # not held as a long-poll
+    assert heartbeat(state, "a", 5).action is Action.WAIT  # not the open round
+    submit(state, "a", diff(1.0))
+    assert heartbeat(state, "a", 1).action is Action.WAIT  # already delivered
+    state.close_round()
+    assert heartbeat(state, "b", 1).action is Action.WAIT  # round closed: stop training
+
+
+def test_silent_client_is_given_up_on_long_before_the_deadline():
+    state = started(k=2, min_fit=1, timeout=60.0, heartbeat_seconds=0.1)  # silence limit 2.3 s
+    submit(state, "a", diff(1.0))
+    start = time.monotonic()
+    state.wait_until_complete()
+    assert 2.0 < time.monotonic() - start < 10.0
+    outcome = state.close_round()
+    assert outcome.aggregated and outcome.contributors == ["a"]
+    assert "silent" in outcome.drop_reasons["b"]
+    # Not sampled again while it stays silent; "a", which calls again, is.
+    join(state, "a")
+    assert state._live_clients() == ["a"]
+
+
+def test_a_client_that_keeps_sending_heartbeats_is_waited_for():
+    state = started(k=2, min_fit=2, timeout=60.0, heartbeat_seconds=0.1)
+    submit(state, "a", diff(1.0))
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(0.1):
+            heartbeat(state, "b", 1)
+
+    t = threading.Thread(target=beat)
+    t.start()
+    threading.Timer(3.5, lambda: (stop.set(), submit(state, "b", diff(3.0)))).start()
+    state.wait_until_complete()
+    t.join()
+    outcome = state.close_round()
+    assert outcome.contributors == ["a", "b"] and outcome.drop_reasons == {}
+    assert torch.allclose(state.global_state["w"], torch.full((3,), 2.0))
+
+
+def test_rerun_below_quorum_records_why():
+    state = started(k=2, min_fit=2, timeout=0.3)
+    submit(state, "a", diff(1.0))
+    state.wait_until_complete()
+    outcome = state.close_round()
+    assert not outcome.aggregated
+    assert outcome.drop_reasons == {"b": "no update by the round's deadline"}
