@@ -18,12 +18,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# System packages the tests use: docker-compose validates docker-compose.yml (no Docker engine needed).
+# System packages the tests use: docker-compose validates docker-compose.yml (no Docker engine needed);
+# iproute2 (`ip netns`) gives the network-namespace test its separate hosts.
+SYSTEM_PACKAGES := docker-compose:docker-compose ip:iproute2
 sysdeps:
-	@command -v docker-compose >/dev/null 2>&1 || { \
+	@missing=""; for pair in $(SYSTEM_PACKAGES); do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; \
-	  else echo "note: docker-compose is not installed; the compose-file test will be skipped"; fi; }
+	    echo "installing$$missing"; apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "note: not installed:$$missing; the tests that need them will be skipped"; fi; fi
 
 demo: install
 	$(BIN)/fl-demo

@@ -131,8 +131,8 @@ def validate(cfg: Config) -> None:
     need(0 <= cfg.port <= 65535, "port", "must be between 0 and 65535")
     need(cfg.effective_min_fit <= cfg.clients_per_round, "min_fit",
          f"cannot exceed clients_per_round ({cfg.clients_per_round})")
-    need(cfg.clients_per_round <= cfg.effective_min_clients, "clients_per_round",
-         f"cannot exceed min_clients ({cfg.effective_min_clients}), or a round could never be sampled")
+    need(cfg.effective_min_fit <= cfg.effective_min_clients, "min_fit",
+         f"cannot exceed min_clients ({cfg.effective_min_clients}), or a round could never reach it")
 
 
 def _normalize(raw: dict[str, Any], source: str) -> dict[str, Any]:

@@ -70,6 +70,12 @@ class ServerConnection:
             # our own retry loop adds the jitter.
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 5000),
+            # A link that dies silently (cable pulled, NAT entry dropped) sends no RST; without pings a
+            # call on it would hang until its deadline. Ping every 10 s, give up after 5 s of silence.
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
         ])
         self.stub = pb_grpc.FederationStub(self.channel)
 

@@ -43,7 +43,9 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             reply = self.connection.heartbeat(self.request, timeout=max(self.interval, 1.0))
-            if reply is not None and (reply.action is not m.Action.TRAIN or reply.round != self.request.training_round):
+            if reply is None:
+                log.warning("round %d: heartbeat not delivered; carrying on", self.request.training_round)
+            elif reply.action is not m.Action.TRAIN or reply.round != self.request.training_round:
                 log.info("round %d: %s", self.request.training_round, reply.message or "round is over")
                 self.round_over.set()
                 return

@@ -72,8 +72,10 @@ class RunFolder:
         try:
             # weights_only: a checkpoint is data; never let a file in the output folder run code.
             return torch.load(path, weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"checkpoint {path} is unreadable ({e}); move it away to start afresh") from None
+        except Exception as e:  # torch raises many kinds for a damaged or foreign file; all mean the same here
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise CheckpointError(f"checkpoint {path} is unreadable ({reason}); move it away to start afresh, "
+                                  "or point --out elsewhere") from None
 
     def write_metrics(self, records: list[dict[str, Any]]) -> None:
         """Rewrite the whole log from the checkpoint's records, so it always agrees with the checkpoint."""

@@ -32,9 +32,10 @@ class ServerProcess:
     """A running fl-server; `port` is what it printed in its `listening on HOST:PORT` line."""
 
     def __init__(self, args: list[str], echo: IO[str] | None = None, env: dict[str, str] | None = None,
-                 startup_timeout: float = 120.0):
+                 startup_timeout: float = 120.0, prefix: list[str] | None = None):
+        """`prefix` runs the server through another command, e.g. `ip netns exec NS`."""
         self.lines: list[str] = []
-        self.proc = subprocess.Popen(command("fl-server") + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        self.proc = subprocess.Popen([*(prefix or []), *command("fl-server"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env=env)
         self.stderr_lines: list[str] = []
         self._listening = threading.Event()
@@ -75,9 +76,10 @@ class ServerProcess:
 
 
 def start_client(client_id: str, server: str, extra: list[str] | None = None, log_file: Path | None = None,
-                 env: dict[str, str] | None = None) -> subprocess.Popen:
+                 env: dict[str, str] | None = None, prefix: list[str] | None = None) -> subprocess.Popen:
     out = open(log_file, "w") if log_file else subprocess.DEVNULL  # noqa: SIM115 - lives as long as the process
-    return subprocess.Popen(command("fl-client") + ["--id", client_id, "--server", server, *(extra or [])],
+    return subprocess.Popen([*(prefix or []), *command("fl-client"), "--id", client_id, "--server", server,
+                             *(extra or [])],
                             stdout=out, stderr=subprocess.STDOUT, env=env)
 
 

@@ -100,6 +100,10 @@ def create_server(servicer: FederationServicer, host: str, port: int,
             ("grpc.max_receive_message_length", 8 * 1024 * 1024),
             # A second server on the same port would silently share its traffic: refuse instead.
             ("grpc.so_reuseport", 0),
+            # Clients ping every 10 s to notice dead links (fl_client.connection); by default the server
+            # would answer such pings on idle connections with GOAWAY "too_many_pings".
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
         ])
     pb_grpc.add_FederationServicer_to_server(servicer, server)
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"

@@ -33,13 +33,14 @@ class Federation:
         self.server: ServerProcess | None = None
         self.clients: dict[str, object] = {}
 
-    def start_server(self, *args: str, port: int = 0) -> ServerProcess:
-        self.server = ServerProcess(["--port", str(port), "--out", str(self.out), *args], env=ENV)
+    def start_server(self, *args: str, port: int = 0, prefix: list[str] | None = None) -> ServerProcess:
+        self.server = ServerProcess(["--port", str(port), "--out", str(self.out), *args], env=ENV, prefix=prefix)
         return self.server
 
-    def start_client(self, client_id: str, *args: str, server: str | None = None):
+    def start_client(self, client_id: str, *args: str, server: str | None = None, prefix: list[str] | None = None):
         log = self.tmp_path / f"client{client_id}.log"
-        proc = start_client(client_id, server or self.server.address, ["--device", "cpu", *args], log, env=ENV)
+        proc = start_client(client_id, server or self.server.address, ["--device", "cpu", *args], log, env=ENV,
+                            prefix=prefix)
         self.clients[client_id] = proc
         return proc
 

@@ -87,3 +87,25 @@ def test_client_data_that_does_not_fit_the_federations_model(federation, tmp_pat
     text = federation.client_log("0")
     assert "Traceback" not in text
     assert "shape [1, 8, 8]" in text and "[1, 28, 28]" in text and "(mnist)" in text
+
+
+def test_checkpoint_from_other_settings_is_refused(tmp_path):
+    import torch
+
+    from common.config import load
+    from common.messages import ModelSpec
+    from common.models import build_model
+    from fl_server.checkpoint import RunFolder, config_hash
+
+    spec = ModelSpec("mlp", (1, 8, 8), 10)
+    run_folder = RunFolder(tmp_path)
+    run_folder.save_checkpoint({"model": build_model(spec).state_dict(), "model_version": 1,
+                                "rng_state": {}, "metrics": [], "model_spec": ["mlp", [1, 8, 8], 10],
+                                "config_hash": config_hash(load(lr=0.5, model_name="mlp"))})
+    assert_clear_error(run("fl-server", "--model-name", "mlp", "--out", str(tmp_path)),
+                       "other training settings", "--allow-config-change")
+    assert_clear_error(run("fl-server", "--model-name", "cnn", "--out", str(tmp_path)),
+                       "holds a ['mlp', [1, 8, 8], 10] model")
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert_clear_error(run("fl-server", "--out", str(tmp_path)), "unreadable", "move it away")
+    del torch
