@@ -1,5 +1,5 @@
 """Failures a real deployment meets, with real processes: dead clients, a dead server, broken links."""
-import os
+import re
 import signal
 import time
 
@@ -27,7 +27,7 @@ def aggregated(out):
 def test_kill_9_of_a_client_mid_training(federation):
     federation.start_server("--rounds", "6", "--num-clients", "4", "--clients-per-round", "4",
                             "--min-clients", "3", "--min-fit", "3", "--round-timeout", "120",
-                            "--heartbeat-seconds", "0.5", "--local-epochs", "15", "--model-name", "mlp")
+                            "--heartbeat-seconds", "0.5", "--local-epochs", "10", "--model-name", "cnn")
     for i in range(4):
         federation.start_client(str(i))
     victim = federation.clients["3"]
@@ -123,3 +123,26 @@ def test_server_restarted_between_rounds(federation):
     assert federation.wait_clients() == {"0": 0, "1": 0}
     assert [m["round"] for m in aggregated(federation.out)] == [1, 2, 3, 4]
     assert server.stop() == 0
+
+
+def test_sigterm_on_a_client_mid_training_leaves_cleanly(federation):
+    federation.start_server("--rounds", "3", "--num-clients", "3", "--clients-per-round", "3",
+                            "--min-clients", "2", "--min-fit", "2", "--heartbeat-seconds", "0.5",
+                            "--local-epochs", "20", "--model-name", "cnn")
+    for i in range(3):
+        federation.start_client(str(i))
+    leaving = federation.clients.pop("2")
+    training = re.compile(r"round (\d+): training on")
+    wait_for(lambda: training.search(federation.client_log("2")), what="client 2 training")
+    leaving.send_signal(signal.SIGTERM)
+    interrupted_round = int(training.search(federation.client_log("2")).group(1))
+    assert leaving.wait(10) == 0
+    assert "terminated; leaving the federation" in federation.client_log("2")
+    assert "Traceback" not in federation.client_log("2")
+    assert federation.wait_clients() == {"0": 0, "1": 0}
+    metrics = aggregated(federation.out)
+    assert [m["round"] for m in metrics] == [1, 2, 3]
+    # The round it left was closed (or re-run, if too few were left) without it, saying why.
+    first_try = next(m for m in read_metrics(federation.out) if m["round"] == interrupted_round)
+    assert first_try["dropped"] == ["2"] and "silent" in first_try["drop_reasons"]["2"]
+    assert metrics[-1]["clients"] == ["0", "1"]
