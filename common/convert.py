@@ -6,6 +6,9 @@ which the servicer turns into INVALID_ARGUMENT.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
+
+from google.protobuf.message import DecodeError
 
 from common import messages as m
 from common.proto import federation_pb2 as pb
@@ -46,7 +49,7 @@ _ENCODINGS_BACK = {v: k for k, v in _ENCODINGS.items()}
 
 def payload_header_to_proto(header: m.PayloadHeader) -> pb.PayloadHeader:
     return pb.PayloadHeader(tensors=[spec_to_proto(s) for s in header.specs], total_bytes=header.total_bytes,
-                            num_chunks=header.num_chunks, crc32=header.crc32,
+                            num_chunks=header.num_chunks, checksum=header.checksum,
                             encoding=_ENCODINGS[header.encoding])
 
 
@@ -56,12 +59,12 @@ def payload_header_from_proto(msg: pb.PayloadHeader) -> m.PayloadHeader:
     specs = [spec_from_proto(t) for t in msg.tensors]
     _require(len({s.name for s in specs}) == len(specs), "payload names a tensor twice")
     return m.PayloadHeader(specs=specs, total_bytes=msg.total_bytes, num_chunks=msg.num_chunks,
-                           crc32=msg.crc32, encoding=_ENCODINGS_BACK[msg.encoding])
+                           checksum=msg.checksum, encoding=_ENCODINGS_BACK[msg.encoding])
 
 
 def payload_header_of(payload: Payload, encoding: m.Encoding, chunk_size: int) -> m.PayloadHeader:
     return m.PayloadHeader(specs=payload.specs, total_bytes=payload.total_bytes,
-                           num_chunks=payload.num_chunks(chunk_size), crc32=payload.crc32, encoding=encoding)
+                           num_chunks=payload.num_chunks(chunk_size), checksum=payload.checksum, encoding=encoding)
 
 
 def model_header_of(round_: int, version: int, payload: Payload, chunk_size: int) -> m.ModelHeader:
@@ -133,44 +136,115 @@ def model_request_from_proto(msg: pb.ModelRequest) -> m.ModelRequest:
                           protocol_version=msg.protocol_version)
 
 
-def model_chunks_to_proto(header: m.ModelHeader, payload: Payload, chunk_size: int) -> list[pb.ModelChunk]:
-    """Every message of one GetGlobalModel stream, built once and replayed to every client."""
+def model_stream(header: m.ModelHeader, payload: Payload, chunk_size: int) -> list[bytes]:
+    """Every message of one GetGlobalModel stream, serialized; built once per model version and
+    replayed to every client."""
     first = pb.ModelChunk(header=pb.ModelHeader(round=header.round, model_version=header.model_version,
                                                 payload=payload_header_to_proto(header.payload)))
-    return [first, *(pb.ModelChunk(data=c) for c in payload.chunks(chunk_size))]
+    return [first.SerializeToString(), *(encode_data_chunk(p) for p in payload.pieces(chunk_size))]
 
 
-def model_header_from_proto(msg: pb.ModelChunk) -> m.ModelHeader:
-    _require(msg.WhichOneof("kind") == "header", "the model stream must start with a header")
-    h = msg.header
+def model_header_from_raw(raw: bytes) -> m.ModelHeader:
+    h = _header_of(raw, pb.ModelChunk, "model").header
     return m.ModelHeader(round=h.round, model_version=h.model_version,
                          payload=payload_header_from_proto(h.payload))
 
 
 # --- SubmitUpdate ------------------------------------------------------------------------------------
 
-def update_chunks_to_proto(header: m.UpdateHeader, payload: Payload, chunk_size: int) -> Iterator[pb.UpdateChunk]:
+def update_stream(header: m.UpdateHeader, payload: Payload, chunk_size: int) -> Iterator[bytes]:
     yield pb.UpdateChunk(header=pb.UpdateHeader(
         protocol_version=header.protocol_version, client_id=header.client_id, round=header.round,
         model_version=header.model_version, num_samples=header.num_samples, metrics=header.metrics,
-        payload=payload_header_to_proto(header.payload)))
-    for chunk in payload.chunks(chunk_size):
-        yield pb.UpdateChunk(data=chunk)
+        payload=payload_header_to_proto(header.payload))).SerializeToString()
+    for pieces in payload.pieces(chunk_size):
+        yield encode_data_chunk(pieces)
 
 
-def update_header_from_proto(msg: pb.UpdateChunk) -> m.UpdateHeader:
-    _require(msg.WhichOneof("kind") == "header", "the update stream must start with a header")
-    h = msg.header
+def update_header_from_raw(raw: bytes) -> m.UpdateHeader:
+    h = _header_of(raw, pb.UpdateChunk, "update").header
     return m.UpdateHeader(client_id=_client_id(h.client_id), round=h.round, model_version=h.model_version,
                           num_samples=h.num_samples, payload=payload_header_from_proto(h.payload),
                           metrics=dict(list(h.metrics.items())[:50]), protocol_version=h.protocol_version)
 
 
-def data_chunks(stream: Iterator, what: str) -> Iterator[bytes]:
-    """The raw bytes of the chunks after a stream's header; a second header is malformed."""
-    for msg in stream:
-        _require(msg.WhichOneof("kind") == "data", f"{what} stream carries a second header")
-        yield msg.data
+# --- stream framing ----------------------------------------------------------------------------------
+# The streaming RPCs move their messages as bytes that gRPC neither serializes nor parses (`raw` is
+# their serializer and deserializer). A data chunk's payload is then a view into the received message,
+# without the two copies protobuf's parse and attribute access would make; and the model's messages
+# are serialized once per version rather than once per client.
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Federation"].full_name
+JOIN_ROUND = f"/{SERVICE}/JoinRound"
+GET_GLOBAL_MODEL = f"/{SERVICE}/GetGlobalModel"
+SUBMIT_UPDATE = f"/{SERVICE}/SubmitUpdate"
+
+# `data` is field 2, length-delimited (wire type 2), in both ModelChunk and UpdateChunk.
+_DATA_TAG = (2 << 3) | 2
+assert pb.ModelChunk.DESCRIPTOR.fields_by_name["data"].number == 2
+assert pb.UpdateChunk.DESCRIPTOR.fields_by_name["data"].number == 2
+
+
+def raw(message: bytes) -> bytes:
+    """Identity (de)serializer for the streaming RPCs."""
+    return message
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def encode_data_chunk(pieces: bytes | memoryview | list[memoryview]) -> bytes:
+    """Exactly `ModelChunk(data=b"".join(pieces)).SerializeToString()` (and UpdateChunk's), made in
+    one copy straight from the tensors' memory."""
+    if not isinstance(pieces, list):
+        pieces = [pieces]
+    return b"".join((bytes((_DATA_TAG,)), _varint(sum(len(p) for p in pieces)), *pieces))
+
+
+def _data_view(message: bytes) -> memoryview | None:
+    """The payload of a serialized data chunk as a view into it, or None if it is not one."""
+    if not message or message[0] != _DATA_TAG:
+        return None
+    length, shift, pos = 0, 0, 1
+    while pos < len(message) and pos <= 10:
+        byte = message[pos]
+        length |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return memoryview(message)[pos:] if pos + length == len(message) else None
+        shift += 7
+    return None
+
+
+def _parse(message: bytes, message_type: type, what: str) -> Any:
+    try:
+        return message_type.FromString(message)
+    except DecodeError:
+        raise MalformedMessage(f"a message of the {what} stream is not valid protobuf") from None
+
+
+def _header_of(message: bytes | None, message_type: type, what: str) -> Any:
+    _require(message is not None, f"the {what} stream is empty")
+    msg = _parse(message, message_type, what)
+    _require(msg.WhichOneof("kind") == "header", f"the {what} stream must start with a header")
+    return msg
+
+
+def data_chunks(stream: Iterator[bytes], message_type: type, what: str) -> Iterator[memoryview | bytes]:
+    """The payload bytes of the messages after a stream's header; a second header is malformed."""
+    for message in stream:
+        view = _data_view(message)
+        if view is None:  # not in the canonical form we write; let protobuf decide what it is
+            msg = _parse(message, message_type, what)
+            _require(msg.WhichOneof("kind") == "data", f"the {what} stream carries a second header")
+            view = memoryview(msg.data)
+        yield view
 
 
 def submit_result_to_proto(r: m.SubmitResult) -> pb.SubmitReply:

@@ -78,7 +78,7 @@ class PayloadHeader:
     specs: list[TensorSpec]
     total_bytes: int
     num_chunks: int
-    crc32: int
+    checksum: int  # XXH3-64 of the payload bytes
     encoding: Encoding
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 import sys
-import zlib
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import xxhash
 
 CHUNK_SIZE = 1 << 20  # 1 MiB: far below gRPC's 4 MiB message limit, large enough to stream at wire speed
 
@@ -64,46 +64,86 @@ def specs_of(state: Mapping[str, torch.Tensor]) -> list[TensorSpec]:
     return [TensorSpec.of(name, t) for name, t in state.items()]
 
 
+def checksum(pieces: Iterable[bytes | memoryview]) -> int:
+    """XXH3-64 of the pieces' bytes in order: catches reordered, lost or corrupted chunks at
+    15-20 GB/s, where zlib's CRC-32 managed 2.7 GB/s and dominated the cost of a transfer."""
+    h = xxhash.xxh3_64()
+    for piece in pieces:
+        h.update(piece)
+    return h.intdigest()
+
+
 @dataclass(frozen=True)
 class Payload:
-    """A state dict as one contiguous byte buffer, ready to stream."""
+    """A state dict ready to stream: each tensor's bytes as a view of the tensor's own memory, so
+    they go to the wire without an intermediate copy."""
 
     specs: list[TensorSpec]
-    data: bytes
-    crc32: int
+    views: list[memoryview]
+    checksum: int
+    tensors: list[torch.Tensor] = field(repr=False)  # keeps the memory behind `views` alive
 
     @property
     def total_bytes(self) -> int:
-        return len(self.data)
+        return sum(len(v) for v in self.views)
+
+    @property
+    def data(self) -> bytes:
+        """All bytes in one object (a copy: for tests and small payloads, not the transfer path)."""
+        return b"".join(self.views)
+
+    def pieces(self, chunk_size: int = CHUNK_SIZE) -> Iterator[list[memoryview]]:
+        """The payload cut into chunks of `chunk_size` bytes (the last one shorter), each chunk given
+        as the views that make it up: a chunk may span the end of one tensor and the start of the next."""
+        if chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
+        chunk: list[memoryview] = []
+        room = chunk_size
+        for view in self.views:
+            while len(view):
+                piece, view = view[:room], view[room:]
+                chunk.append(piece)
+                room -= len(piece)
+                if room == 0:
+                    yield chunk
+                    chunk, room = [], chunk_size
+        if chunk:
+            yield chunk
 
     def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
-        yield from split(self.data, chunk_size)
+        for pieces in self.pieces(chunk_size):
+            yield b"".join(pieces)
 
     def num_chunks(self, chunk_size: int = CHUNK_SIZE) -> int:
-        return math.ceil(len(self.data) / chunk_size)
+        return math.ceil(self.total_bytes / chunk_size)
 
 
-def _as_bytes_view(tensor: torch.Tensor) -> memoryview:
-    """The tensor's own bytes, without a copy when it is already contiguous on the CPU."""
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    if flat.numel() == 0:
+def _contiguous_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu").contiguous()
+
+
+def _bytes_view(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy. bfloat16 has no numpy dtype, so view the
+    memory as uint8 first, which works for every dtype."""
+    if tensor.numel() == 0:
         return memoryview(b"")
-    # bfloat16 has no numpy dtype; a uint8 view of the same memory sidesteps that for every dtype.
-    return memoryview(flat.view(torch.uint8).numpy())
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
 def encode(state: Mapping[str, torch.Tensor]) -> Payload:
-    """Concatenate the tensors' bytes once; every chunk handed out later is a slice of this."""
     specs = specs_of(state)
-    data = b"".join(_as_bytes_view(t) for t in state.values())
-    return Payload(specs, data, zlib.crc32(data))
+    tensors = [_contiguous_cpu(t) for t in state.values()]
+    views = [_bytes_view(t) for t in tensors]
+    return Payload(specs, views, checksum(views), tensors)
 
 
-def split(data: bytes, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+def split(data: bytes, chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
+    """Views into `data`, not copies."""
     if chunk_size <= 0:
         raise ValueError("chunk_size must be positive")
+    view = memoryview(data)
     for start in range(0, len(data), chunk_size):
-        yield data[start:start + chunk_size]
+        yield view[start:start + chunk_size]
 
 
 class PayloadReceiver:
@@ -113,36 +153,40 @@ class PayloadReceiver:
     that lies about its size cannot make us allocate more than the model we already hold.
     """
 
-    def __init__(self, specs: list[TensorSpec], expected_crc32: int):
+    def __init__(self, specs: list[TensorSpec], expected_checksum: int, buffer: bytearray | None = None):
+        """`buffer`, when given, is reused instead of allocating: writing into fresh memory costs page
+        faults that halve the receive rate of a large model."""
         self.specs = specs
-        self.expected_crc32 = expected_crc32
+        self.expected_checksum = expected_checksum
         self.total_bytes = sum(s.nbytes for s in specs)
-        self._buffer = bytearray(self.total_bytes)
+        if buffer is None or len(buffer) < self.total_bytes:
+            buffer = bytearray(self.total_bytes)
+        self._buffer = buffer
         self._view = memoryview(self._buffer)
         self._received = 0
-        self._crc = 0
+        self._hash = xxhash.xxh3_64()
 
-    def add(self, chunk: bytes) -> None:
+    def add(self, chunk: bytes | memoryview) -> None:
         end = self._received + len(chunk)
         if end > self.total_bytes:
             raise PayloadError(f"payload is longer than the {self.total_bytes} bytes its header announced")
         self._view[self._received:end] = chunk
-        self._crc = zlib.crc32(chunk, self._crc)
+        self._hash.update(chunk)
         self._received = end
 
     def finish(self) -> dict[str, torch.Tensor]:
         if self._received != self.total_bytes:
             raise PayloadError(f"payload ended after {self._received} of the {self.total_bytes} bytes "
                                "its header announced")
-        if self._crc != self.expected_crc32:
+        if self._hash.intdigest() != self.expected_checksum:
             raise PayloadError("payload checksum does not match its header (corrupted or reordered chunks)")
-        return decode(self.specs, self._buffer)
+        return decode(self.specs, self._view[:self.total_bytes])
 
 
-def decode(specs: Iterable[TensorSpec], data: bytes | bytearray) -> dict[str, torch.Tensor]:
+def decode(specs: Iterable[TensorSpec], data: bytes | bytearray | memoryview) -> dict[str, torch.Tensor]:
     """Tensors that share `data`'s memory (no copy); `data` must be exactly the specs' total size."""
-    if isinstance(data, bytes):  # torch only wraps writable memory without a warning
-        data = bytearray(data)
+    if isinstance(data, bytes) or (isinstance(data, memoryview) and data.readonly):
+        data = bytearray(data)  # torch only wraps writable memory without a warning
     out: dict[str, torch.Tensor] = {}
     offset = 0
     for spec in specs:
@@ -158,8 +202,9 @@ def decode(specs: Iterable[TensorSpec], data: bytes | bytearray) -> dict[str, to
     return out
 
 
-def assemble(specs: list[TensorSpec], chunks: Iterable[bytes], crc32: int) -> dict[str, torch.Tensor]:
-    receiver = PayloadReceiver(specs, crc32)
+def assemble(specs: list[TensorSpec], chunks: Iterable[bytes | memoryview], expected_checksum: int,
+             buffer: bytearray | None = None) -> dict[str, torch.Tensor]:
+    receiver = PayloadReceiver(specs, expected_checksum, buffer)
     for chunk in chunks:
         receiver.add(chunk)
     return receiver.finish()

@@ -12,7 +12,7 @@ import torch
 
 from common import convert, tensors
 from common import messages as m
-from common.proto import federation_pb2_grpc as pb_grpc
+from common.proto import federation_pb2 as pb
 from common.tensors import CHUNK_SIZE
 
 log = logging.getLogger("fl_client.connection")
@@ -77,7 +77,18 @@ class ServerConnection:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
         ])
-        self.stub = pb_grpc.FederationStub(self.channel)
+        # The streaming calls take and give serialized messages (see common.convert).
+        self._join_round = self.channel.unary_unary(
+            convert.JOIN_ROUND, request_serializer=pb.JoinRequest.SerializeToString,
+            response_deserializer=pb.JoinReply.FromString)
+        self._get_global_model = self.channel.unary_stream(
+            convert.GET_GLOBAL_MODEL, request_serializer=pb.ModelRequest.SerializeToString,
+            response_deserializer=convert.raw)
+        self._submit_update = self.channel.stream_unary(
+            convert.SUBMIT_UPDATE, request_serializer=convert.raw, response_deserializer=pb.SubmitReply.FromString)
+        # The global model is received into the same buffer every round (fresh memory costs page faults);
+        # the tensors fetch_model returns share it and are valid until the next fetch.
+        self._model_buffer: bytearray | None = None
 
     def close(self) -> None:
         self.channel.close()
@@ -110,7 +121,7 @@ class ServerConnection:
                 self.sleep(delay)
 
     def join(self, req: m.JoinRequest) -> m.JoinDecision:
-        reply = self._call("JoinRound", lambda: self.stub.JoinRound(
+        reply = self._call("JoinRound", lambda: self._join_round(
             convert.join_request_to_proto(req), timeout=JOIN_DEADLINE))
         return convert.join_decision_from_proto(reply)
 
@@ -118,25 +129,25 @@ class ServerConnection:
         """One attempt, no retries: a missed heartbeat costs nothing, and the main loop handles outages."""
         try:
             return convert.join_decision_from_proto(
-                self.stub.JoinRound(convert.join_request_to_proto(req), timeout=timeout))
+                self._join_round(convert.join_request_to_proto(req), timeout=timeout))
         except (grpc.RpcError, convert.MalformedMessage):
             return None
 
     def fetch_model(self, req: m.ModelRequest) -> tuple[m.ModelHeader, dict[str, torch.Tensor]]:
         def fetch() -> tuple[m.ModelHeader, dict[str, torch.Tensor]]:
-            stream = self.stub.GetGlobalModel(convert.model_request_to_proto(req), timeout=TRANSFER_DEADLINE)
-            first = next(stream, None)
-            if first is None:
-                raise convert.MalformedMessage("the server sent an empty model stream")
-            header = convert.model_header_from_proto(first)
-            state = tensors.assemble(header.payload.specs, convert.data_chunks(stream, "model"),
-                                     header.payload.crc32)
+            stream = self._get_global_model(convert.model_request_to_proto(req), timeout=TRANSFER_DEADLINE)
+            header = convert.model_header_from_raw(next(stream, None))
+            size = sum(s.nbytes for s in header.payload.specs)
+            if self._model_buffer is None or len(self._model_buffer) != size:
+                self._model_buffer = bytearray(size)
+            state = tensors.assemble(header.payload.specs, convert.data_chunks(stream, pb.ModelChunk, "model"),
+                                     header.payload.checksum, self._model_buffer)
             return header, state
 
         return self._call("GetGlobalModel", fetch)
 
     def submit(self, header: m.UpdateHeader, payload: tensors.Payload) -> m.SubmitResult:
         # A generator is single-use, so each retry builds a fresh stream.
-        reply = self._call("SubmitUpdate", lambda: self.stub.SubmitUpdate(
-            convert.update_chunks_to_proto(header, payload, CHUNK_SIZE), timeout=TRANSFER_DEADLINE))
+        reply = self._call("SubmitUpdate", lambda: self._submit_update(
+            convert.update_stream(header, payload, CHUNK_SIZE), timeout=TRANSFER_DEADLINE))
         return convert.submit_result_from_proto(reply)

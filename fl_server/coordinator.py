@@ -1,9 +1,15 @@
-"""The round loop: sample, send and wait, aggregate, evaluate, save."""
+"""The round loop: sample, send and wait, aggregate, save, evaluate.
+
+Evaluation runs beside the next round rather than before it: the next round opens the moment the
+aggregate is checkpointed, and each round's accuracy is filled into `metrics.jsonl` when ready.
+"""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -31,58 +37,96 @@ class Coordinator:
         self.checkpoint_extra = checkpoint_extra  # config hash and model spec, to check on resume
         self.metrics = list(metrics or [])
         self.report = report  # one human-readable line per round, on stdout
+        self._metrics_lock = threading.Lock()
+        # One worker: evaluations happen in round order, each on the model version it was given.
+        self._evaluator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate")
+        self._last_evaluation: Future | None = None
 
     def run(self) -> bool:
         """Run rounds until `rounds` models have been aggregated; False if stopped before that."""
-        while self.state.model_version < self.rounds:
-            self.state.wait_for_clients()
-            if self.state.stopping:
-                return False
-            self.state.open_round()
-            self.state.wait_until_complete()
-            outcome = self.state.close_round()
-            if not outcome.aggregated:
+        try:
+            self._finish_pending_evaluation()
+            while self.state.model_version < self.rounds:
+                self.state.wait_for_clients()
                 if self.state.stopping:
                     return False
-                log.warning("round %d: only %d of %d updates (min_fit %d); re-running it with a fresh sample; "
-                            "dropped: %s", outcome.round, len(outcome.contributors), len(outcome.selected),
-                            self.state.min_fit, outcome.drop_reasons)
-                self.metrics.append(self._record(outcome, None))
-                self.run_folder.write_metrics(self.metrics)
-                continue
-            result = self.evaluate()
-            self.metrics.append(self._record(outcome, result))
-            self.save()
-            self.report(f"round {outcome.round}/{self.rounds}: accuracy {result.accuracy:.4f}, loss "
-                        f"{result.loss:.4f}, clients {outcome.contributors}, {outcome.seconds:.2f} s")
-        path = self.run_folder.save_final_model(self.state.global_state)
-        self.state.finish()
-        final = self.evaluate()
-        self.report(f"finished {self.rounds} rounds: final accuracy {final.accuracy:.4f}; model saved to {path}")
-        return True
+                self.state.open_round()
+                self.state.wait_until_complete()
+                outcome = self.state.close_round()
+                if not outcome.aggregated:
+                    if self.state.stopping:
+                        return False
+                    log.warning("round %d: only %d of %d updates (min_fit %d); re-running it with a fresh "
+                                "sample; dropped: %s", outcome.round, len(outcome.contributors),
+                                len(outcome.selected), self.state.min_fit, outcome.drop_reasons)
+                    self._add_record(self._record(outcome))
+                    continue
+                record = self._record(outcome)
+                # The previous round's evaluation has had a whole round to finish; waiting for it here
+                # keeps at most the newest record without accuracy in any checkpoint.
+                self._wait_for_evaluation()
+                self._add_record(record)
+                self.save()
+                self._last_evaluation = self._evaluator.submit(self._evaluate_round, record,
+                                                               self.state.global_state, outcome)
+            self._wait_for_evaluation()
+            path = self.run_folder.save_final_model(self.state.global_state)
+            self.state.finish()
+            self.report(f"finished {self.rounds} rounds: final accuracy {self.metrics[-1]['accuracy']:.4f}; "
+                        f"model saved to {path}")
+            return True
+        finally:
+            self._evaluator.shutdown(wait=True)
 
-    def evaluate(self) -> EvalResult:
-        self.model.load_state_dict(self.state.global_state)
+    def evaluate(self, state: dict[str, torch.Tensor]) -> EvalResult:
+        self.model.load_state_dict(state)
         return evaluate(self.model, self.test_loader, self.device)
 
+    def _evaluate_round(self, record: dict[str, Any], state: dict[str, torch.Tensor], outcome: RoundOutcome) -> None:
+        result = self.evaluate(state)
+        with self._metrics_lock:
+            record["accuracy"], record["loss"] = result.accuracy, result.loss
+            self.run_folder.write_metrics(self.metrics)
+        self.report(f"round {outcome.round}/{self.rounds}: accuracy {result.accuracy:.4f}, loss "
+                    f"{result.loss:.4f}, clients {outcome.contributors}, {outcome.seconds:.2f} s")
+
+    def _wait_for_evaluation(self) -> None:
+        if self._last_evaluation is not None:
+            self._last_evaluation.result()  # re-raises an evaluation's failure here
+
+    def _finish_pending_evaluation(self) -> None:
+        """After a restart: the checkpoint's newest round may not have been evaluated before the crash."""
+        pending = [r for r in self.metrics if r.get("aggregated", True) and r.get("accuracy") is None]
+        if pending:
+            result = self.evaluate(self.state.global_state)
+            with self._metrics_lock:
+                pending[-1]["accuracy"], pending[-1]["loss"] = result.accuracy, result.loss
+                self.run_folder.write_metrics(self.metrics)
+
+    def _add_record(self, record: dict[str, Any]) -> None:
+        with self._metrics_lock:
+            self.metrics.append(record)
+            self.run_folder.write_metrics(self.metrics)
+
     def save(self) -> None:
+        with self._metrics_lock:
+            metrics = [dict(r) for r in self.metrics]
         self.run_folder.save_checkpoint({
             "model": self.state.global_state,
             "model_version": self.state.model_version,
             "rng_state": self.state.rng.bit_generator.state,
-            "metrics": self.metrics,
+            "metrics": metrics,
             **self.checkpoint_extra,
         })
-        self.run_folder.write_metrics(self.metrics)
 
-    def _record(self, outcome: RoundOutcome, result: EvalResult | None) -> dict[str, Any]:
-        """One line of metrics.jsonl; a round re-run for lack of updates has `aggregated: false` and no
-        accuracy, and is followed by another line for the same round."""
+    def _record(self, outcome: RoundOutcome) -> dict[str, Any]:
+        """One line of metrics.jsonl. `accuracy` and `loss` are filled in when the evaluation is done; a
+        round re-run for lack of updates has `aggregated: false`, no accuracy, and another line after it."""
         return {
             "round": outcome.round,
             "aggregated": outcome.aggregated,
-            "accuracy": result.accuracy if result else None,
-            "loss": result.loss if result else None,
+            "accuracy": None,
+            "loss": None,
             "clients": outcome.contributors,
             "num_samples": outcome.num_samples,
             "seconds": round(outcome.seconds, 4),
@@ -90,5 +134,7 @@ class Coordinator:
             "dropped": outcome.dropped,
             "drop_reasons": outcome.drop_reasons,
             "client_metrics": outcome.client_metrics,
+            "opened_at": outcome.opened_at,
+            "closed_at": outcome.closed_at,
             "time": time.time(),
         }

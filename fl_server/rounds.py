@@ -8,6 +8,7 @@ ever sleep-polls.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -87,6 +88,8 @@ class RoundOutcome:
     seconds: float
     aggregated: bool
     drop_reasons: dict[str, str]  # selected clients that did not contribute, and why
+    opened_at: float  # wall-clock times (time.time()), comparable with other processes' logs
+    closed_at: float  # when the new global model was ready to serve
 
     @property
     def dropped(self) -> list[str]:
@@ -99,6 +102,7 @@ class _OpenRound:
     selected: list[str]
     deadline: float
     started: float
+    opened_at: float
     submitted: dict[str, int] = field(default_factory=dict)  # client -> num_samples
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     uploading: set[str] = field(default_factory=set)
@@ -114,7 +118,7 @@ class RoundState:
     def __init__(self, *, global_state: Mapping[str, torch.Tensor], train_config: TrainConfig,
                  clients_per_round: int, min_clients: int, min_fit: int, round_timeout: float,
                  server_lr: float = 1.0, seed: int = 0, model_version: int = 0, heartbeat_seconds: float = 2.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 max_concurrent_uploads: int = 2, clock: Callable[[], float] = time.monotonic):
         self.train_config = train_config
         self.clients_per_round = clients_per_round
         self.min_clients = min_clients
@@ -135,6 +139,12 @@ class RoundState:
         self._specs = tensors.specs_of(self._global)
         self._aggregator = FedAvg(self._specs, server_lr)
         self._snapshot = ModelSnapshot(model_version, model_version + 1, tensors.encode(self._global))
+        # Receive buffers for uploads, one model each, reused round after round. Their number bounds the
+        # uploads being received at once, and so the server's memory, whatever the number of clients:
+        # other uploads wait (held back by HTTP/2 flow control) until a buffer is free.
+        self._upload_buffers: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
+        for _ in range(max_concurrent_uploads):
+            self._upload_buffers.put(None)  # allocated on first use
 
     # --- what clients call ---------------------------------------------------------------------------
 
@@ -218,9 +228,19 @@ class RoundState:
                                             "is already in progress")
             self._check_header(header)
             r.uploading.add(header.client_id)
+        buffer = self._upload_buffers.get() or bytearray(header.payload.total_bytes)
+        try:
+            return self._receive_and_fold(r, header, chunks, buffer)
+        finally:
+            self._upload_buffers.put(buffer)
+            with self._cond:
+                r.uploading.discard(header.client_id)
+
+    def _receive_and_fold(self, r: _OpenRound, header: UpdateHeader, chunks: Iterable[bytes | memoryview],
+                          buffer: bytearray) -> SubmitResult:
         try:
             # Outside the lock: uploads from different clients stream in parallel.
-            receiver = tensors.PayloadReceiver(header.payload.specs, header.payload.crc32)
+            receiver = tensors.PayloadReceiver(header.payload.specs, header.payload.checksum, buffer)
             received_chunks = 0
             for chunk in chunks:
                 receiver.add(chunk)
@@ -231,9 +251,6 @@ class RoundState:
                                          f"{received_chunks}")
         except (tensors.PayloadError, UpdateRejected) as e:
             raise InvalidUpdateError(str(e)) from None
-        finally:
-            with self._cond:
-                r.uploading.discard(header.client_id)
         with self._cond:
             # The round may have closed while the bytes were streaming in.
             if self._round is not r:
@@ -308,7 +325,7 @@ class RoundState:
             now = self.clock()
             self._aggregator.reset()
             self._round = _OpenRound(number=self.model_version + 1, selected=selected,
-                                     deadline=now + self.round_timeout, started=now)
+                                     deadline=now + self.round_timeout, started=now, opened_at=time.time())
             log.info("round %d started with %s", self._round.number, selected)
             self._cond.notify_all()
             return selected
@@ -354,7 +371,8 @@ class RoundState:
                        for c in r.selected if c not in r.submitted}
             return RoundOutcome(round=r.number, selected=r.selected, contributors=sorted(r.submitted),
                                 num_samples=sum(r.submitted.values()), client_metrics=r.metrics,
-                                seconds=self.clock() - r.started, aggregated=aggregated, drop_reasons=reasons)
+                                seconds=self.clock() - r.started, aggregated=aggregated, drop_reasons=reasons,
+                                opened_at=r.opened_at, closed_at=time.time())
 
     def finish(self) -> None:
         with self._cond:

@@ -10,7 +10,6 @@ import grpc
 
 from common import convert
 from common.proto import federation_pb2 as pb
-from common.proto import federation_pb2_grpc as pb_grpc
 from common.tensors import CHUNK_SIZE
 from fl_server import rounds
 
@@ -40,11 +39,13 @@ def _abort(context: grpc.ServicerContext, error: Exception) -> NoReturn:
 _REFUSABLE = tuple(STATUS_FOR)
 
 
-class FederationServicer(pb_grpc.FederationServicer):
+class FederationServicer:
+    """The three RPCs. The streaming ones take and give serialized messages (see common.convert)."""
+
     def __init__(self, state: rounds.RoundState, long_poll: float = LONG_POLL_SECONDS):
         self.state = state
         self.long_poll = long_poll
-        self._model_cache: tuple[int, list[pb.ModelChunk]] | None = None
+        self._model_cache: tuple[int, list[bytes]] | None = None
 
     def JoinRound(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         try:
@@ -56,32 +57,46 @@ class FederationServicer(pb_grpc.FederationServicer):
         except _REFUSABLE as e:
             _abort(context, e)
 
-    def GetGlobalModel(self, request: pb.ModelRequest, context: grpc.ServicerContext) -> Iterator[pb.ModelChunk]:
+    def GetGlobalModel(self, request: pb.ModelRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         try:
             snapshot = self.state.model(convert.model_request_from_proto(request))
         except _REFUSABLE as e:
             _abort(context, e)
-        yield from self._chunks_of(snapshot)
+        yield from self._messages_of(snapshot)
 
-    def _chunks_of(self, snapshot: rounds.ModelSnapshot) -> list[pb.ModelChunk]:
-        # Built once per model version and replayed to every client that asks for it.
+    def _messages_of(self, snapshot: rounds.ModelSnapshot) -> list[bytes]:
+        # Serialized once per model version and replayed to every client that asks for it.
         cache = self._model_cache
         if cache is None or cache[0] != snapshot.version:
             header = convert.model_header_of(snapshot.round, snapshot.version, snapshot.payload, CHUNK_SIZE)
-            cache = (snapshot.version, convert.model_chunks_to_proto(header, snapshot.payload, CHUNK_SIZE))
+            cache = (snapshot.version, convert.model_stream(header, snapshot.payload, CHUNK_SIZE))
             self._model_cache = cache
         return cache[1]
 
-    def SubmitUpdate(self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext) -> pb.SubmitReply:
+    def SubmitUpdate(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.SubmitReply:
         try:
-            first = next(request_iterator, None)
-            if first is None:
-                raise convert.MalformedMessage("the update stream is empty")
-            header = convert.update_header_from_proto(first)
-            chunks = convert.data_chunks(request_iterator, "update")
+            header = convert.update_header_from_raw(next(request_iterator, None))
+            chunks = convert.data_chunks(request_iterator, pb.UpdateChunk, "update")
             return convert.submit_result_to_proto(self.state.submit(header, chunks))
         except _REFUSABLE as e:
             _abort(context, e)
+
+
+def _handlers(servicer: FederationServicer) -> grpc.GenericRpcHandler:
+    # Written out rather than taken from the generated add_FederationServicer_to_server, so that the
+    # streaming RPCs can use the identity (de)serializer `convert.raw`. Method names and request and
+    # reply types are the generated ones.
+    return grpc.method_handlers_generic_handler(convert.SERVICE, {
+        "JoinRound": grpc.unary_unary_rpc_method_handler(
+            servicer.JoinRound, request_deserializer=pb.JoinRequest.FromString,
+            response_serializer=pb.JoinReply.SerializeToString),
+        "GetGlobalModel": grpc.unary_stream_rpc_method_handler(
+            servicer.GetGlobalModel, request_deserializer=pb.ModelRequest.FromString,
+            response_serializer=convert.raw),
+        "SubmitUpdate": grpc.stream_unary_rpc_method_handler(
+            servicer.SubmitUpdate, request_deserializer=convert.raw,
+            response_serializer=pb.SubmitReply.SerializeToString),
+    })
 
 
 class PortInUseError(OSError):
@@ -89,10 +104,12 @@ class PortInUseError(OSError):
 
 
 def create_server(servicer: FederationServicer, host: str, port: int,
-                  max_workers: int = 64) -> tuple[grpc.Server, int]:
+                  max_workers: int = 1024) -> tuple[grpc.Server, int]:
     """Build (not start) a server; port 0 binds a free port, which is returned."""
     server = grpc.server(
-        # Each long-polling JoinRound holds a worker thread, so allow many more than cores.
+        # Each long-polling JoinRound holds a worker thread until a round needs its client, so the
+        # pool must exceed the number of clients, or unselected pollers would starve selected ones.
+        # Threads are created only as needed.
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
         options=[
             # Chunks are 1 MiB; headers list every tensor's name and shape. 8 MiB leaves room for a
@@ -105,7 +122,7 @@ def create_server(servicer: FederationServicer, host: str, port: int,
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
         ])
-    pb_grpc.add_FederationServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((_handlers(servicer),))
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:
         bound = server.add_insecure_port(address)

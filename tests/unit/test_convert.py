@@ -24,19 +24,21 @@ def test_update_stream_roundtrip():
     header = m.UpdateHeader(client_id="3", round=2, model_version=1, num_samples=40,
                             payload=convert.payload_header_of(payload, m.Encoding.DIFF, 256),
                             metrics={"train_loss": 0.5})
-    stream = iter(list(convert.update_chunks_to_proto(header, payload, 256)))
-    back = convert.update_header_from_proto(next(stream))
+    stream = iter(list(convert.update_stream(header, payload, 256)))
+    back = convert.update_header_from_raw(next(stream))
     assert back == header
-    got = tensors.assemble(back.payload.specs, convert.data_chunks(stream, "update"), back.payload.crc32)
+    got = tensors.assemble(back.payload.specs, convert.data_chunks(stream, pb.UpdateChunk, "update"),
+                           back.payload.checksum)
     assert torch.equal(got["w"], state["w"]) and got["n"].item() == 5
 
 
 def test_model_stream_roundtrip():
     payload = tensors.encode({"w": torch.arange(10.0)})
     header = convert.model_header_of(4, 3, payload, 16)
-    chunks = convert.model_chunks_to_proto(header, payload, 16)
-    assert len(chunks) == 1 + 3  # 40 bytes in 16-byte chunks
-    assert convert.model_header_from_proto(chunks[0]) == header
+    messages = convert.model_stream(header, payload, 16)
+    assert len(messages) == 1 + 3  # 40 bytes in 16-byte chunks
+    assert convert.model_header_from_raw(messages[0]) == header
+    assert [pb.ModelChunk.FromString(msg).data for msg in messages[1:]] == list(map(bytes, payload.chunks(16)))
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -52,15 +54,33 @@ def test_malformed_headers_are_refused(mutate, message):
     payload = tensors.encode({"w": torch.zeros(2)})
     header = m.UpdateHeader(client_id="1", round=1, model_version=0, num_samples=1,
                             payload=convert.payload_header_of(payload, m.Encoding.DIFF, 1024))
-    msg = next(convert.update_chunks_to_proto(header, payload, 1024))
+    msg = pb.UpdateChunk.FromString(next(convert.update_stream(header, payload, 1024)))
     mutate(msg.header)
     with pytest.raises(convert.MalformedMessage, match=message):
-        convert.update_header_from_proto(msg)
+        convert.update_header_from_raw(msg.SerializeToString())
 
 
 def test_stream_must_start_with_header_and_have_only_one():
     with pytest.raises(convert.MalformedMessage, match="start with a header"):
-        convert.update_header_from_proto(pb.UpdateChunk(data=b"x"))
-    second = pb.UpdateChunk(header=pb.UpdateHeader())
+        convert.update_header_from_raw(pb.UpdateChunk(data=b"x").SerializeToString())
+    with pytest.raises(convert.MalformedMessage, match="empty"):
+        convert.update_header_from_raw(None)
+    with pytest.raises(convert.MalformedMessage, match="not valid protobuf"):
+        convert.update_header_from_raw(b"\xff\xff\xff")
+    second = pb.UpdateChunk(header=pb.UpdateHeader()).SerializeToString()
     with pytest.raises(convert.MalformedMessage, match="second header"):
-        list(convert.data_chunks(iter([pb.UpdateChunk(data=b"x"), second]), "update"))
+        list(convert.data_chunks(iter([convert.encode_data_chunk(b"x"), second]), pb.UpdateChunk, "update"))
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 300, 16383, 16384, 1 << 20, (1 << 20) + 1])
+def test_hand_framed_data_chunks_are_exactly_protobufs_bytes(size):
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    framed = convert.encode_data_chunk(memoryview(data))
+    assert framed == pb.ModelChunk(data=data).SerializeToString() == pb.UpdateChunk(data=data).SerializeToString()
+    assert bytes(next(convert.data_chunks(iter([framed]), pb.ModelChunk, "model"))) == data
+
+
+def test_data_chunks_in_other_valid_encodings_are_still_understood():
+    # A peer may write the same message differently (here, the field twice: the last one wins).
+    odd = pb.UpdateChunk(data=b"first").SerializeToString() + pb.UpdateChunk(data=b"second").SerializeToString()
+    assert [bytes(c) for c in convert.data_chunks(iter([odd]), pb.UpdateChunk, "update")] == [b"second"]

@@ -30,7 +30,7 @@ def update(state, cid, diff, num_samples=10, round_=None, version=None, encoding
                           model_version=state.model_version if version is None else version,
                           num_samples=num_samples,
                           payload=PayloadHeader(payload.specs, payload.total_bytes, num_chunks,
-                                                payload.crc32, encoding))
+                                                payload.checksum, encoding))
     return header, payload
 
 

@@ -1,4 +1,4 @@
-import zlib
+import xxhash
 
 import pytest
 import torch
@@ -9,7 +9,7 @@ from common.tensors import CHUNK_SIZE, PayloadError, PayloadReceiver, TensorSpec
 
 def roundtrip(state, chunk_size=CHUNK_SIZE):
     payload = tensors.encode(state)
-    return tensors.assemble(payload.specs, payload.chunks(chunk_size), payload.crc32)
+    return tensors.assemble(payload.specs, payload.chunks(chunk_size), payload.checksum)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.float64,
@@ -41,7 +41,7 @@ def test_roundtrip_of_non_contiguous_tensor():
 def test_bytes_are_little_endian_raw_values():
     payload = tensors.encode({"x": torch.tensor([1, 256], dtype=torch.int32)})
     assert payload.data == b"\x01\x00\x00\x00\x00\x01\x00\x00"
-    assert payload.crc32 == zlib.crc32(payload.data)
+    assert payload.checksum == xxhash.xxh3_64_intdigest(payload.data)
 
 
 @pytest.mark.parametrize("size", [0, 1, 63, 64, 65, 127, 128, 129])
@@ -73,7 +73,7 @@ def test_any_chunking_gives_the_same_tensors():
 
 def receiver_for(state):
     payload = tensors.encode(state)
-    return payload, PayloadReceiver(payload.specs, payload.crc32)
+    return payload, PayloadReceiver(payload.specs, payload.checksum)
 
 
 def test_receiver_refuses_more_bytes_than_announced():
@@ -107,3 +107,21 @@ def test_receiver_allocates_from_specs_not_from_claims():
 def test_unsupported_dtype_is_refused_when_encoding():
     with pytest.raises(TypeError, match="complex64"):
         tensors.encode({"z": torch.zeros(2, dtype=torch.complex64)})
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 12, 13, 24, 25, 1000])
+def test_chunks_span_tensor_boundaries_without_losing_bytes(chunk_size):
+    state = {"a": torch.arange(3, dtype=torch.int32), "empty": torch.empty(0), "b": torch.arange(3.0),
+             "c": torch.tensor(1, dtype=torch.int8)}  # 12 + 0 + 12 + 1 = 25 bytes
+    payload = tensors.encode(state)
+    chunks = list(payload.chunks(chunk_size))
+    assert b"".join(chunks) == payload.data and len(payload.data) == 25
+    assert [len(c) for c in chunks[:-1]] == [chunk_size] * (len(chunks) - 1)
+    assert len(chunks) == payload.num_chunks(chunk_size)
+
+
+def test_encoding_does_not_copy_contiguous_cpu_tensors():
+    t = torch.zeros(1000)
+    payload = tensors.encode({"t": t})
+    t[0] = 1.0  # the payload views the tensor's own memory
+    assert payload.data[:4] == torch.tensor([1.0]).numpy().tobytes()
