@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import codecs
+
 
 class ConfigError(ValueError):
     """A config file or flag value is wrong; the message names the key and says what is allowed."""
@@ -54,12 +56,16 @@ class Config:
     momentum: float = field(default=0.9, metadata=_help("client SGD momentum"))
     weight_decay: float = field(default=0.0, metadata=_help("client L2 weight decay"))
     optimizer: str = field(default="sgd", metadata=_help("client optimizer: sgd or adam"))
+    compression: str = field(default="none", metadata=_help(
+        "update compression: none, float16, bfloat16, int8, or topk:R (fraction R of entries, error feedback)"))
     seed: int = field(default=0, metadata=_help(
         "base seed: sampling, data split, initial model; client i uses seed + i"))
     # The service.
     host: str = field(default="127.0.0.1", metadata=_help(
         "address to listen on (0.0.0.0 or [::] for every interface)"))
     port: int = field(default=50051, metadata=_help("port to listen on; 0 picks a free one"))
+    max_uploads: int = field(default=2, metadata=_help(
+        "updates received at once (one model of memory each); more uploads wait their turn"))
     out: str = field(default="runs/latest", metadata=_help(
         "folder for metrics.jsonl, checkpoints and final_model.pt"))
 
@@ -118,7 +124,11 @@ def validate(cfg: Config) -> None:
     need(cfg.model_name in MODELS, "model_name", f"must be one of {', '.join(MODELS)}")
     need(cfg.dataset in DATASETS, "dataset", f"must be one of {', '.join(DATASETS)}")
     need(cfg.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
-    for key in ("num_clients", "rounds", "clients_per_round", "local_epochs", "batch_size"):
+    try:
+        codecs.parse(cfg.compression)
+    except ValueError as e:
+        raise ConfigError(f"config key 'compression': {e}") from None
+    for key in ("num_clients", "rounds", "clients_per_round", "local_epochs", "batch_size", "max_uploads"):
         need(getattr(cfg, key) >= 1, key, "must be at least 1")
     for key in ("min_clients", "min_fit", "seed"):
         need(getattr(cfg, key) >= 0, key, "must be 0 or more")

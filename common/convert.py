@@ -50,7 +50,7 @@ _ENCODINGS_BACK = {v: k for k, v in _ENCODINGS.items()}
 def payload_header_to_proto(header: m.PayloadHeader) -> pb.PayloadHeader:
     return pb.PayloadHeader(tensors=[spec_to_proto(s) for s in header.specs], total_bytes=header.total_bytes,
                             num_chunks=header.num_chunks, checksum=header.checksum,
-                            encoding=_ENCODINGS[header.encoding])
+                            encoding=_ENCODINGS[header.encoding], codec=header.codec)
 
 
 def payload_header_from_proto(msg: pb.PayloadHeader) -> m.PayloadHeader:
@@ -59,12 +59,14 @@ def payload_header_from_proto(msg: pb.PayloadHeader) -> m.PayloadHeader:
     specs = [spec_from_proto(t) for t in msg.tensors]
     _require(len({s.name for s in specs}) == len(specs), "payload names a tensor twice")
     return m.PayloadHeader(specs=specs, total_bytes=msg.total_bytes, num_chunks=msg.num_chunks,
-                           checksum=msg.checksum, encoding=_ENCODINGS_BACK[msg.encoding])
+                           checksum=msg.checksum, encoding=_ENCODINGS_BACK[msg.encoding],
+                           codec=msg.codec[:50] or "none")
 
 
-def payload_header_of(payload: Payload, encoding: m.Encoding, chunk_size: int) -> m.PayloadHeader:
+def payload_header_of(payload: Payload, encoding: m.Encoding, chunk_size: int, codec: str = "none") -> m.PayloadHeader:
     return m.PayloadHeader(specs=payload.specs, total_bytes=payload.total_bytes,
-                           num_chunks=payload.num_chunks(chunk_size), checksum=payload.checksum, encoding=encoding)
+                           num_chunks=payload.num_chunks(chunk_size), checksum=payload.checksum, encoding=encoding,
+                           codec=codec)
 
 
 def model_header_of(round_: int, version: int, payload: Payload, chunk_size: int) -> m.ModelHeader:
@@ -95,7 +97,8 @@ def train_config_to_proto(cfg: m.TrainConfig) -> pb.TrainConfig:
     model = pb.ModelSpec(name=cfg.model.name, input_shape=cfg.model.input_shape, num_classes=cfg.model.num_classes)
     return pb.TrainConfig(model=model, dataset=cfg.dataset, num_clients=cfg.num_clients, seed=cfg.seed,
                           local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                          momentum=cfg.momentum, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer)
+                          momentum=cfg.momentum, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer,
+                          compression=cfg.compression)
 
 
 def train_config_from_proto(msg: pb.TrainConfig) -> m.TrainConfig:
@@ -103,7 +106,8 @@ def train_config_from_proto(msg: pb.TrainConfig) -> m.TrainConfig:
                         num_classes=msg.model.num_classes)
     return m.TrainConfig(model=model, dataset=msg.dataset, num_clients=msg.num_clients, seed=msg.seed,
                          local_epochs=msg.local_epochs, batch_size=msg.batch_size, lr=msg.lr,
-                         momentum=msg.momentum, weight_decay=msg.weight_decay, optimizer=msg.optimizer)
+                         momentum=msg.momentum, weight_decay=msg.weight_decay, optimizer=msg.optimizer,
+                         compression=msg.compression or "none")
 
 
 _ACTIONS = {m.Action.TRAIN: pb.TRAIN, m.Action.WAIT: pb.WAIT, m.Action.FINISHED: pb.FINISHED}

@@ -44,6 +44,7 @@ class TrainConfig:
     momentum: float
     weight_decay: float
     optimizer: str
+    compression: str = "none"
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class PayloadHeader:
     num_chunks: int
     checksum: int  # XXH3-64 of the payload bytes
     encoding: Encoding
+    codec: str = "none"  # update compression (common.codecs); FULL_WEIGHTS are never compressed
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from common import tensors
+from common import codecs, tensors
 from common import messages as m
 from common.convert import payload_header_of
 from common.datasets import ArrayData, BatchLoader, DataError, load_dataset
@@ -75,6 +75,8 @@ class ClientDaemon:
         self.data = options.data
         self._loader: BatchLoader | None = None
         self._model: torch.nn.Module | None = None
+        # Top-k compression's error feedback: what this client has not sent yet, added to its next diff.
+        self._residual: dict[str, torch.Tensor] = {}
         self.rounds_trained = 0
 
     def run(self) -> None:
@@ -142,11 +144,12 @@ class ClientDaemon:
             raise TrainingStopped
         local = {name: t.detach().cpu() for name, t in model.state_dict().items()}
         diff = {name: local[name] - global_state[name] for name in global_state}
-        payload = tensors.encode(diff)
+        codec = codecs.parse(cfg.compression)
+        payload = tensors.encode(codecs.encode(diff, codec, self._residual))
         update = m.UpdateHeader(
             client_id=self.client_id, round=decision.round, model_version=header.model_version,
             num_samples=result.num_samples,
-            payload=payload_header_of(payload, m.Encoding.DIFF, tensors.CHUNK_SIZE),
+            payload=payload_header_of(payload, m.Encoding.DIFF, tensors.CHUNK_SIZE, str(codec)),
             metrics={"train_loss": result.loss, "train_seconds": result.seconds})
         reply = self.connection.submit(update, payload)
         self.rounds_trained += 1

@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 
+from common import codecs
 from common import config as config_module
 from common import logs
 from common.config import Config, ConfigError
@@ -25,7 +26,8 @@ log = logging.getLogger("fl_server")
 def train_config_of(cfg: Config, spec: ModelSpec) -> TrainConfig:
     return TrainConfig(model=spec, dataset=cfg.dataset, num_clients=cfg.num_clients, seed=cfg.seed,
                        local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                       momentum=cfg.momentum, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer)
+                       momentum=cfg.momentum, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer,
+                       compression=str(codecs.parse(cfg.compression)))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     state_kwargs = dict(train_config=train_config_of(cfg, spec), clients_per_round=cfg.clients_per_round,
                         min_clients=cfg.effective_min_clients, min_fit=cfg.effective_min_fit,
                         round_timeout=cfg.round_timeout, server_lr=cfg.server_lr, seed=cfg.seed,
-                        heartbeat_seconds=cfg.heartbeat_seconds)
+                        heartbeat_seconds=cfg.heartbeat_seconds, max_concurrent_uploads=cfg.max_uploads)
     if checkpoint is None:
         state = RoundState(global_state=build_model(spec, seed=cfg.seed).state_dict(), **state_kwargs)
         metrics: list = []

@@ -129,6 +129,7 @@ class Coordinator:
             "loss": None,
             "clients": outcome.contributors,
             "num_samples": outcome.num_samples,
+            "bytes_in": outcome.bytes_in,
             "seconds": round(outcome.seconds, 4),
             "selected": outcome.selected,
             "dropped": outcome.dropped,

@@ -13,11 +13,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
-from common import tensors
+from common import codecs, tensors
 from common.messages import (
     PROTOCOL_VERSION, Action, Encoding, JoinDecision, JoinRequest, ModelRequest, SubmitResult, TrainConfig,
     UpdateHeader,
@@ -76,6 +77,7 @@ class ModelSnapshot:
     version: int
     round: int
     payload: tensors.Payload
+    wire: Any = None  # what the publisher made of it (the servicer: the stream's serialized messages)
 
 
 @dataclass
@@ -90,6 +92,7 @@ class RoundOutcome:
     drop_reasons: dict[str, str]  # selected clients that did not contribute, and why
     opened_at: float  # wall-clock times (time.time()), comparable with other processes' logs
     closed_at: float  # when the new global model was ready to serve
+    bytes_in: int  # payload bytes of the counted updates
 
     @property
     def dropped(self) -> list[str]:
@@ -107,6 +110,7 @@ class _OpenRound:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     uploading: set[str] = field(default_factory=set)
     silent: dict[str, str] = field(default_factory=dict)  # client -> why it was given up on
+    bytes_in: int = 0  # payload bytes of the counted updates
 
     @property
     def settled(self) -> bool:
@@ -138,13 +142,24 @@ class RoundState:
         self._global = {name: t.detach().cpu().clone() for name, t in global_state.items()}
         self._specs = tensors.specs_of(self._global)
         self._aggregator = FedAvg(self._specs, server_lr)
+        self._publish: Callable[[ModelSnapshot], Any] = lambda snapshot: None
         self._snapshot = ModelSnapshot(model_version, model_version + 1, tensors.encode(self._global))
+        self.codec = codecs.parse(train_config.compression)
+        # What clients send: the model's tensors as the round's codec compresses them.
+        self._wire_specs = codecs.wire_specs(self._specs, self.codec)
         # Receive buffers for uploads, one model each, reused round after round. Their number bounds the
         # uploads being received at once, and so the server's memory, whatever the number of clients:
         # other uploads wait (held back by HTTP/2 flow control) until a buffer is free.
         self._upload_buffers: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
         for _ in range(max_concurrent_uploads):
             self._upload_buffers.put(None)  # allocated on first use
+
+    def set_publisher(self, publish: Callable[[ModelSnapshot], Any]) -> None:
+        """`publish(snapshot)` runs once per model version, as soon as it exists; its result is kept as
+        `snapshot.wire`. The servicer serializes the model there, so no client waits for it."""
+        with self._cond:
+            self._publish = publish
+            self._snapshot.wire = publish(self._snapshot)
 
     # --- what clients call ---------------------------------------------------------------------------
 
@@ -238,6 +253,7 @@ class RoundState:
 
     def _receive_and_fold(self, r: _OpenRound, header: UpdateHeader, chunks: Iterable[bytes | memoryview],
                           buffer: bytearray) -> SubmitResult:
+        started = time.perf_counter()
         try:
             # Outside the lock: uploads from different clients stream in parallel.
             receiver = tensors.PayloadReceiver(header.payload.specs, header.payload.checksum, buffer)
@@ -245,12 +261,14 @@ class RoundState:
             for chunk in chunks:
                 receiver.add(chunk)
                 received_chunks += 1
-            diff = receiver.finish()
+            wire = receiver.finish()
             if received_chunks != header.payload.num_chunks:
                 raise InvalidUpdateError(f"update announced {header.payload.num_chunks} chunks but sent "
                                          f"{received_chunks}")
-        except (tensors.PayloadError, UpdateRejected) as e:
+            diff = codecs.decode(wire, self._specs, self.codec)
+        except (tensors.PayloadError, UpdateRejected, codecs.CodecError) as e:
             raise InvalidUpdateError(str(e)) from None
+        received = time.perf_counter()
         with self._cond:
             # The round may have closed while the bytes were streaming in.
             if self._round is not r:
@@ -262,11 +280,13 @@ class RoundState:
             except UpdateRejected as e:
                 raise InvalidUpdateError(str(e)) from None
             r.submitted[header.client_id] = header.num_samples
+            r.bytes_in += header.payload.total_bytes
             r.silent.pop(header.client_id, None)
             r.metrics[header.client_id] = dict(header.metrics)
             self.clients[header.client_id].last_seen = self.clock()
-            log.info("round %d: update from %s (%d samples), %d/%d in", r.number, header.client_id,
-                     header.num_samples, len(r.submitted), len(r.selected))
+            log.info("round %d: update from %s (%d samples, %.1f MB received in %.3f s, folded in %.3f s), %d/%d in",
+                     r.number, header.client_id, header.num_samples, header.payload.total_bytes / 1e6,
+                     received - started, time.perf_counter() - received, len(r.submitted), len(r.selected))
             self._cond.notify_all()
         return SubmitResult(accepted=True, message=f"update for round {r.number} counted")
 
@@ -296,10 +316,12 @@ class RoundState:
                                      f"got {header.num_samples}")
         # Compared against the model we hold before anything is allocated: a header claiming
         # 100 GB is refused here, not after an attempt to allocate it.
-        mismatch = spec_mismatch(p.specs, self._specs)
+        if p.codec != str(self.codec):
+            raise InvalidUpdateError(f"update is compressed with {p.codec!r}, this federation uses {str(self.codec)!r}")
+        mismatch = spec_mismatch(p.specs, self._wire_specs)
         if mismatch:
             raise InvalidUpdateError(mismatch)
-        expected = sum(s.nbytes for s in self._specs)
+        expected = sum(s.nbytes for s in self._wire_specs)
         if p.total_bytes != expected:
             raise InvalidUpdateError(f"update announces {p.total_bytes} bytes; the model's diff is {expected}")
 
@@ -333,7 +355,11 @@ class RoundState:
     def wait_until_complete(self) -> None:
         """Block until every selected client has submitted or fallen silent, the deadline passes, or
         we are stopping."""
+        # Zeroing a model-sized sum costs page faults: pay them now, while clients train, not when the
+        # first update arrives.
+        sums = self._aggregator.empty_sums()
         with self._cond:
+            self._aggregator.install(sums)
             r = self._round
             assert r is not None, "no round is open"
             while not self.stopping:
@@ -364,15 +390,33 @@ class RoundState:
             if aggregated:
                 self._global = self._aggregator.apply(self._global)
                 version = self.model_version + 1
-                self._snapshot = ModelSnapshot(version, version + 1, tensors.encode(self._global))
+                # Let the old version's serialized form go before making the new one (streams still
+                # sending it keep their own reference), so two never sit in memory side by side.
+                self._snapshot.wire = None
+                snapshot = ModelSnapshot(version, version + 1, tensors.encode(self._global))
+                snapshot.wire = self._publish(snapshot)
+                self._snapshot = snapshot
             self._aggregator.reset()
+            self._release_idle_upload_buffers()
             self._cond.notify_all()
             reasons = {c: r.silent.get(c, "stopping" if self.stopping else "no update by the round's deadline")
                        for c in r.selected if c not in r.submitted}
             return RoundOutcome(round=r.number, selected=r.selected, contributors=sorted(r.submitted),
                                 num_samples=sum(r.submitted.values()), client_metrics=r.metrics,
                                 seconds=self.clock() - r.started, aggregated=aggregated, drop_reasons=reasons,
-                                opened_at=r.opened_at, closed_at=time.time())
+                                opened_at=r.opened_at, closed_at=time.time(), bytes_in=r.bytes_in)
+
+    def _release_idle_upload_buffers(self) -> None:
+        # Between rounds the server holds no upload memory; buffers still in use come back as they are.
+        released = 0
+        while True:
+            try:
+                self._upload_buffers.get_nowait()
+            except queue.Empty:
+                break
+            released += 1
+        for _ in range(released):
+            self._upload_buffers.put(None)
 
     def finish(self) -> None:
         with self._cond:

@@ -77,11 +77,12 @@ def test_rejected_update_leaves_the_sum_exactly_as_it_was(bad):
     g = {"w": torch.zeros(2)}
     agg = make(g)
     agg.add({"w": torch.tensor([1.0, 2.0])}, weight=2)
-    before = agg.apply(g)
+    before = {name: t.clone() for name, t in agg._sums.items()}
     with pytest.raises(UpdateRejected):
         agg.add(bad, weight=5)
     assert agg.count == 1 and agg.total_weight == 2
-    assert torch.equal(agg.apply(g)["w"], before["w"])
+    assert agg._sums.keys() == before.keys() and all(torch.equal(agg._sums[k], before[k]) for k in before)
+    assert torch.equal(agg.apply(g)["w"], torch.tensor([1.0, 2.0]))
 
 
 def test_non_positive_weight_is_rejected():
@@ -93,3 +94,15 @@ def test_non_positive_weight_is_rejected():
 def test_apply_without_updates_is_an_error():
     with pytest.raises(ValueError):
         make({"w": torch.zeros(1)}).apply({"w": torch.zeros(1)})
+
+
+def test_apply_reuses_the_sums_memory_and_empties_the_aggregator():
+    g = {"w": torch.zeros(3)}
+    agg = make(g)
+    agg.add({"w": torch.ones(3)}, weight=1)
+    sums = agg._sums["w"]
+    new = agg.apply(g)
+    assert new["w"].data_ptr() == sums.data_ptr()
+    assert agg.count == 0 and agg.total_weight == 0
+    agg.add({"w": torch.ones(3)}, weight=1)  # ready for the next round
+    assert torch.equal(agg.apply(new)["w"], torch.full((3,), 2.0))

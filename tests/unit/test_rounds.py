@@ -291,3 +291,25 @@ def test_rerun_below_quorum_records_why():
     outcome = state.close_round()
     assert not outcome.aggregated
     assert outcome.drop_reasons == {"b": "no update by the round's deadline"}
+
+
+def test_compressed_updates_are_decoded_and_other_codecs_refused():
+    from dataclasses import replace
+
+    from common import codecs
+
+    state = RoundState(global_state=GLOBAL, train_config=replace(CONFIG, compression="int8"), clients_per_round=1,
+                       min_clients=1, min_fit=1, round_timeout=5.0)
+    join(state, "a")
+    state.open_round()
+    with pytest.raises(rounds.InvalidUpdateError, match="compressed with 'none'"):
+        submit(state, "a", diff(1.0))
+    wire = codecs.encode(diff(1.0, 3), codecs.parse("int8"))
+    payload = tensors.encode(wire)
+    header = UpdateHeader(client_id="a", round=1, model_version=0, num_samples=4,
+                          payload=PayloadHeader(payload.specs, payload.total_bytes, payload.num_chunks(),
+                                                payload.checksum, Encoding.DIFF, "int8"))
+    assert state.submit(header, payload.chunks()).accepted
+    outcome = state.close_round()
+    assert outcome.bytes_in == payload.total_bytes < tensors.encode(diff(1.0)).total_bytes
+    assert torch.allclose(state.global_state["w"], torch.ones(3)) and state.global_state["n"].item() == 3

@@ -1,0 +1,381 @@
+"""`make bench`: the performance benchmark. Every figure is a ratio measured within this one run on
+this machine (absolute times here are noisy), printed with its target and whether it is met, and
+written to bench/results.json and bench/results.md.
+
+    python -m bench.run [--quick] [--out bench]
+
+--quick runs every benchmark on tiny sizes (a smoke test that the code paths work; `make test` runs
+it); its figures mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from bench import loadgen
+from common import codecs, convert, tensors
+from common import messages as m
+from common.datasets import BatchLoader, load_digits, load_mnist, model_spec_for
+from common.models import build_model
+from common.proto import federation_pb2 as pb
+from common.training import train
+from fl_client.connection import ServerConnection
+from fl_server.demo import ServerProcess, start_client
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"
+# One thread per process: the server, the load generator and clients share 2 cores.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@dataclass
+class Figure:
+    number: int
+    name: str
+    value: float
+    unit: str
+    target: str
+    met: bool | None  # None: reported, no target
+    details: str = ""
+
+
+def median_of(fn: Callable[[], float], repeats: int) -> float:
+    return statistics.median(fn() for _ in range(repeats))
+
+
+def raw_tcp_seconds(nbytes: int) -> float:
+    """Seconds to move `nbytes` over loopback TCP, sender to receiver, into a preallocated buffer."""
+    data = bytes(nbytes)
+    listener = socket.create_server(("127.0.0.1", 0))
+    buffer = bytearray(nbytes)
+
+    def receive() -> None:
+        conn, _ = listener.accept()
+        view, got = memoryview(buffer), 0
+        while got < nbytes:
+            got += conn.recv_into(view[got:])
+        conn.sendall(b"k")
+        conn.close()
+
+    thread = threading.Thread(target=receive)
+    thread.start()
+    sock = socket.create_connection(listener.getsockname())
+    start = time.perf_counter()
+    sock.sendall(data)
+    sock.recv(1)
+    elapsed = time.perf_counter() - start
+    sock.close()
+    thread.join()
+    listener.close()
+    return elapsed
+
+
+def server(out: Path, *args: str) -> ServerProcess:
+    return ServerProcess(["--port", "0", "--out", str(out), "--round-timeout", "600", *args], env=ENV)
+
+
+def rss(pid: int) -> tuple[int, int]:
+    """(current, peak) resident set size of a process, in bytes."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+
+
+def reset_peak_rss(pid: int) -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+
+class Bench:
+    def __init__(self, quick: bool, workdir: Path):
+        self.quick = quick
+        self.workdir = workdir
+        self.figures: list[Figure] = []
+        # ResNet-18-sized state (11.2 M float32 parameters, 44.7 MB): the CIFAR ResNet-18 with one input
+        # channel, on the built-in digits. --quick uses the MLP (0.2 MB).
+        self.big_model = "mlp" if quick else "resnet18"
+        self.repeats = 2 if quick else 5
+
+    def add(self, *args: Any, **kwargs: Any) -> None:
+        figure = Figure(*args, **kwargs)
+        self.figures.append(figure)
+        verdict = {True: "met", False: "NOT met", None: "-"}[figure.met]
+        print(f"[{figure.number}] {figure.name}: {figure.value:.3g} {figure.unit} (target {figure.target}: "
+              f"{verdict}) {figure.details}", flush=True)
+
+    def run_dir(self, name: str) -> Path:
+        path = self.workdir / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # 1 -------------------------------------------------------------------------------------------------
+    def transfer(self) -> None:
+        srv = server(self.run_dir("transfer"), "--model-name", self.big_model, "--rounds", "1000",
+                     "--clients-per-round", "1", "--num-clients", "1")
+        try:
+            with ServerConnection(srv.address) as conn:
+                decision = conn.join(m.JoinRequest(client_id="0", num_samples=10))
+                request = m.ModelRequest(client_id="0", model_version=decision.model_version)
+                header, state = conn.fetch_model(request)
+                nbytes = header.payload.total_bytes
+                for _ in range(2):  # let HTTP/2 flow-control windows grow, as they do in a long-running client
+                    conn.fetch_model(request)
+
+                def download() -> float:
+                    start = time.perf_counter()
+                    conn.fetch_model(request)
+                    return time.perf_counter() - start
+
+                down = median_of(download, self.repeats)
+                payload = loadgen.tiny_change(header.payload.specs)
+                ups = []
+                for i in range(self.repeats + 1):
+                    decision = conn.join(m.JoinRequest(client_id="0", num_samples=10))
+                    time.sleep(0.5 if self.quick else 2.0)  # the server evaluates the last round meanwhile
+                    update = m.UpdateHeader(client_id="0", round=decision.round, model_version=decision.model_version,
+                                            num_samples=10, payload=convert.payload_header_of(
+                                                payload, m.Encoding.DIFF, tensors.CHUNK_SIZE))
+                    start = time.perf_counter()
+                    reply = conn.submit(update, payload)
+                    if i:  # the first upload warms the connection up
+                        ups.append(time.perf_counter() - start)
+                    assert reply.accepted and not reply.duplicate, reply
+                up = statistics.median(ups)
+        finally:
+            srv.stop()
+        raw = median_of(lambda: raw_tcp_seconds(nbytes), self.repeats)
+        mb = nbytes / 1e6
+        for direction, seconds in (("GetGlobalModel", down), ("SubmitUpdate", up)):
+            ratio = raw / seconds
+            self.add(1, f"model transfer through {direction} / raw TCP", ratio, "x", ">= 0.6", ratio >= 0.6,
+                     f"({mb:.1f} MB: {nbytes / seconds / 1e9:.2f} GB/s vs raw TCP {nbytes / raw / 1e9:.2f} GB/s)")
+
+    # 2 -------------------------------------------------------------------------------------------------
+    def serialization(self) -> None:
+        spec = model_spec_for(self.big_model, load_digits()[0])
+        state = build_model(spec, seed=0).state_dict()
+        payload = tensors.encode(state)
+        nbytes = payload.total_bytes
+        buffer = bytearray(nbytes)
+
+        def round_trip() -> float:
+            start = time.perf_counter()
+            sent = tensors.encode(state)
+            header = convert.model_header_of(1, 0, sent, tensors.CHUNK_SIZE)
+            messages = convert.model_stream(header, sent, tensors.CHUNK_SIZE)
+            received = convert.model_header_from_raw(messages[0])
+            back = tensors.assemble(received.payload.specs,
+                                    convert.data_chunks(iter(messages[1:]), pb.ModelChunk, "model"),
+                                    received.payload.checksum, buffer)
+            elapsed = time.perf_counter() - start
+            assert back.keys() == state.keys()
+            return elapsed
+
+        source = np.frombuffer(payload.data, dtype=np.uint8)
+        target = np.empty_like(source)
+
+        def memcpy() -> float:
+            start = time.perf_counter()
+            np.copyto(target, source)
+            return time.perf_counter() - start
+
+        round_trip()
+        memcpy()
+        ours, copy = median_of(round_trip, self.repeats), median_of(memcpy, self.repeats)
+        ratio = ours / copy
+        self.add(2, "serialization: state_dict to chunks and back / one memory copy", ratio, "x", "<= 2",
+                 ratio <= 2, f"({nbytes / 1e6:.1f} MB: {ours * 1e3:.1f} ms vs memcpy {copy * 1e3:.1f} ms)")
+
+    # 3 and 4 -------------------------------------------------------------------------------------------
+    def rounds_and_memory(self) -> None:
+        peaks = {}
+        for clients in ((3, 5) if self.quick else (10, 50)):
+            srv = server(self.run_dir(f"rounds{clients}"), "--model-name", self.big_model, "--rounds", "3",
+                         "--clients-per-round", str(clients), "--num-clients", str(clients))
+            try:
+                time.sleep(1.0)
+                idle, _ = rss(srv.proc.pid)
+                reset_peak_rss(srv.proc.pid)
+                stats = loadgen.run(srv.address, clients)
+                _, peak = rss(srv.proc.pid)
+            finally:
+                srv.stop()
+            assert not stats.errors, stats.errors[:3]
+            records = [json.loads(line) for line in (self.workdir / f"rounds{clients}" / "metrics.jsonl").open()]
+            model_bytes = tensors.encode(build_model(model_spec_for(self.big_model, load_digits()[0])).state_dict()).total_bytes
+            # A round's period, from one aggregation to the next, once clients are connected and warm.
+            period = statistics.median(b["closed_at"] - a["closed_at"] for a, b in zip(records[1:], records[2:])) \
+                if len(records) >= 3 else records[-1]["seconds"]
+            raw = raw_tcp_seconds(model_bytes) * 2 * clients
+            ratio = period / raw
+            self.add(3, f"round time with {clients} clients / raw TCP moving {2 * clients} models", ratio, "x",
+                     "<= 2", ratio <= 2, f"({period:.2f} s per round vs {raw:.2f} s)")
+            peaks[clients] = (peak - idle) / model_bytes
+        small, large = sorted(peaks)
+        growth = peaks[large] - peaks[small]
+        self.add(4, f"server peak RSS above idle, {large} clients uploading, in model sizes", peaks[large],
+                 "models", "< 4, and no growth from "
+                 f"{small} to {large} clients", peaks[large] < 4 and growth < 0.5,
+                 f"({small} clients: {peaks[small]:.2f}; growth {growth:+.2f})")
+
+    # 5 -------------------------------------------------------------------------------------------------
+    def scale(self) -> None:
+        clients = 20 if self.quick else 500
+        srv = server(self.run_dir("scale"), "--model-name", "mlp", "--rounds", "3", "--clients-per-round",
+                     str(clients), "--num-clients", str(clients))
+        try:
+            stats = loadgen.run(srv.address, clients)
+        finally:
+            srv.stop()
+        assert not stats.errors, stats.errors[:3]
+        records = [json.loads(line) for line in (self.workdir / "scale" / "metrics.jsonl").open()]
+        assert len(records) == 3 and all(len(r["clients"]) == clients for r in records)
+        elapsed = records[-1]["closed_at"] - records[0]["opened_at"]
+        p99 = float(np.percentile(stats.join_latencies, 99))
+        starts = [t - r["opened_at"] for r in records for t in stats.train_received[r["round"]]]
+        self.add(5, f"{clients} concurrent clients, 3 rounds: rounds per second", 3 / elapsed, "rounds/s",
+                 "completes", True, f"(p99 JoinRound call {p99 * 1e3:.0f} ms, long-polls included; p99 from round "
+                 f"open to a client's TRAIN {np.percentile(starts, 99) * 1e3:.0f} ms)")
+
+    # 6 -------------------------------------------------------------------------------------------------
+    def round_start(self) -> None:
+        rounds = 4 if self.quick else 8
+        srv = server(self.run_dir("round_start"), "--model-name", "mlp", "--rounds", str(rounds),
+                     "--clients-per-round", "10", "--num-clients", "10")
+        try:
+            stats = loadgen.run(srv.address, 10)
+        finally:
+            srv.stop()
+        records = [json.loads(line) for line in (self.workdir / "round_start" / "metrics.jsonl").open()]
+        delays = [max(stats.train_received[b["round"]]) - a["closed_at"] for a, b in zip(records, records[1:])]
+        delay = statistics.median(delays)
+        self.add(6, "round start: end of aggregation to every selected client holding TRAIN (10 clients)",
+                 delay * 1e3, "ms", "< 50 ms", delay < 0.05, f"(median of {len(delays)} rounds, worst "
+                 f"{max(delays) * 1e3:.1f} ms)")
+
+    # 7 -------------------------------------------------------------------------------------------------
+    def compression(self) -> None:
+        rounds = "3" if self.quick else "10"
+        results = {}
+        for codec in ("none", "float16", "bfloat16", "int8", "topk:0.1"):
+            out = self.run_dir("compression-" + codec.replace(":", ""))
+            srv = server(out, "--model-name", "cnn", "--rounds", rounds, "--clients-per-round", "3",
+                         "--num-clients", "3", "--compression", codec)
+            try:
+                procs = [start_client(str(i), srv.address, ["--device", "cpu"], out / f"client{i}.log", env=ENV)
+                         for i in range(3)]
+                codes = [p.wait(600) for p in procs]
+            finally:
+                srv.stop()
+            assert codes == [0, 0, 0], f"{codec}: clients exited {codes}"
+            records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+            results[codec] = (sum(r["bytes_in"] for r in records), records[-1]["accuracy"])
+        base_bytes, base_accuracy = results["none"]
+        for codec, (nbytes, accuracy) in results.items():
+            if codec == "none":
+                continue
+            self.add(7, f"compression {codec}: upload bytes / float32", nbytes / base_bytes, "x", "reported",
+                     None, f"(final accuracy {accuracy:.2%} vs {base_accuracy:.2%} uncompressed, digits, cnn, "
+                     f"{rounds} rounds)")
+
+    # 8 -------------------------------------------------------------------------------------------------
+    def client_training(self) -> None:
+        if SHARED_MNIST.is_dir() and not self.quick:
+            data, _ = load_mnist(SHARED_MNIST)
+            what = "MNIST 5,000 images, cnn"
+        else:
+            data, _ = load_digits()
+            what = "digits, cnn"
+        spec = model_spec_for("cnn", data)
+        cfg = m.TrainConfig(model=spec, dataset="mnist", num_clients=1, seed=0, local_epochs=1, batch_size=32,
+                            lr=0.01, momentum=0.9, weight_decay=0.0, optimizer="sgd")
+        device = torch.device("cpu")
+        model = build_model(spec, seed=0)
+        loader = BatchLoader(data, cfg.batch_size, shuffle=True, seed=0)
+
+        def ours() -> float:
+            start = time.perf_counter()
+            train(model, loader, cfg, device, should_stop=lambda: False)
+            return time.perf_counter() - start
+
+        bare_model = build_model(spec, seed=0)
+        optimizer = torch.optim.SGD(bare_model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+        x, y = data.x, data.y
+
+        def bare() -> float:
+            start = time.perf_counter()
+            bare_model.train()
+            order = torch.randperm(len(y))
+            for i in range(0, len(y), cfg.batch_size):
+                idx = order[i:i + cfg.batch_size]
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(bare_model(x[idx]), y[idx]).backward()
+                optimizer.step()
+            return time.perf_counter() - start
+
+        ours(), bare()
+        times_ours, times_bare = [], []
+        for _ in range(self.repeats):  # interleaved, so that a noisy moment hurts both alike
+            times_ours.append(ours())
+            times_bare.append(bare())
+        ratio = statistics.median(times_ours) / statistics.median(times_bare)
+        self.add(8, "client training: one local epoch / bare PyTorch loop", ratio, "x", "<= 1.15", ratio <= 1.15,
+                 f"({what}: {statistics.median(times_ours):.2f} s vs {statistics.median(times_bare):.2f} s)")
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    memory = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
+    return (f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def markdown(figures: list[Figure], where: str) -> str:
+    lines = [f"Measured on {where}.", "", "| # | figure | value | target | met |", "|---|---|---|---|---|"]
+    for f in figures:
+        verdict = {True: "yes", False: "**no**", None: "-"}[f.met]
+        lines.append(f"| {f.number} | {f.name} {f.details} | {f.value:.3g} {f.unit} | {f.target} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: check that every benchmark runs")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench", help="where results.json and results.md go")
+    parser.add_argument("--only", nargs="*", help="run only these benchmarks (method names)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fl-bench-") as tmp:
+        bench = Bench(args.quick, Path(tmp))
+        for name in ("transfer", "serialization", "rounds_and_memory", "scale", "round_start", "compression",
+                     "client_training"):
+            if not args.only or name in args.only:
+                getattr(bench, name)()
+    where = machine()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {"machine": where, "quick": args.quick, "seconds": round(time.perf_counter() - started, 1),
+               "figures": [asdict(f) for f in bench.figures]}
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "results.md").write_text(markdown(bench.figures, where))
+    print(f"\nbench: {len(bench.figures)} figures in {results['seconds']} s; written to {args.out}/results.json "
+          f"and results.md", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
