@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # Each of the test processes trains with one thread: on 2 cores, more threads only fight each other.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install sysdeps demo test test-fast proto lint clean
+.PHONY: install sysdeps demo test test-fast bench proto lint clean
 
 install: $(STAMP)
 
@@ -35,6 +35,11 @@ demo: install
 
 test: install sysdeps
 	$(BIN)/python -m pytest -q
+
+# The performance benchmark: every figure as a ratio measured in this one run, with its target
+# (bench/results.json, bench/results.md; docs/performance.md explains them). About 2.5 minutes.
+bench: install
+	$(BIN)/python -m bench.run
 
 # Unit tests only (no processes started): the quick loop while editing.
 test-fast: install

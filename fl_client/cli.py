@@ -6,7 +6,7 @@ import logging
 import signal
 import sys
 
-from common import logs
+from common import allocator, logs
 from common.datasets import DataError
 from common.partition import read_shard
 from common.training import select_device
@@ -45,6 +45,7 @@ def _terminate(_signum: int, _frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logs.configure(args.log_level, args.log_file)
+    allocator.keep_freed_memory()
     signal.signal(signal.SIGTERM, _terminate)
     try:
         device = select_device(args.device)

@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 
-from common import codecs
+from common import allocator, codecs
 from common import config as config_module
 from common import logs
 from common.config import Config, ConfigError
@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logs.configure(args.log_level, args.log_file)
+    allocator.keep_freed_memory()
     try:
         cfg = config_module.from_arguments(args)
         device = select_device(args.device)

@@ -397,7 +397,6 @@ class RoundState:
                 snapshot.wire = self._publish(snapshot)
                 self._snapshot = snapshot
             self._aggregator.reset()
-            self._release_idle_upload_buffers()
             self._cond.notify_all()
             reasons = {c: r.silent.get(c, "stopping" if self.stopping else "no update by the round's deadline")
                        for c in r.selected if c not in r.submitted}
@@ -405,18 +404,6 @@ class RoundState:
                                 num_samples=sum(r.submitted.values()), client_metrics=r.metrics,
                                 seconds=self.clock() - r.started, aggregated=aggregated, drop_reasons=reasons,
                                 opened_at=r.opened_at, closed_at=time.time(), bytes_in=r.bytes_in)
-
-    def _release_idle_upload_buffers(self) -> None:
-        # Between rounds the server holds no upload memory; buffers still in use come back as they are.
-        released = 0
-        while True:
-            try:
-                self._upload_buffers.get_nowait()
-            except queue.Empty:
-                break
-            released += 1
-        for _ in range(released):
-            self._upload_buffers.put(None)
 
     def finish(self) -> None:
         with self._cond:

@@ -1,0 +1,33 @@
+"""Keep freed memory for reuse instead of returning it to the operating system.
+
+Every round allocates and frees model-sized amounts of memory in 1 MiB pieces (the chunks of a
+stream). glibc's defaults hand such memory back to the kernel and take it again next time, paying a
+page fault per 4 KiB: measured here, that made framing a 45 MB model into chunks 3.6x slower (22.6 ms
+instead of 6.2 ms). Raising the mmap and trim thresholds keeps it in the heap.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger("common.allocator")
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD = 32 << 20  # glibc's upper limit on 64-bit; stream chunks and tensors below it stay in the heap
+_TRIM_THRESHOLD = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Tune glibc's malloc for this process; False (and nothing changed) where there is no glibc."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+    log.debug("malloc tuned: %s", ok)
+    return ok

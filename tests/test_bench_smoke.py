@@ -1,0 +1,21 @@
+"""The benchmark's code paths run (on tiny sizes, so its figures mean nothing here): `make bench` cannot
+silently break. The targets themselves are checked by `make bench`, not by timed tests."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.integration
+def test_quick_benchmark_produces_every_figure(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert sorted({f["number"] for f in results["figures"]}) == list(range(1, 9))
+    assert all(f["value"] > 0 for f in results["figures"])
+    assert "| 8 |" in (tmp_path / "results.md").read_text()
