@@ -281,7 +281,7 @@ class Bench:
             finally:
                 srv.stop()
             assert codes == [0, 0, 0], f"{codec}: clients exited {codes}"
-            records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+            records = [r for r in map(json.loads, (out / "metrics.jsonl").open()) if r["aggregated"]]
             results[codec] = (sum(r["bytes_in"] for r in records), records[2]["accuracy"], records[-1]["accuracy"])
         base_bytes, base_early, base_final = results["none"]
         for codec, (nbytes, early, final) in results.items():

@@ -5,7 +5,13 @@ import logging
 import sys
 
 
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 def configure(level: str = "INFO", log_file: str | None = None) -> None:
+    """Raises ValueError for an unknown level and OSError for a log file that cannot be opened."""
+    if level.upper() not in LEVELS:
+        raise ValueError(f"unknown --log-level {level!r}; use one of {', '.join(LEVELS)}")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file:
         handlers.append(logging.FileHandler(log_file))

@@ -44,7 +44,11 @@ def _terminate(_signum: int, _frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logs.configure(args.log_level, args.log_file)
+    try:
+        logs.configure(args.log_level, args.log_file)
+    except (ValueError, OSError) as e:
+        return logs.fail("fl-client", str(e) if isinstance(e, ValueError) else
+                         f"cannot write the log file {args.log_file}: {e.strerror}")
     allocator.keep_freed_memory()
     signal.signal(signal.SIGTERM, _terminate)
     try:

@@ -98,11 +98,14 @@ class ClientDaemon:
             except TrainingStopped:
                 log.info("round %d: abandoned; joining again", decision.round)
             except RequestRefusedError as e:
-                if e.code is not grpc.StatusCode.FAILED_PRECONDITION:
+                if e.code not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED):
                     raise
                 # The round closed or moved on while we trained (or the server restarted and does not
-                # know us yet): resynchronize by joining again.
+                # know us yet), or an earlier attempt of this upload is still being wound up there:
+                # resynchronize by joining again.
                 log.warning("round %d: update not taken (%s); joining again", decision.round, e.details)
+                if e.code is grpc.StatusCode.ABORTED:
+                    time.sleep(1.0)
 
     def _prepare(self, cfg: m.TrainConfig) -> None:
         """Load the data (once) and check that it fits the federation's model."""
@@ -145,13 +148,18 @@ class ClientDaemon:
         local = {name: t.detach().cpu() for name, t in model.state_dict().items()}
         diff = {name: local[name] - global_state[name] for name in global_state}
         codec = codecs.parse(cfg.compression)
-        payload = tensors.encode(codecs.encode(diff, codec, self._residual))
+        # The error-feedback memory moves on only once the server has taken this update: a refused or
+        # discarded attempt must not leave its residual behind for the retry.
+        residual = dict(self._residual)
+        payload = tensors.encode(codecs.encode(diff, codec, residual))
         update = m.UpdateHeader(
             client_id=self.client_id, round=decision.round, model_version=header.model_version,
             num_samples=result.num_samples,
             payload=payload_header_of(payload, m.Encoding.DIFF, tensors.CHUNK_SIZE, str(codec)),
             metrics={"train_loss": result.loss, "train_seconds": result.seconds})
         reply = self.connection.submit(update, payload)
+        if reply.accepted:
+            self._residual = residual
         self.rounds_trained += 1
         log.info("round %d: trained %d samples in %.2f s (loss %.4f); server: %s", decision.round,
                  result.num_samples, result.seconds, result.loss, reply.message)

@@ -7,6 +7,7 @@ Optimization"; server_lr = 1 is plain FedAvg, and the seed's `lambda`.)
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -42,21 +43,27 @@ def spec_mismatch(got: list[TensorSpec], expected: list[TensorSpec]) -> str | No
     return "update lists the model's tensors in another order"
 
 
-def check_update(diff: Mapping[str, torch.Tensor], expected: list[TensorSpec]) -> None:
-    """Raise UpdateRejected unless `diff` has exactly the expected tensors, all finite."""
+def check_update(diff: Mapping[str, torch.Tensor], expected: list[TensorSpec]) -> float:
+    """Raise UpdateRejected unless `diff` has exactly the expected tensors, all finite; return the
+    largest magnitude among its floating-point values."""
     mismatch = spec_mismatch(specs_of(diff), expected)
     if mismatch:
         raise UpdateRejected(mismatch)
+    largest = 0.0
     for name, tensor in diff.items():
-        if tensor.is_floating_point() and tensor.numel() and not _all_finite(tensor):
-            raise UpdateRejected(f"tensor {name!r} holds NaN or Inf")
+        if tensor.is_floating_point() and tensor.numel():
+            # NaN propagates into min and max, +Inf shows as the max, -Inf as the min: one pass that
+            # allocates nothing, 14x faster than torch.isfinite(tensor).all() on a 44 MB model.
+            low, high = (float(v) for v in torch.aminmax(tensor))
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise UpdateRejected(f"tensor {name!r} holds NaN or Inf")
+            largest = max(largest, abs(low), abs(high))
+    return largest
 
 
-def _all_finite(tensor: torch.Tensor) -> bool:
-    # NaN propagates into min and max, +Inf shows as the max, -Inf as the min: one pass that allocates
-    # nothing, 14x faster than torch.isfinite(tensor).all() on a 44 MB model.
-    low, high = torch.aminmax(tensor)
-    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+# A weighted value beyond this could overflow the float32 running sum (to Inf) once a million such
+# updates are added: finite, yet enough to destroy the model.
+MAX_WEIGHTED_MAGNITUDE = float(torch.finfo(torch.float32).max) / 1e6
 
 
 class FedAvg:
@@ -84,9 +91,12 @@ class FedAvg:
 
     def add(self, diff: Mapping[str, torch.Tensor], weight: int) -> None:
         """Fold in one diff. Checks everything first, so a rejected diff leaves the sum untouched."""
-        check_update(diff, self.specs)
+        largest = check_update(diff, self.specs)
         if weight <= 0:
             raise UpdateRejected(f"update weight (num_samples) must be positive, got {weight}")
+        if largest * weight > MAX_WEIGHTED_MAGNITUDE:
+            raise UpdateRejected(f"update values up to {largest:.3g} weighted by {weight} samples would overflow "
+                                 "the aggregate")
         if not self._sums:
             self._sums = self.empty_sums()
         for name, tensor in diff.items():

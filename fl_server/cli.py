@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 
-from common import allocator, codecs
+from common import codecs
 from common import config as config_module
 from common import logs
 from common.config import Config, ConfigError
@@ -43,21 +43,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logs.configure(args.log_level, args.log_file)
-    allocator.keep_freed_memory()
     try:
+        logs.configure(args.log_level, args.log_file)
         cfg = config_module.from_arguments(args)
         device = select_device(args.device)
         train_data, test_data = load_dataset(cfg.dataset, cfg.data_root)
-    except (ConfigError, DataError, ValueError) as e:
-        return logs.fail("fl-server", str(e))
-    spec = model_spec_for(cfg.model_name, train_data)
-    run = RunFolder(cfg.out)
-    extra = {"config_hash": config_hash(cfg), "model_spec": [spec.name, list(spec.input_shape), spec.num_classes]}
-    try:
+        spec = model_spec_for(cfg.model_name, train_data)
+        run = RunFolder(cfg.out)
         checkpoint = run.load_checkpoint()
-    except CheckpointError as e:
+    except (ConfigError, DataError, CheckpointError, ValueError) as e:
         return logs.fail("fl-server", str(e))
+    except OSError as e:
+        return logs.fail("fl-server", f"cannot use {e.filename or 'a file'}: {e.strerror}; check --out and --log-file")
+    extra = {"config_hash": config_hash(cfg), "model_spec": [spec.name, list(spec.input_shape), spec.num_classes]}
 
     state_kwargs = dict(train_config=train_config_of(cfg, spec), clients_per_round=cfg.clients_per_round,
                         min_clients=cfg.effective_min_clients, min_fit=cfg.effective_min_fit,
@@ -77,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
                            **state_kwargs)
         state.rng.bit_generator.state = checkpoint["rng_state"]
         metrics = checkpoint["metrics"]
-        run.write_metrics(metrics)  # a crash may have come between the checkpoint and the metrics log
+        try:
+            run.write_metrics(metrics)  # a crash may have come between the checkpoint and the metrics log
+        except OSError as e:
+            return logs.fail("fl-server", f"cannot write to {cfg.out}: {e.strerror}")
         log.info("resumed from %s at model version %d", run.path, checkpoint["model_version"])
 
     try:
@@ -91,14 +92,24 @@ def main(argv: list[str] | None = None) -> int:
                               checkpoint_extra=extra, metrics=metrics, device=device,
                               report=lambda line: print(line, flush=True))
     stop = threading.Event()
+    failure: list[str] = []
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("received %s: stopping", signal.Signals(signum).name)
         stop.set()
 
+    def run_rounds() -> None:
+        try:
+            coordinator.run()
+        except Exception as e:  # noqa: BLE001 - whatever it is, the server must not go on serving WAIT forever
+            log.exception("the round loop failed")
+            failure.append(f"the round loop failed ({type(e).__name__}: {e}); the last checkpoint in {cfg.out} "
+                           "is intact: fix the cause and start fl-server again with the same --out")
+            stop.set()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    loop = threading.Thread(target=coordinator.run, name="rounds", daemon=True)
+    loop = threading.Thread(target=run_rounds, name="rounds", daemon=True)
     loop.start()
     # After the last round the server keeps serving the final model (and FINISHED to late clients).
     stop.wait()
@@ -106,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     loop.join(timeout=30)
     server.stop(grace=2).wait()
     log.info("stopped")
-    return 0
+    return logs.fail("fl-server", failure[0], code=1) if failure else 0
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ ever sleep-polls.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -56,10 +57,6 @@ class UploadInProgressError(FederationError):
 
 class InvalidUpdateError(FederationError):
     """The update is malformed or does not fit the model; it never touches the aggregate."""
-
-
-class ShuttingDownError(FederationError):
-    pass
 
 
 @dataclass
@@ -222,7 +219,9 @@ class RoundState:
     def model(self, req: ModelRequest) -> ModelSnapshot:
         self._check_protocol(req.protocol_version)
         with self._cond:
-            snapshot = self._snapshot
+            # A copy, so that the serialized form it carries stays with the caller even if a new
+            # version replaces this one (and drops the old form) while the caller streams it.
+            snapshot = dataclasses.replace(self._snapshot)
             if req.client_id in self.clients:
                 self.clients[req.client_id].last_seen = self.clock()
         if req.model_version not in (0, snapshot.version):
@@ -243,11 +242,13 @@ class RoundState:
                                             "is already in progress")
             self._check_header(header)
             r.uploading.add(header.client_id)
-        buffer = self._upload_buffers.get() or bytearray(header.payload.total_bytes)
+        buffer = None
         try:
+            buffer = self._upload_buffers.get()
+            buffer = buffer or bytearray(header.payload.total_bytes)
             return self._receive_and_fold(r, header, chunks, buffer)
         finally:
-            self._upload_buffers.put(buffer)
+            self._upload_buffers.put(buffer)  # None if the allocation failed: allocated next time
             with self._cond:
                 r.uploading.discard(header.client_id)
 
@@ -266,7 +267,7 @@ class RoundState:
                 raise InvalidUpdateError(f"update announced {header.payload.num_chunks} chunks but sent "
                                          f"{received_chunks}")
             diff = codecs.decode(wire, self._specs, self.codec)
-        except (tensors.PayloadError, UpdateRejected, codecs.CodecError) as e:
+        except (tensors.PayloadError, codecs.CodecError) as e:
             raise InvalidUpdateError(str(e)) from None
         received = time.perf_counter()
         with self._cond:
@@ -390,8 +391,8 @@ class RoundState:
             if aggregated:
                 self._global = self._aggregator.apply(self._global)
                 version = self.model_version + 1
-                # Let the old version's serialized form go before making the new one (streams still
-                # sending it keep their own reference), so two never sit in memory side by side.
+                # Let the old version's serialized form go before making the new one (streams sending it
+                # hold their own copy of the snapshot, see model()), so two never sit in memory side by side.
                 self._snapshot.wire = None
                 snapshot = ModelSnapshot(version, version + 1, tensors.encode(self._global))
                 snapshot.wire = self._publish(snapshot)

@@ -25,7 +25,6 @@ STATUS_FOR = {
     rounds.StaleRoundError: grpc.StatusCode.FAILED_PRECONDITION,
     rounds.NotSelectedError: grpc.StatusCode.FAILED_PRECONDITION,
     rounds.UploadInProgressError: grpc.StatusCode.ABORTED,
-    rounds.ShuttingDownError: grpc.StatusCode.UNAVAILABLE,
 }
 
 

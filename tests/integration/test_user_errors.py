@@ -109,3 +109,12 @@ def test_checkpoint_from_other_settings_is_refused(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     assert_clear_error(run("fl-server", "--out", str(tmp_path)), "unreadable", "move it away")
     del torch
+
+
+def test_bad_log_level_and_unwritable_paths(tmp_path):
+    assert_clear_error(run("fl-server", "--log-level", "loud", "--out", str(tmp_path)), "unknown --log-level 'loud'")
+    assert_clear_error(run("fl-client", "--id", "0", "--log-level", "loud"), "unknown --log-level 'loud'")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert_clear_error(run("fl-server", "--out", str(blocker / "run")), "cannot use", "--out")
+    assert_clear_error(run("fl-client", "--id", "0", "--log-file", str(blocker / "x.log")), "cannot write the log file")

@@ -106,3 +106,12 @@ def test_apply_reuses_the_sums_memory_and_empties_the_aggregator():
     assert agg.count == 0 and agg.total_weight == 0
     agg.add({"w": torch.ones(3)}, weight=1)  # ready for the next round
     assert torch.equal(agg.apply(new)["w"], torch.full((3,), 2.0))
+
+
+def test_finite_but_huge_update_is_refused_before_it_can_overflow_the_sum():
+    g = {"w": torch.zeros(2)}
+    agg = make(g)
+    agg.add({"w": torch.tensor([1.0, 1.0])}, weight=1)
+    with pytest.raises(UpdateRejected, match="overflow"):
+        agg.add({"w": torch.tensor([3e30, 0.0])}, weight=1000)
+    assert torch.allclose(agg.apply(g)["w"], torch.ones(2))
