@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common import codecs
+from common.partition import parse_scheme
 
 
 class ConfigError(ValueError):
@@ -35,7 +36,9 @@ class Config:
     data_root: str = field(default="data", metadata=_help(
         "folder holding torchvision data sets (MNIST/raw/..., cifar-10-batches-py/); unused for digits"))
     num_clients: int = field(default=3, metadata=_help(
-        "clients in the federation (seed: no_models); client i without --data trains on the i-th IID share"))
+        "clients in the federation (seed: no_models); client i without --data trains on the i-th share"))
+    partition: str = field(default="iid", metadata=_help(
+        "how those shares are cut: iid, shards (2 label-sorted shards each), dirichlet:ALPHA (label skew)"))
     # Rounds.
     rounds: int = field(default=10, metadata=_help("rounds of federated training (seed: global_epochs)"))
     clients_per_round: int = field(default=3, metadata=_help("clients sampled each round (seed: k)"))
@@ -49,6 +52,12 @@ class Config:
         "how often working clients report in; a selected client silent for 3 heartbeats + 2 s is dropped"))
     server_lr: float = field(default=1.0, metadata=_help(
         "server learning rate applied to the averaged diff (seed: lambda); 1.0 is plain FedAvg"))
+    server_optimizer: str = field(default="fedavg", metadata=_help(
+        "how the averaged diff moves the global model: fedavg, fedavgm (momentum), fedadam or fedyogi"))
+    server_momentum: float = field(default=0.9, metadata=_help("fedavgm's momentum"))
+    server_beta1: float = field(default=0.9, metadata=_help("fedadam/fedyogi first-moment decay"))
+    server_beta2: float = field(default=0.99, metadata=_help("fedadam/fedyogi second-moment decay"))
+    server_tau: float = field(default=1e-3, metadata=_help("fedadam/fedyogi adaptivity (epsilon)"))
     # Local training, sent to every client.
     local_epochs: int = field(default=2, metadata=_help("epochs each client trains per round"))
     batch_size: int = field(default=32, metadata=_help("local mini-batch size"))
@@ -56,6 +65,9 @@ class Config:
     momentum: float = field(default=0.9, metadata=_help("client SGD momentum"))
     weight_decay: float = field(default=0.0, metadata=_help("client L2 weight decay"))
     optimizer: str = field(default="sgd", metadata=_help("client optimizer: sgd or adam"))
+    mu: float = field(default=0.0, metadata=_help(
+        "FedProx proximal term: adds mu/2 * ||w - w_global||^2 to the client loss (0 = FedAvg)"))
+    clip_norm: float = field(default=0.0, metadata=_help("clip each client step's gradient norm to this (0 = off)"))
     compression: str = field(default="none", metadata=_help(
         "update compression: none, float16, bfloat16, int8, or topk:R (fraction R of entries, error feedback)"))
     seed: int = field(default=0, metadata=_help(
@@ -93,6 +105,7 @@ MODELS = ("mlp", "cnn", "resnet18")
 DATASETS = ("digits", "mnist", "cifar10")
 DATASET_ALIASES = {"cifar": "cifar10"}  # the seed calls CIFAR-10 "cifar"
 OPTIMIZERS = ("sgd", "adam")
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
@@ -128,12 +141,22 @@ def validate(cfg: Config) -> None:
         codecs.parse(cfg.compression)
     except ValueError as e:
         raise ConfigError(f"config key 'compression': {e}") from None
+    try:
+        parse_scheme(cfg.partition)
+    except ValueError as e:
+        raise ConfigError(f"config key 'partition': {e}") from None
     for key in ("num_clients", "rounds", "clients_per_round", "local_epochs", "batch_size", "max_uploads"):
         need(getattr(cfg, key) >= 1, key, "must be at least 1")
     for key in ("min_clients", "min_fit", "seed"):
         need(getattr(cfg, key) >= 0, key, "must be 0 or more")
     need(cfg.lr > 0, "lr", "must be positive")
     need(cfg.server_lr > 0, "server_lr", "must be positive (seed: lambda)")
+    need(cfg.server_optimizer in SERVER_OPTIMIZERS, "server_optimizer", f"must be one of {', '.join(SERVER_OPTIMIZERS)}")
+    for key in ("server_momentum", "server_beta1", "server_beta2"):
+        need(0 <= getattr(cfg, key) < 1, key, "must be at least 0 and below 1")
+    need(cfg.server_tau > 0, "server_tau", "must be positive")
+    need(cfg.mu >= 0, "mu", "must be 0 or more")
+    need(cfg.clip_norm >= 0, "clip_norm", "must be 0 (off) or more")
     need(cfg.momentum >= 0, "momentum", "must be 0 or more")
     need(cfg.weight_decay >= 0, "weight_decay", "must be 0 or more")
     need(cfg.round_timeout > 0, "round_timeout", "must be a positive number of seconds")

@@ -98,7 +98,8 @@ def train_config_to_proto(cfg: m.TrainConfig) -> pb.TrainConfig:
     return pb.TrainConfig(model=model, dataset=cfg.dataset, num_clients=cfg.num_clients, seed=cfg.seed,
                           local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                           momentum=cfg.momentum, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer,
-                          compression=cfg.compression)
+                          compression=cfg.compression, partition=cfg.partition, mu=cfg.mu,
+                          clip_norm=cfg.clip_norm)
 
 
 def train_config_from_proto(msg: pb.TrainConfig) -> m.TrainConfig:
@@ -107,7 +108,8 @@ def train_config_from_proto(msg: pb.TrainConfig) -> m.TrainConfig:
     return m.TrainConfig(model=model, dataset=msg.dataset, num_clients=msg.num_clients, seed=msg.seed,
                          local_epochs=msg.local_epochs, batch_size=msg.batch_size, lr=msg.lr,
                          momentum=msg.momentum, weight_decay=msg.weight_decay, optimizer=msg.optimizer,
-                         compression=msg.compression or "none")
+                         compression=msg.compression or "none", partition=msg.partition or "iid",
+                         mu=max(0.0, msg.mu), clip_norm=max(0.0, msg.clip_norm))
 
 
 _ACTIONS = {m.Action.TRAIN: pb.TRAIN, m.Action.WAIT: pb.WAIT, m.Action.FINISHED: pb.FINISHED}

@@ -45,6 +45,9 @@ class TrainConfig:
     weight_decay: float
     optimizer: str
     compression: str = "none"
+    partition: str = "iid"  # how the built-in data is split among clients without --data
+    mu: float = 0.0  # FedProx proximal coefficient
+    clip_norm: float = 0.0  # gradient-norm clipping, 0 = off
 
 
 @dataclass(frozen=True)

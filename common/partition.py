@@ -34,12 +34,85 @@ def iid_indices(num_samples: int, num_clients: int, seed: int) -> list[np.ndarra
     return [np.sort(part) for part in np.array_split(order, num_clients)]
 
 
-def iid_share(train: ArrayData, client: int, num_clients: int, seed: int) -> ArrayData:
+def dirichlet_indices(labels: np.ndarray, num_clients: int, alpha: float, seed: int) -> list[np.ndarray]:
+    """Label skew: each class is divided among the clients in proportions drawn from Dir(alpha)
+    (Hsu et al., 2019). Small alpha gives each client few classes; large alpha approaches IID. Redrawn
+    (from the same seed) until every client has at least one sample."""
+    rng = np.random.default_rng(seed)
+    for _ in range(1000):
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        for label in np.unique(labels):
+            members = rng.permutation(np.flatnonzero(labels == label))
+            cuts = (np.cumsum(rng.dirichlet([alpha] * num_clients)) * len(members)).astype(int)[:-1]
+            for client, piece in enumerate(np.split(members, cuts)):
+                parts[client].append(piece)
+        result = [np.sort(np.concatenate(p)) for p in parts]
+        if all(len(p) for p in result):
+            return result
+    raise ValueError(f"cannot give each of {num_clients} clients a sample with alpha {alpha}; raise --alpha")
+
+
+def shard_indices(labels: np.ndarray, num_clients: int, seed: int, shards_per_client: int = 2) -> list[np.ndarray]:
+    """The FedAvg paper's pathological split (McMahan et al., 2017): sort by label, cut into
+    `shards_per_client * num_clients` shards, give each client `shards_per_client` of them at random."""
+    order = np.argsort(labels, kind="stable")
+    shards = np.array_split(order, shards_per_client * num_clients)
+    if any(len(s) == 0 for s in shards):
+        raise ValueError(f"{len(labels)} samples are too few for {num_clients} clients of {shards_per_client} shards")
+    assignment = np.random.default_rng(seed).permutation(len(shards)).reshape(num_clients, shards_per_client)
+    return [np.sort(np.concatenate([shards[s] for s in row])) for row in assignment]
+
+
+SCHEMES = ("iid", "dirichlet", "shards")
+
+
+def parse_scheme(text: str) -> tuple[str, float]:
+    """`iid`, `shards`, or `dirichlet:ALPHA` (`dirichlet` alone means alpha 0.5)."""
+    name, _, value = text.partition(":")
+    if name in ("iid", "shards") and not value:
+        return name, 0.0
+    if name == "dirichlet":
+        try:
+            alpha = float(value or 0.5)
+        except ValueError:
+            alpha = -1.0
+        if alpha > 0:
+            return name, alpha
+    raise ValueError(f"unknown partition {text!r}; use iid, shards or dirichlet:ALPHA with ALPHA > 0")
+
+
+def split_indices(labels: np.ndarray, num_clients: int, scheme: str = "iid", seed: int = 0) -> list[np.ndarray]:
+    """Each client's sample indices under `scheme` (see parse_scheme); disjoint, and together all samples."""
+    name, alpha = parse_scheme(scheme)
+    if num_clients < 1 or num_clients > len(labels):
+        raise ValueError(f"cannot split {len(labels)} samples among {num_clients} clients")
+    if name == "iid":
+        return iid_indices(len(labels), num_clients, seed)
+    if name == "dirichlet":
+        return dirichlet_indices(labels, num_clients, alpha, seed)
+    return shard_indices(labels, num_clients, seed)
+
+
+def client_share(train: ArrayData, client: int, num_clients: int, seed: int, scheme: str = "iid") -> ArrayData:
     """Client `client`'s share of `train`: what a client trains on when it has no --data, as the seed does."""
     if not 0 <= client < num_clients:
         raise DataError(f"client index {client} is outside the federation's {num_clients} clients "
                         f"(0..{num_clients - 1}); start it with --id 0..{num_clients - 1} or give it --data")
-    return train.subset(iid_indices(len(train), num_clients, seed)[client])
+    return train.subset(split_indices(train.y.numpy(), num_clients, scheme, seed)[client])
+
+
+def label_histogram(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:
+    """Samples per (client, label)."""
+    return np.stack([np.bincount(labels[p], minlength=num_classes) for p in parts])
+
+
+def format_histogram(histogram: np.ndarray) -> str:
+    classes = histogram.shape[1]
+    width = max(6, len(str(histogram.max())) + 1)
+    lines = ["client " + "".join(f"{c:>{width}}" for c in range(classes)) + f"{'total':>8}"]
+    for client, row in enumerate(histogram):
+        lines.append(f"{client:>6} " + "".join(f"{v:>{width}}" for v in row) + f"{row.sum():>8}")
+    return "\n".join(lines) + "\n"
 
 
 def write_shard(folder: Path, data: ArrayData, meta: dict) -> None:
@@ -76,15 +149,21 @@ def read_shard(folder: str | Path) -> ArrayData:
     return ArrayData(torch.from_numpy(x), torch.from_numpy(y), num_classes)
 
 
-def partition(dataset: str, num_clients: int, out: Path, seed: int = 0, data_root: str = "data") -> list[Path]:
+def partition(dataset: str, num_clients: int, out: Path, seed: int = 0, data_root: str = "data",
+              scheme: str = "iid") -> np.ndarray:
+    """Write `out/shard0 ...` and `out/histogram.txt` / `histogram.json`; return the label histogram."""
     train, _ = load_dataset(dataset, data_root)
-    folders = []
-    for client, indices in enumerate(iid_indices(len(train), num_clients, seed)):
-        folder = out / f"shard{client}"
-        write_shard(folder, train.subset(indices), {"dataset": dataset, "client": client,
-                                                    "num_clients": num_clients, "scheme": "iid", "seed": seed})
-        folders.append(folder)
-    return folders
+    labels = train.y.numpy()
+    parts = split_indices(labels, num_clients, scheme, seed)
+    for client, indices in enumerate(parts):
+        write_shard(out / f"shard{client}", train.subset(indices),
+                    {"dataset": dataset, "client": client, "num_clients": num_clients, "scheme": scheme,
+                     "seed": seed})
+    histogram = label_histogram(labels, parts, train.num_classes)
+    (out / "histogram.txt").write_text(format_histogram(histogram))
+    (out / "histogram.json").write_text(json.dumps({"scheme": scheme, "seed": seed,
+                                                    "samples_per_client_and_label": histogram.tolist()}) + "\n")
+    return histogram
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,16 +173,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder to write shard0 ... shardN-1 into")
     parser.add_argument("--dataset", default="digits", help="digits (built in), mnist or cifar10")
     parser.add_argument("--data-root", default="data", help="where mnist / cifar10 files are")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split")
+    parser.add_argument("--scheme", default="iid", choices=SCHEMES,
+                        help="iid; dirichlet (label skew, see --alpha); shards (each client 2 label-sorted shards)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration: smaller is more skewed")
     args = parser.parse_args(argv)
+    scheme = f"dirichlet:{args.alpha:g}" if args.scheme == "dirichlet" else args.scheme
     try:
-        folders = partition(args.dataset, args.clients, args.out, args.seed, args.data_root)
+        histogram = partition(args.dataset, args.clients, args.out, args.seed, args.data_root, scheme)
     except (DataError, ValueError) as e:
-        print(f"fl-partition: {e}", file=sys.stderr)
+        print(f"fl-partition: error: {e}", file=sys.stderr)
         return 2
-    for folder in folders:
-        meta = json.loads((folder / SHARD_META).read_text())
-        print(f"{folder}: {meta['num_samples']} samples")
+    except OSError as e:
+        print(f"fl-partition: error: cannot write {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
+    print(f"{args.clients} shards of {args.dataset} ({scheme}, seed {args.seed}) in {args.out}; samples per label:")
+    print(format_histogram(histogram), end="")
     return 0
 
 

@@ -64,6 +64,10 @@ def train(model: nn.Module, loader: Iterable, cfg: TrainConfig, device: torch.de
     start = time.perf_counter()
     model.to(device).train()
     optimizer = make_optimizer(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # FedProx (Li et al., 2020): pull the local model towards the round's global one, which limits
+    # client drift when shards differ.
+    anchor = [p.detach().clone() for p in params] if cfg.mu > 0 else None
     epoch_loss, num_samples = 0.0, 0
     for _ in range(cfg.local_epochs):
         total, num_samples = torch.zeros((), device=device), 0
@@ -73,7 +77,12 @@ def train(model: nn.Module, loader: Iterable, cfg: TrainConfig, device: torch.de
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x), y)
-            loss.backward()
+            objective = loss
+            if anchor is not None:
+                objective = loss + cfg.mu / 2 * sum(torch.sum((p - a) ** 2) for p, a in zip(params, anchor))
+            objective.backward()
+            if cfg.clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
             optimizer.step()
             # Accumulate on the device: a .item() per batch would stall the GPU every step.
             total += loss.detach() * len(y)

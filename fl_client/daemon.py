@@ -16,7 +16,7 @@ from common import messages as m
 from common.convert import payload_header_of
 from common.datasets import ArrayData, BatchLoader, DataError, load_dataset
 from common.models import build_model
-from common.partition import iid_share
+from common.partition import client_share
 from common.training import TrainingStopped, train
 from fl_client.connection import RequestRefusedError, ServerConnection
 
@@ -111,9 +111,10 @@ class ClientDaemon:
         """Load the data (once) and check that it fits the federation's model."""
         if self.data is None:
             train_data, _ = load_dataset(cfg.dataset, self.options.data_root)
-            self.data = iid_share(train_data, client_index(self.client_id), cfg.num_clients, cfg.seed)
-            log.info("training on share %d of %d of %s: %d samples", client_index(self.client_id),
-                     cfg.num_clients, cfg.dataset, len(self.data))
+            self.data = client_share(train_data, client_index(self.client_id), cfg.num_clients, cfg.seed,
+                                     cfg.partition)
+            log.info("training on share %d of %d of %s (%s): %d samples", client_index(self.client_id),
+                     cfg.num_clients, cfg.dataset, cfg.partition, len(self.data))
         if self.data.input_shape != cfg.model.input_shape or self.data.num_classes != cfg.model.num_classes:
             raise DataError(f"this client's data has samples of shape {list(self.data.input_shape)} with "
                             f"{self.data.num_classes} classes, but the federation trains {cfg.model.name} on "

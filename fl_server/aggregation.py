@@ -66,12 +66,62 @@ def check_update(diff: Mapping[str, torch.Tensor], expected: list[TensorSpec]) -
 MAX_WEIGHTED_MAGNITUDE = float(torch.finfo(torch.float32).max) / 1e6
 
 
+class ServerOptimizer:
+    """Turns a round's averaged diff into the step added to the global model (Reddi et al., 2021,
+    "Adaptive Federated Optimization"): the averaged diff is the negative of a pseudo-gradient.
+
+    - `fedavg`: step = lr * diff (lr is the seed's `lambda`; 1.0 is plain FedAvg);
+    - `fedavgm`: server momentum (Hsu et al., 2019): m = momentum * m + diff; step = lr * m;
+    - `fedadam`, `fedyogi`: m = b1 m + (1 - b1) diff; v = b2 v + (1 - b2) diff^2 (Adam) or
+      v = v - (1 - b2) diff^2 sign(v - diff^2) (Yogi); step = lr * m / (sqrt(v) + tau).
+
+    Only floating-point tensors go through it; integer buffers take the plain mean. Its state is
+    checkpointed with the model.
+    """
+
+    KINDS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
+
+    def __init__(self, kind: str = "fedavg", lr: float = 1.0, momentum: float = 0.9, beta1: float = 0.9,
+                 beta2: float = 0.99, tau: float = 1e-3):
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown server optimizer {kind!r}; use one of {', '.join(self.KINDS)}")
+        self.kind, self.lr, self.momentum, self.beta1, self.beta2, self.tau = kind, lr, momentum, beta1, beta2, tau
+        self.state: dict[str, torch.Tensor] = {}  # "m/NAME", "v/NAME"
+
+    def step(self, name: str, diff: torch.Tensor) -> torch.Tensor:
+        """The step for tensor `name`, computed in `diff`'s memory (float32 or float64)."""
+        if self.kind == "fedavg":
+            return diff.mul_(self.lr)
+        m = self.state.get("m/" + name)
+        if m is None:
+            m = self.state["m/" + name] = torch.zeros_like(diff)
+        if self.kind == "fedavgm":
+            m.mul_(self.momentum).add_(diff)
+            return diff.copy_(m).mul_(self.lr)
+        v = self.state.get("v/" + name)
+        if v is None:
+            v = self.state["v/" + name] = torch.full_like(diff, self.tau ** 2)
+        m.mul_(self.beta1).add_(diff, alpha=1 - self.beta1)
+        squared = diff.square_()
+        if self.kind == "fedadam":
+            v.mul_(self.beta2).add_(squared, alpha=1 - self.beta2)
+        else:
+            v.sub_(torch.sign(v - squared).mul_(squared), alpha=1 - self.beta2)
+        return torch.div(m, v.sqrt().add_(self.tau), out=diff).mul_(self.lr)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.state = {k: v.clone() for k, v in state.items()}
+
+
 class FedAvg:
     """Sample-weighted mean of diffs, folded in one update at a time."""
 
-    def __init__(self, specs: list[TensorSpec], server_lr: float = 1.0):
+    def __init__(self, specs: list[TensorSpec], server_lr: float = 1.0, optimizer: ServerOptimizer | None = None):
         self.specs = specs
-        self.server_lr = server_lr
+        self.optimizer = optimizer or ServerOptimizer("fedavg", server_lr)
         self._sums: dict[str, torch.Tensor] = {}
         self.total_weight = 0
         self.count = 0
@@ -110,14 +160,14 @@ class FedAvg:
         own memory (no second model-sized allocation), so the aggregator is empty afterwards."""
         if self.count == 0:
             raise ValueError("no updates to aggregate")
-        scale = self.server_lr / self.total_weight
         new_state = {}
         for name, current in global_state.items():
-            new = self._sums[name].mul_(scale).add_(current)
+            mean = self._sums[name].div_(self.total_weight)
             if current.is_floating_point():
+                new = self.optimizer.step(name, mean).add_(current)
                 new_state[name] = new if new.dtype == current.dtype else new.to(current.dtype)
             else:
-                # Round, not truncate: a mean step of 0.99 batches must not become 0.
-                new_state[name] = new.round_().to(current.dtype)
+                # Counters take the plain mean. Round, not truncate: a mean step of 0.99 must not become 0.
+                new_state[name] = mean.add_(current).round_().to(current.dtype)
         self.reset()
         return new_state

@@ -15,6 +15,7 @@ from common.datasets import DataError, load_dataset, model_spec_for
 from common.messages import ModelSpec, TrainConfig
 from common.models import build_model
 from common.training import select_device
+from fl_server.aggregation import ServerOptimizer
 from fl_server.checkpoint import CheckpointError, RunFolder, config_hash
 from fl_server.coordinator import Coordinator
 from fl_server.rounds import RoundState
@@ -27,7 +28,8 @@ def train_config_of(cfg: Config, spec: ModelSpec) -> TrainConfig:
     return TrainConfig(model=spec, dataset=cfg.dataset, num_clients=cfg.num_clients, seed=cfg.seed,
                        local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                        momentum=cfg.momentum, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer,
-                       compression=str(codecs.parse(cfg.compression)))
+                       compression=str(codecs.parse(cfg.compression)), partition=cfg.partition, mu=cfg.mu,
+                       clip_norm=cfg.clip_norm)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -60,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     state_kwargs = dict(train_config=train_config_of(cfg, spec), clients_per_round=cfg.clients_per_round,
                         min_clients=cfg.effective_min_clients, min_fit=cfg.effective_min_fit,
                         round_timeout=cfg.round_timeout, server_lr=cfg.server_lr, seed=cfg.seed,
-                        heartbeat_seconds=cfg.heartbeat_seconds, max_concurrent_uploads=cfg.max_uploads)
+                        heartbeat_seconds=cfg.heartbeat_seconds, max_concurrent_uploads=cfg.max_uploads,
+                        server_optimizer=ServerOptimizer(cfg.server_optimizer, cfg.server_lr, cfg.server_momentum,
+                                                         cfg.server_beta1, cfg.server_beta2, cfg.server_tau))
     if checkpoint is None:
         state = RoundState(global_state=build_model(spec, seed=cfg.seed).state_dict(), **state_kwargs)
         metrics: list = []
@@ -74,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         state = RoundState(global_state=checkpoint["model"], model_version=checkpoint["model_version"],
                            **state_kwargs)
         state.rng.bit_generator.state = checkpoint["rng_state"]
+        state.server_optimizer.load_state_dict(checkpoint.get("server_optimizer", {}))
         metrics = checkpoint["metrics"]
         try:
             run.write_metrics(metrics)  # a crash may have come between the checkpoint and the metrics log

@@ -115,6 +115,7 @@ class Coordinator:
             "model": self.state.global_state,
             "model_version": self.state.model_version,
             "rng_state": self.state.rng.bit_generator.state,
+            "server_optimizer": self.state.server_optimizer.state_dict(),
             "metrics": metrics,
             **self.checkpoint_extra,
         })

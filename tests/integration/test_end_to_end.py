@@ -86,3 +86,17 @@ def test_restarted_server_resumes_from_its_checkpoint(federation):
     assert [m["round"] for m in metrics] == [1, 2, 3, 4]
     assert metrics[:2] == first
     assert server.stop() == 0
+
+
+def test_non_iid_shares_with_fedprox_and_a_server_optimizer(federation):
+    federation.start_server("--rounds", "6", "--num-clients", "3", "--clients-per-round", "3", "--model-name", "mlp",
+                            "--partition", "dirichlet:0.3", "--mu", "0.01", "--server-optimizer", "fedavgm",
+                            "--server-lr", "0.7", "--compression", "int8")
+    for i in range(3):
+        federation.start_client(str(i))
+    assert federation.wait_clients() == {"0": 0, "1": 0, "2": 0}
+    assert "dirichlet:0.3" in federation.client_log("0")
+    metrics = read_metrics(federation.out)
+    assert len(metrics) == 6 and metrics[-1]["num_samples"] == 1437
+    assert metrics[-1]["accuracy"] > metrics[0]["accuracy"]
+    assert federation.server.stop() == 0

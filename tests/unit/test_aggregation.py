@@ -115,3 +115,39 @@ def test_finite_but_huge_update_is_refused_before_it_can_overflow_the_sum():
     with pytest.raises(UpdateRejected, match="overflow"):
         agg.add({"w": torch.tensor([3e30, 0.0])}, weight=1000)
     assert torch.allclose(agg.apply(g)["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize("kind, lr", [("fedavg", 1.0), ("fedavgm", 0.5), ("fedadam", 0.1), ("fedyogi", 0.1)])
+def test_each_server_optimizer_reaches_the_clients_optimum(kind, lr):
+    # Two clients whose local training ends at their own optimum; the federation's optimum is their
+    # sample-weighted mean. Each round's diff is (optimum - global).
+    from fl_server.aggregation import ServerOptimizer
+
+    optima, weights = (torch.tensor([1.0, -2.0, 3.0]), torch.tensor([3.0, 2.0, -1.0])), (1, 3)
+    target = (optima[0] * 1 + optima[1] * 3) / 4
+    g = {"w": torch.zeros(3), "n": torch.tensor(0)}
+    optimizer = ServerOptimizer(kind, lr)
+    for _ in range(300):
+        agg = FedAvg(specs_of(g), optimizer=optimizer)
+        for optimum, weight in zip(optima, weights):
+            agg.add({"w": optimum - g["w"], "n": torch.tensor(1)}, weight)
+        g = agg.apply(g)
+    assert torch.allclose(g["w"], target, atol=0.05), (kind, g["w"], target)
+    assert g["n"].item() == 300  # counters take the plain mean, whatever the optimizer
+
+
+def test_server_optimizer_state_survives_a_checkpoint_round_trip():
+    from fl_server.aggregation import ServerOptimizer
+
+    a = ServerOptimizer("fedadam", 0.1)
+    a.step("w", torch.ones(2))
+    b = ServerOptimizer("fedadam", 0.1)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.step("w", torch.ones(2)), b.step("w", torch.ones(2)))
+
+
+def test_unknown_server_optimizer():
+    from fl_server.aggregation import ServerOptimizer
+
+    with pytest.raises(ValueError, match="unknown server optimizer"):
+        ServerOptimizer("fedsgd")

@@ -57,3 +57,28 @@ def test_device_selection():
             select_device("cuda:0")
     with pytest.raises(ValueError, match="unknown device"):
         select_device("tpu-ish")
+
+
+def _distance_after_training(mu=0.0, clip_norm=0.0):
+    from dataclasses import replace
+
+    train_data, _ = load_digits()
+    spec = model_spec_for("mlp", train_data)
+    model = build_model(spec, seed=0)
+    start = [p.detach().clone() for p in model.parameters()]
+    cfg = TrainConfig(model=spec, dataset="digits", num_clients=1, seed=0, local_epochs=2, batch_size=32, lr=0.1,
+                      momentum=0.0, weight_decay=0.0, optimizer="sgd")
+    torch.manual_seed(0)
+    train(model, BatchLoader(train_data, 32, shuffle=True, seed=0), replace(cfg, mu=mu, clip_norm=clip_norm),
+          torch.device("cpu"))
+    with torch.no_grad():
+        return float(sum(((p - s) ** 2).sum() for p, s in zip(model.parameters(), start)) ** 0.5)
+
+
+def test_fedprox_keeps_the_local_model_near_the_global_one():
+    assert _distance_after_training(mu=10.0) < 0.6 * _distance_after_training(mu=0.0)
+
+
+def test_gradient_clipping_limits_each_step():
+    # 90 steps of lr 0.1 with gradient norm at most 0.01 cannot move the weights further than 0.09.
+    assert _distance_after_training(clip_norm=0.01) <= 0.09 + 1e-6 < _distance_after_training()
