@@ -57,10 +57,12 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def train(model: nn.Module, loader: Iterable, cfg: TrainConfig, device: torch.device,
-          should_stop: Callable[[], bool] | None = None) -> TrainResult:
+          should_stop: Callable[[], bool] | None = None,
+          on_epoch: Callable[[int, float], None] | None = None) -> TrainResult:
     """`cfg.local_epochs` epochs of mini-batch training; a fresh optimizer each round, as in FedAvg.
 
-    `should_stop` is asked before every batch; when it says yes, TrainingStopped is raised."""
+    `should_stop` is asked before every batch; when it says yes, TrainingStopped is raised.
+    `on_epoch(epoch, mean_loss)` is called after each epoch (progress bars)."""
     start = time.perf_counter()
     model.to(device).train()
     optimizer = make_optimizer(model, cfg)
@@ -69,7 +71,7 @@ def train(model: nn.Module, loader: Iterable, cfg: TrainConfig, device: torch.de
     # client drift when shards differ.
     anchor = [p.detach().clone() for p in params] if cfg.mu > 0 else None
     epoch_loss, num_samples = 0.0, 0
-    for _ in range(cfg.local_epochs):
+    for epoch in range(cfg.local_epochs):
         total, num_samples = torch.zeros((), device=device), 0
         for x, y in loader:
             if should_stop is not None and should_stop():
@@ -88,6 +90,8 @@ def train(model: nn.Module, loader: Iterable, cfg: TrainConfig, device: torch.de
             total += loss.detach() * len(y)
             num_samples += len(y)
         epoch_loss = float(total) / max(num_samples, 1)
+        if on_epoch is not None:
+            on_epoch(epoch, epoch_loss)
     return TrainResult(loss=epoch_loss, num_samples=num_samples, seconds=time.perf_counter() - start)
 
 

@@ -27,6 +27,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                              "--data on such a federation")
     parser.add_argument("--give-up-after", type=float, default=None, metavar="SECONDS",
                         help="exit when the server has been unreachable this long (default: keep trying)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (there is none off a terminal anyway)")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     parser.add_argument("--log-file", help="also write the log to this file")
     return parser.parse_args(argv)
@@ -55,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         device = select_device(args.device)
         data = read_shard(args.data) if args.data else None
         with ServerConnection(args.server, give_up_after=args.give_up_after) as connection:
-            ClientDaemon(ClientOptions(client_id=args.id, device=device, data=data, data_root=args.data_root),
-                         connection).run()
+            ClientDaemon(ClientOptions(client_id=args.id, device=device, data=data, data_root=args.data_root,
+                                       progress=not args.quiet), connection).run()
     except (DataError, ValueError) as e:
         return logs.fail("fl-client", str(e))
     except ServerUnreachableError as e:

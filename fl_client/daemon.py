@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 import zlib
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 
 import grpc
 import torch
+from tqdm import tqdm
 
 from common import codecs, tensors
 from common import messages as m
@@ -65,6 +67,7 @@ class ClientOptions:
     device: torch.device
     data: ArrayData | None = None  # the client's own shard; None = its share of the federation's data set
     data_root: str = "data"  # where the federation's data set lives, when `data` is None
+    progress: bool = True  # a progress bar for the local epochs (only ever on a terminal)
 
 
 class ClientDaemon:
@@ -143,7 +146,13 @@ class ClientDaemon:
         torch.manual_seed(seed)
         self._loader.generator.manual_seed(seed)
         log.info("round %d: training on %d samples", decision.round, len(self.data))
-        result = train(model, self._loader, cfg, self.options.device, should_stop=round_over)
+        with tqdm(total=cfg.local_epochs, desc=f"round {decision.round}", unit="epoch", leave=False,
+                  disable=not (self.options.progress and sys.stderr.isatty())) as bar:
+            def on_epoch(_epoch: int, loss: float) -> None:
+                bar.set_postfix(loss=f"{loss:.4f}")
+                bar.update(1)
+
+            result = train(model, self._loader, cfg, self.options.device, should_stop=round_over, on_epoch=on_epoch)
         if round_over():
             raise TrainingStopped
         local = {name: t.detach().cpu() for name, t in model.state_dict().items()}

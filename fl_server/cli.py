@@ -2,15 +2,21 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
 import threading
+import urllib.request
+
+from grpc_health.v1 import health_pb2
+from grpc_health.v1.health import HealthServicer
 
 from common import codecs
 from common import config as config_module
 from common import logs
 from common.config import Config, ConfigError
+from common.convert import SERVICE
 from common.datasets import DataError, load_dataset, model_spec_for
 from common.messages import ModelSpec, TrainConfig
 from common.models import build_model
@@ -18,6 +24,7 @@ from common.training import select_device
 from fl_server.aggregation import ServerOptimizer
 from fl_server.checkpoint import CheckpointError, RunFolder, config_hash
 from fl_server.coordinator import Coordinator
+from fl_server.monitoring import MonitoringServer
 from fl_server.rounds import RoundState
 from fl_server.servicer import FederationServicer, PortInUseError, create_server
 
@@ -38,12 +45,49 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="where the server evaluates: auto, cpu, cuda, cuda:N")
     parser.add_argument("--allow-config-change", action="store_true",
                         help="resume from a checkpoint in --out even if it was made with other settings")
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                        help="serve Prometheus metrics at /metrics and the state at /status on this HTTP port "
+                             "(0 picks a free one; printed as `metrics on HOST:PORT`)")
+    parser.add_argument("--report", action="store_true",
+                        help="after the last round, write PNG plots and report.md into --out (as fl-report does)")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     parser.add_argument("--log-file", help="also write the log to this file")
     return parser.parse_args(argv)
 
 
+def status_main(argv: list[str]) -> int:
+    """`fl-server status --server HOST:PORT`: what a running server is doing (PORT is its --metrics-port)."""
+    parser = argparse.ArgumentParser(prog="fl-server status", description=status_main.__doc__)
+    parser.add_argument("--server", required=True, help="HOST:PORT of the server's --metrics-port")
+    parser.add_argument("--json", action="store_true", help="print the raw JSON")
+    args = parser.parse_args(argv)
+    url = f"http://{args.server}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            status = json.load(reply)
+    except (OSError, ValueError) as e:
+        return logs.fail("fl-server status", f"cannot read {url} ({getattr(e, 'reason', e)}); is fl-server running "
+                         "there with --metrics-port?")
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"{status['phase']}: round {status['round']}, model version {status['model_version']}, "
+          f"{status['live_clients']} of {len(status['clients'])} clients connected, selected {status['selected']}")
+    for client, info in status["clients"].items():
+        print(f"  {client:<12} {info['state']:<10} {info['num_samples']:>8} samples  {info['device'] or '?':<8} "
+              f"seen {info['seconds_since_seen']} s ago")
+    latest = status.get("latest")
+    if latest:
+        accuracy = "pending" if latest["accuracy"] is None else f"{latest['accuracy']:.4f}"
+        print(f"latest round {latest['round']}: accuracy {accuracy}, clients {latest['clients']}, "
+              f"{latest['seconds']} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["status"]:
+        return status_main(argv[1:])
     args = parse_args(argv)
     try:
         logs.configure(args.log_level, args.log_file)
@@ -86,16 +130,29 @@ def main(argv: list[str] | None = None) -> int:
             return logs.fail("fl-server", f"cannot write to {cfg.out}: {e.strerror}")
         log.info("resumed from %s at model version %d", run.path, checkpoint["model_version"])
 
+    health = HealthServicer()
     try:
-        server, port = create_server(FederationServicer(state), cfg.host, cfg.port)
+        server, port = create_server(FederationServicer(state), cfg.host, cfg.port, health=health)
     except PortInUseError as e:
         return logs.fail("fl-server", str(e))
-    server.start()
-    print(f"listening on {cfg.host}:{port}", flush=True)
-
     coordinator = Coordinator(state, rounds=cfg.rounds, model_spec=spec, test_data=test_data, run=run,
                               checkpoint_extra=extra, metrics=metrics, device=device,
-                              report=lambda line: print(line, flush=True))
+                              report=lambda line: print(line, flush=True), write_report=args.report)
+    monitoring = None
+    if args.metrics_port is not None:
+        try:
+            monitoring = MonitoringServer(state, coordinator.records, cfg.host, args.metrics_port)
+        except OSError as e:
+            server.stop(None)
+            return logs.fail("fl-server", f"cannot serve metrics on {cfg.host}:{args.metrics_port} ({e.strerror}); "
+                             "pick another --metrics-port (0 picks a free one)")
+    server.start()
+    for service in ("", SERVICE):
+        health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    print(f"listening on {cfg.host}:{port}", flush=True)
+    if monitoring is not None:
+        monitoring.start()
+        print(f"metrics on {cfg.host}:{monitoring.port}", flush=True)
     stop = threading.Event()
     failure: list[str] = []
 
@@ -118,9 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     loop.start()
     # After the last round the server keeps serving the final model (and FINISHED to late clients).
     stop.wait()
+    health.enter_graceful_shutdown()
     state.stop()
     loop.join(timeout=30)
     server.stop(grace=2).wait()
+    if monitoring is not None:
+        monitoring.stop()
     log.info("stopped")
     return logs.fail("fl-server", failure[0], code=1) if failure else 0
 

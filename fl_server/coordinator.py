@@ -27,7 +27,8 @@ log = logging.getLogger("fl_server.coordinator")
 class Coordinator:
     def __init__(self, state: RoundState, *, rounds: int, model_spec: ModelSpec, test_data: ArrayData,
                  run: RunFolder, checkpoint_extra: dict[str, Any], metrics: list[dict[str, Any]] | None = None,
-                 device: torch.device | str = "cpu", report: Callable[[str], None] = print):
+                 device: torch.device | str = "cpu", report: Callable[[str], None] = print,
+                 write_report: bool = False):
         self.state = state
         self.rounds = rounds
         self.model = build_model(model_spec)
@@ -37,6 +38,7 @@ class Coordinator:
         self.checkpoint_extra = checkpoint_extra  # config hash and model spec, to check on resume
         self.metrics = list(metrics or [])
         self.report = report  # one human-readable line per round, on stdout
+        self.write_report = write_report  # PNG plots and report.md at the end (fl_server.report)
         self._metrics_lock = threading.Lock()
         # One worker: evaluations happen in round order, each on the model version it was given.
         self._evaluator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate")
@@ -72,11 +74,26 @@ class Coordinator:
             self._wait_for_evaluation()
             path = self.run_folder.save_final_model(self.state.global_state)
             self.state.finish()
+            done = [r for r in self.metrics if r["aggregated"]]
+            status = self.state.status()
             self.report(f"finished {self.rounds} rounds: final accuracy {self.metrics[-1]['accuracy']:.4f}; "
                         f"model saved to {path}")
+            log.info("summary: %d rounds (%d re-run), %.1f s in rounds, final accuracy %.4f, best %.4f, %d clients, "
+                     "%.1f MB of updates received, %.1f MB of models sent", len(done), len(self.metrics) - len(done),
+                     sum(r["seconds"] for r in done), done[-1]["accuracy"], max(r["accuracy"] for r in done),
+                     len(status["clients"]), status["bytes_received"] / 1e6, status["bytes_sent"] / 1e6)
+            if self.write_report:
+                from fl_server.report import write_report
+
+                log.info("report written: %s", ", ".join(str(p) for p in write_report(self.run_folder.path)))
             return True
         finally:
             self._evaluator.shutdown(wait=True)
+
+    def records(self) -> list[dict[str, Any]]:
+        """A copy of the metrics so far (for monitoring, from other threads)."""
+        with self._metrics_lock:
+            return [dict(r) for r in self.metrics]
 
     def evaluate(self, state: dict[str, torch.Tensor]) -> EvalResult:
         self.model.load_state_dict(state)
@@ -87,8 +104,11 @@ class Coordinator:
         with self._metrics_lock:
             record["accuracy"], record["loss"] = result.accuracy, result.loss
             self.run_folder.write_metrics(self.metrics)
-        self.report(f"round {outcome.round}/{self.rounds}: accuracy {result.accuracy:.4f}, loss "
-                    f"{result.loss:.4f}, clients {outcome.contributors}, {outcome.seconds:.2f} s")
+        line = (f"round {outcome.round}/{self.rounds}: accuracy {result.accuracy:.4f}, loss {result.loss:.4f}, "
+                f"clients {outcome.contributors}, {outcome.seconds:.2f} s")
+        log.info("round %d closed: accuracy %.4f, loss %.4f, %d clients, %.2f s", outcome.round, result.accuracy,
+                 result.loss, len(outcome.contributors), outcome.seconds)
+        self.report(line)
 
     def _wait_for_evaluation(self) -> None:
         if self._last_evaluation is not None:
@@ -132,6 +152,7 @@ class Coordinator:
             "num_samples": outcome.num_samples,
             "bytes_in": outcome.bytes_in,
             "seconds": round(outcome.seconds, 4),
+            "aggregate_seconds": round(outcome.aggregate_seconds, 4),
             "selected": outcome.selected,
             "dropped": outcome.dropped,
             "drop_reasons": outcome.drop_reasons,

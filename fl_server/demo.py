@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO
 
 LISTENING = re.compile(r"^listening on (\S+):(\d+)$")
+METRICS = re.compile(r"^metrics on (\S+):(\d+)$")
 
 
 def command(tool: str) -> list[str]:
@@ -34,12 +35,14 @@ class ServerProcess:
     def __init__(self, args: list[str], echo: IO[str] | None = None, env: dict[str, str] | None = None,
                  startup_timeout: float = 120.0, prefix: list[str] | None = None):
         """`prefix` runs the server through another command, e.g. `ip netns exec NS`."""
+        self.args = args
         self.lines: list[str] = []
         self.proc = subprocess.Popen([*(prefix or []), *command("fl-server"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env=env)
         self.stderr_lines: list[str] = []
         self._listening = threading.Event()
         self.port = 0
+        self.metrics_port = 0  # when started with --metrics-port
         self._echo = echo
         threading.Thread(target=self._read_stdout, daemon=True).start()
         threading.Thread(target=self._read_stderr, daemon=True).start()
@@ -52,8 +55,13 @@ class ServerProcess:
         for line in self.proc.stdout:
             self.lines.append(line)
             match = LISTENING.match(line.strip())
+            metrics = METRICS.match(line.strip())
             if match:
                 self.port = int(match.group(2))
+                if "--metrics-port" not in self.args:
+                    self._listening.set()
+            elif metrics:
+                self.metrics_port = int(metrics.group(2))
                 self._listening.set()
             elif self._echo:
                 self._echo.write(line)

@@ -90,6 +90,7 @@ class RoundOutcome:
     opened_at: float  # wall-clock times (time.time()), comparable with other processes' logs
     closed_at: float  # when the new global model was ready to serve
     bytes_in: int  # payload bytes of the counted updates
+    aggregate_seconds: float  # applying the aggregate and publishing the new model
 
     @property
     def dropped(self) -> list[str]:
@@ -135,6 +136,8 @@ class RoundState:
         self.clients: dict[str, ClientInfo] = {}
         self.finished = False
         self.stopping = False
+        self.bytes_received = 0  # payload bytes of every counted update
+        self.bytes_sent = 0  # bytes of every model stream served in full
         self._cond = threading.Condition()
         self._round: _OpenRound | None = None
         self._global = {name: t.detach().cpu().clone() for name, t in global_state.items()}
@@ -284,6 +287,7 @@ class RoundState:
                 raise InvalidUpdateError(str(e)) from None
             r.submitted[header.client_id] = header.num_samples
             r.bytes_in += header.payload.total_bytes
+            self.bytes_received += header.payload.total_bytes
             r.silent.pop(header.client_id, None)
             r.metrics[header.client_id] = dict(header.metrics)
             self.clients[header.client_id].last_seen = self.clock()
@@ -333,8 +337,43 @@ class RoundState:
     def wait_for_clients(self) -> None:
         """Block until `min_clients` live clients have joined (or we are stopping)."""
         with self._cond:
+            if len(self._live_clients()) < self.min_clients:
+                log.info("waiting for %d clients (%d connected)", self.min_clients, len(self._live_clients()))
             while len(self._live_clients()) < self.min_clients and not self.stopping:
                 self._cond.wait(1.0)  # joins wake us at once; the timeout only lets silent clients age out
+
+    def status(self) -> dict[str, Any]:
+        """What the server is doing, for `fl-server status` and the metrics endpoint."""
+        with self._cond:
+            r, now = self._round, self.clock()
+            clients = {}
+            for c, info in sorted(self.clients.items()):
+                if r is not None and c in r.submitted:
+                    what = "submitted"
+                elif r is not None and c in r.silent:
+                    what = "silent"
+                elif r is not None and c in r.selected:
+                    what = "uploading" if c in r.uploading else "training"
+                elif info.polls > 0:
+                    what = "waiting"
+                else:
+                    what = "away" if now - info.last_seen > self.silence_limit else "idle"
+                clients[c] = {"state": what, "num_samples": info.num_samples, "device": info.device,
+                              "seconds_since_seen": round(now - info.last_seen, 1)}
+            return {
+                "phase": "finished" if self.finished else "training" if r is not None else "waiting",
+                "round": r.number if r is not None else self.model_version + (0 if self.finished else 1),
+                "model_version": self.model_version,
+                "selected": list(r.selected) if r is not None else [],
+                "clients": clients,
+                "live_clients": len(self._live_clients()),
+                "bytes_received": self.bytes_received,
+                "bytes_sent": self.bytes_sent,
+            }
+
+    def count_sent(self, nbytes: int) -> None:
+        with self._cond:
+            self.bytes_sent += nbytes
 
     def _live_clients(self) -> list[str]:
         now = self.clock()
@@ -390,6 +429,7 @@ class RoundState:
             assert r is not None, "no round is open"
             self._round = None
             aggregated = len(r.submitted) >= self.min_fit and not self.stopping
+            aggregate_started = time.perf_counter()
             if aggregated:
                 self._global = self._aggregator.apply(self._global)
                 version = self.model_version + 1
@@ -406,7 +446,8 @@ class RoundState:
             return RoundOutcome(round=r.number, selected=r.selected, contributors=sorted(r.submitted),
                                 num_samples=sum(r.submitted.values()), client_metrics=r.metrics,
                                 seconds=self.clock() - r.started, aggregated=aggregated, drop_reasons=reasons,
-                                opened_at=r.opened_at, closed_at=time.time(), bytes_in=r.bytes_in)
+                                opened_at=r.opened_at, closed_at=time.time(), bytes_in=r.bytes_in,
+                                aggregate_seconds=time.perf_counter() - aggregate_started)
 
     def finish(self) -> None:
         with self._cond:

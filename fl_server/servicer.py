@@ -7,6 +7,8 @@ from concurrent import futures
 from typing import NoReturn
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1.health import HealthServicer
 
 from common import convert
 from common.proto import federation_pb2 as pb
@@ -62,6 +64,7 @@ class FederationServicer:
         except _REFUSABLE as e:
             _abort(context, e)
         yield from snapshot.wire
+        self.state.count_sent(sum(map(len, snapshot.wire)))  # reached only when the whole stream went out
 
     @staticmethod
     def _serialize(snapshot: rounds.ModelSnapshot) -> list[bytes]:
@@ -99,9 +102,10 @@ class PortInUseError(OSError):
     pass
 
 
-def create_server(servicer: FederationServicer, host: str, port: int,
-                  max_workers: int = 1024) -> tuple[grpc.Server, int]:
-    """Build (not start) a server; port 0 binds a free port, which is returned."""
+def create_server(servicer: FederationServicer, host: str, port: int, max_workers: int = 1024,
+                  health: HealthServicer | None = None) -> tuple[grpc.Server, int]:
+    """Build (not start) a server; port 0 binds a free port, which is returned. With `health`, the server
+    also answers the standard gRPC health checks (grpc.health.v1) that load balancers and orchestrators use."""
     server = grpc.server(
         # Each long-polling JoinRound holds a worker thread until a round needs its client, so the
         # pool must exceed the number of clients, or unselected pollers would starve selected ones.
@@ -125,6 +129,8 @@ def create_server(servicer: FederationServicer, host: str, port: int,
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
         ])
     server.add_generic_rpc_handlers((_handlers(servicer),))
+    if health is not None:
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:
         bound = server.add_insecure_port(address)

@@ -23,7 +23,8 @@ def compose():
 
 
 def test_one_server_and_three_clients(compose):
-    assert sorted(compose["services"]) == ["client0", "client1", "client2", "server"]
+    default = sorted(name for name, service in compose["services"].items() if not service.get("profiles"))
+    assert default == ["client0", "client1", "client2", "server"]
 
 
 def test_commands_are_the_real_entry_points_with_valid_flags(compose):
@@ -46,3 +47,16 @@ def test_each_client_mounts_only_its_own_shard(compose):
         volume = volumes[0]
         source, target = (volume["source"], volume["target"]) if isinstance(volume, dict) else volume.split(":")[:2]
         assert source.endswith(f"shards/shard{i}") and target == "/data"
+
+
+def test_gpu_profile_reserves_nvidia_devices_for_clients():
+    if shutil.which("docker-compose") is None:
+        pytest.skip("docker-compose is not installed (make sysdeps installs it)")
+    done = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "--profile", "gpu", "config"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    gpu = yaml.safe_load(done.stdout)["services"]["client0-gpu"]
+    args = client_args(gpu["command"][1:])
+    assert gpu["command"][0] == "fl-client" and args.device == "cuda" and args.data == "/data"
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]

@@ -1,0 +1,90 @@
+"""Monitoring over HTTP (`--metrics-port`): Prometheus metrics at /metrics, the server's state as JSON at
+/status (what `fl-server status` prints). Values are read from the round state and the metrics log at
+scrape time, so nothing in the round loop has to remember to update them."""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.registry import Collector
+
+from fl_server.rounds import RoundState
+
+log = logging.getLogger("fl_server.monitoring")
+
+
+class FederationCollector(Collector):
+    def __init__(self, state: RoundState, records: Callable[[], list[dict[str, Any]]]):
+        self.state = state
+        self.records = records  # the rounds of metrics.jsonl so far
+
+    def collect(self) -> Iterator[Any]:
+        status = self.state.status()
+        done = [r for r in self.records() if r.get("aggregated", True)]
+        evaluated = [r for r in done if r.get("accuracy") is not None]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, value=value)
+
+        yield gauge("fl_round", "Round in progress (or next to start)", status["round"])
+        yield gauge("fl_model_version", "Global model version (aggregations so far)", status["model_version"])
+        yield CounterMetricFamily("fl_rounds_completed", "Rounds aggregated", value=len(done))
+        if evaluated:
+            yield gauge("fl_accuracy", "Test accuracy of the newest evaluated global model", evaluated[-1]["accuracy"])
+            yield gauge("fl_loss", "Test loss of the newest evaluated global model", evaluated[-1]["loss"])
+        yield gauge("fl_clients_known", "Clients that have joined since the server started", len(status["clients"]))
+        yield gauge("fl_clients_connected", "Clients heard from recently", status["live_clients"])
+        yield gauge("fl_clients_selected", "Clients selected for the round in progress", len(status["selected"]))
+        yield CounterMetricFamily("fl_clients_dropped", "Selected clients that did not contribute, over all rounds",
+                                  value=sum(len(r["dropped"]) for r in self.records()))
+        yield CounterMetricFamily("fl_bytes_received", "Payload bytes of counted updates", value=status["bytes_received"])
+        yield CounterMetricFamily("fl_bytes_sent", "Bytes of global-model streams served", value=status["bytes_sent"])
+        yield SummaryMetricFamily("fl_round_seconds", "Duration of aggregated rounds", count_value=len(done),
+                                  sum_value=sum(r["seconds"] for r in done))
+        yield SummaryMetricFamily("fl_aggregation_seconds", "Time to apply an aggregate and publish the new model",
+                                  count_value=len(done), sum_value=sum(r.get("aggregate_seconds", 0.0) for r in done))
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        log.debug("%s " + format, self.client_address[0], *args)
+
+
+class MonitoringServer:
+    def __init__(self, state: RoundState, records: Callable[[], list[dict[str, Any]]], host: str, port: int):
+        self.state = state
+        self.records = records
+        registry = CollectorRegistry()
+        registry.register(FederationCollector(state, records))
+        self._metrics_app = make_wsgi_app(registry)
+        self._server: WSGIServer = make_server(host, port, self._app, handler_class=_QuietHandler)
+        self.port = self._server.server_port
+        self._thread = threading.Thread(target=self._server.serve_forever, name="monitoring", daemon=True)
+
+    def status(self) -> dict[str, Any]:
+        records = self.records()
+        return {**self.state.status(), "latest": records[-1] if records else None}
+
+    def _app(self, environ: dict, start_response: Callable) -> list[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        if path == "/status":
+            body = json.dumps(self.status()).encode()
+            start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return [body]
+        if path == "/metrics":
+            return self._metrics_app(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"try /metrics or /status\n"]
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
