@@ -13,4 +13,6 @@ RUN python -c "import torch" 2>/dev/null || pip install --no-cache-dir --index-u
     pip install --no-cache-dir .
 # gRPC port of fl-server.
 EXPOSE 50051
-CMD ["fl-server", "--host", "0.0.0.0", "--port", "50051", "--out", "/runs/latest"]
+# Plaintext by default so that `docker-compose up` works out of the box on its private network; mount
+# certificates from fl-certs and pass --tls-cert/--tls-key instead of --insecure anywhere else.
+CMD ["fl-server", "--host", "0.0.0.0", "--port", "50051", "--out", "/runs/latest", "--insecure"]

@@ -6,7 +6,9 @@ import logging
 import signal
 import sys
 
-from common import allocator, logs
+import grpc
+
+from common import allocator, logs, tls
 from common.datasets import DataError
 from common.partition import read_shard
 from common.training import select_device
@@ -27,6 +29,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                              "--data on such a federation")
     parser.add_argument("--give-up-after", type=float, default=None, metavar="SECONDS",
                         help="exit when the server has been unreachable this long (default: keep trying)")
+    parser.add_argument("--tls-ca", help="CA certificate that signed the server's certificate (PEM, from fl-certs)")
+    parser.add_argument("--tls-cert", help="this client's certificate, for servers that require mutual TLS")
+    parser.add_argument("--tls-key", help="this client certificate's private key")
+    parser.add_argument("--insecure", action="store_true", help="plaintext, no TLS: only for localhost or a "
+                                                                "network you trust")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (there is none off a terminal anyway)")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     parser.add_argument("--log-file", help="also write the log to this file")
@@ -35,6 +42,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 class Terminated(Exception):
     pass
+
+
+def transport_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """TLS credentials from the flags; None for --insecure. Plaintext is never the silent default."""
+    given = [f for f in ("tls_ca", "tls_cert", "tls_key") if getattr(args, f)]
+    if args.insecure:
+        if given:
+            raise tls.TLSError("--insecure and TLS flags together; choose one")
+        return None
+    if not args.tls_ca:
+        raise tls.TLSError("no TLS: pass --tls-ca (the federation's ca.pem, from fl-certs), or --insecure for "
+                           "plaintext on localhost or a trusted network")
+    return tls.channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
 
 
 def _terminate(_signum: int, _frame: object) -> None:
@@ -55,10 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = select_device(args.device)
         data = read_shard(args.data) if args.data else None
-        with ServerConnection(args.server, give_up_after=args.give_up_after) as connection:
+        credentials = transport_credentials(args)
+        with ServerConnection(args.server, give_up_after=args.give_up_after, credentials=credentials) as connection:
             ClientDaemon(ClientOptions(client_id=args.id, device=device, data=data, data_root=args.data_root,
                                        progress=not args.quiet), connection).run()
-    except (DataError, ValueError) as e:
+    except (DataError, ValueError) as e:  # TLSError is a ValueError
         return logs.fail("fl-client", str(e))
     except ServerUnreachableError as e:
         return logs.fail("fl-client", str(e), code=3)

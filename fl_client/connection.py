@@ -58,11 +58,12 @@ class Backoff:
 
 class ServerConnection:
     def __init__(self, address: str, give_up_after: float | None = None,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, credentials: grpc.ChannelCredentials | None = None):
+        """`credentials`: TLS (see common.tls); None is plaintext."""
         self.address = address
         self.give_up_after = give_up_after  # seconds of failing in a row; None = keep trying forever
         self.sleep = sleep
-        self.channel = grpc.insecure_channel(address, options=[
+        options = [
             # Models arrive in 1 MiB chunks, but a large model's header (every tensor's name and shape)
             # can exceed gRPC's 4 MiB default.
             ("grpc.max_receive_message_length", 8 * 1024 * 1024),
@@ -76,7 +77,9 @@ class ServerConnection:
             ("grpc.keepalive_timeout_ms", 5_000),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
-        ])
+        ]
+        self.channel = (grpc.secure_channel(address, credentials, options=options) if credentials is not None
+                        else grpc.insecure_channel(address, options=options))
         # The streaming calls take and give serialized messages (see common.convert).
         self._join_round = self.channel.unary_unary(
             convert.JOIN_ROUND, request_serializer=pb.JoinRequest.SerializeToString,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import signal
@@ -9,10 +10,11 @@ import sys
 import threading
 import urllib.request
 
+import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import HealthServicer
 
-from common import codecs
+from common import codecs, tls
 from common import config as config_module
 from common import logs
 from common.config import Config, ConfigError
@@ -45,6 +47,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="where the server evaluates: auto, cpu, cuda, cuda:N")
     parser.add_argument("--allow-config-change", action="store_true",
                         help="resume from a checkpoint in --out even if it was made with other settings")
+    parser.add_argument("--tls-cert", help="the server's certificate (PEM; make one with fl-certs)")
+    parser.add_argument("--tls-key", help="the server certificate's private key (PEM)")
+    parser.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS); a "
+                                                "client may then act only as the id in its certificate")
+    parser.add_argument("--insecure", action="store_true",
+                        help="plaintext, no TLS: only for localhost or a network you trust")
     parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                         help="serve Prometheus metrics at /metrics and the state at /status on this HTTP port "
                              "(0 picks a free one; printed as `metrics on HOST:PORT`)")
@@ -53,6 +61,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     parser.add_argument("--log-file", help="also write the log to this file")
     return parser.parse_args(argv)
+
+
+def transport_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | None:
+    """TLS credentials from the flags; None for --insecure. Plaintext is never the silent default."""
+    given = [f for f in ("tls_cert", "tls_key", "tls_client_ca") if getattr(args, f)]
+    if args.insecure:
+        if given:
+            raise tls.TLSError("--insecure and TLS flags together; choose one")
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise tls.TLSError("no TLS certificate: pass --tls-cert and --tls-key (make them with fl-certs), or "
+                           "--insecure for plaintext on localhost or a trusted network")
+    return tls.server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def status_main(argv: list[str]) -> int:
@@ -130,9 +158,17 @@ def main(argv: list[str] | None = None) -> int:
             return logs.fail("fl-server", f"cannot write to {cfg.out}: {e.strerror}")
         log.info("resumed from %s at model version %d", run.path, checkpoint["model_version"])
 
+    try:
+        credentials = transport_credentials(args)
+    except tls.TLSError as e:
+        return logs.fail("fl-server", str(e))
+    if credentials is None and not _is_loopback(cfg.host):
+        log.warning("listening on %s without TLS: anyone who can reach it can read the model and join; use "
+                    "--tls-cert/--tls-key (fl-certs makes them) outside a trusted network", cfg.host)
     health = HealthServicer()
     try:
-        server, port = create_server(FederationServicer(state), cfg.host, cfg.port, health=health)
+        servicer = FederationServicer(state, check_identity=args.tls_client_ca is not None)
+        server, port = create_server(servicer, cfg.host, cfg.port, health=health, credentials=credentials)
     except PortInUseError as e:
         return logs.fail("fl-server", str(e))
     coordinator = Coordinator(state, rounds=cfg.rounds, model_spec=spec, test_data=test_data, run=run,

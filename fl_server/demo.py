@@ -34,7 +34,10 @@ class ServerProcess:
 
     def __init__(self, args: list[str], echo: IO[str] | None = None, env: dict[str, str] | None = None,
                  startup_timeout: float = 120.0, prefix: list[str] | None = None):
-        """`prefix` runs the server through another command, e.g. `ip netns exec NS`."""
+        """`prefix` runs the server through another command, e.g. `ip netns exec NS`. Without TLS flags
+        in `args`, the server runs with --insecure (plaintext: these helpers are for localhost)."""
+        if "--tls-cert" not in args:
+            args = [*args, "--insecure"]
         self.args = args
         self.lines: list[str] = []
         self.proc = subprocess.Popen([*(prefix or []), *command("fl-server"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -86,8 +89,10 @@ class ServerProcess:
 def start_client(client_id: str, server: str, extra: list[str] | None = None, log_file: Path | None = None,
                  env: dict[str, str] | None = None, prefix: list[str] | None = None) -> subprocess.Popen:
     out = open(log_file, "w") if log_file else subprocess.DEVNULL  # noqa: SIM115 - lives as long as the process
-    return subprocess.Popen([*(prefix or []), *command("fl-client"), "--id", client_id, "--server", server,
-                             *(extra or [])],
+    extra = list(extra or [])
+    if "--tls-ca" not in extra:
+        extra.append("--insecure")  # plaintext on localhost, as the server helper
+    return subprocess.Popen([*(prefix or []), *command("fl-client"), "--id", client_id, "--server", server, *extra],
                             stdout=out, stderr=subprocess.STDOUT, env=env)
 
 

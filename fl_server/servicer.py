@@ -10,7 +10,7 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import HealthServicer
 
-from common import convert
+from common import convert, tls
 from common.proto import federation_pb2 as pb
 from common.tensors import CHUNK_SIZE
 from fl_server import rounds
@@ -19,7 +19,12 @@ log = logging.getLogger("fl_server.servicer")
 
 LONG_POLL_SECONDS = 10.0  # how long JoinRound holds a call open before answering WAIT
 
+class IdentityMismatchError(Exception):
+    """The client's certificate names another client than its request does."""
+
+
 STATUS_FOR = {
+    IdentityMismatchError: grpc.StatusCode.PERMISSION_DENIED,
     convert.MalformedMessage: grpc.StatusCode.INVALID_ARGUMENT,
     rounds.InvalidUpdateError: grpc.StatusCode.INVALID_ARGUMENT,
     rounds.ProtocolMismatchError: grpc.StatusCode.FAILED_PRECONDITION,
@@ -43,14 +48,17 @@ _REFUSABLE = tuple(STATUS_FOR)
 class FederationServicer:
     """The three RPCs. The streaming ones take and give serialized messages (see common.convert)."""
 
-    def __init__(self, state: rounds.RoundState, long_poll: float = LONG_POLL_SECONDS):
+    def __init__(self, state: rounds.RoundState, long_poll: float = LONG_POLL_SECONDS, check_identity: bool = False):
         self.state = state
         self.long_poll = long_poll
+        # With mutual TLS, a client may only act as the id in its certificate.
+        self.check_identity = check_identity
         state.set_publisher(self._serialize)
 
     def JoinRound(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         try:
             req = convert.join_request_from_proto(request)
+            self._check_identity(context, req.client_id)
             # Answer before the client's own deadline runs out, or it would see DEADLINE_EXCEEDED.
             remaining = context.time_remaining()
             timeout = self.long_poll if remaining is None else max(0.0, min(self.long_poll, remaining - 1.0))
@@ -60,11 +68,19 @@ class FederationServicer:
 
     def GetGlobalModel(self, request: pb.ModelRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         try:
-            snapshot = self.state.model(convert.model_request_from_proto(request))
+            req = convert.model_request_from_proto(request)
+            self._check_identity(context, req.client_id)
+            snapshot = self.state.model(req)
         except _REFUSABLE as e:
             _abort(context, e)
         yield from snapshot.wire
         self.state.count_sent(sum(map(len, snapshot.wire)))  # reached only when the whole stream went out
+
+    def _check_identity(self, context: grpc.ServicerContext, client_id: str) -> None:
+        if self.check_identity:
+            certified = tls.peer_common_name(context)
+            if certified != client_id:
+                raise IdentityMismatchError(f"this client's certificate is for {certified!r}, not {client_id!r}")
 
     @staticmethod
     def _serialize(snapshot: rounds.ModelSnapshot) -> list[bytes]:
@@ -75,6 +91,7 @@ class FederationServicer:
     def SubmitUpdate(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.SubmitReply:
         try:
             header = convert.update_header_from_raw(next(request_iterator, None))
+            self._check_identity(context, header.client_id)
             chunks = convert.data_chunks(request_iterator, pb.UpdateChunk, "update")
             return convert.submit_result_to_proto(self.state.submit(header, chunks))
         except _REFUSABLE as e:
@@ -103,7 +120,8 @@ class PortInUseError(OSError):
 
 
 def create_server(servicer: FederationServicer, host: str, port: int, max_workers: int = 1024,
-                  health: HealthServicer | None = None) -> tuple[grpc.Server, int]:
+                  health: HealthServicer | None = None,
+                  credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.Server, int]:
     """Build (not start) a server; port 0 binds a free port, which is returned. With `health`, the server
     also answers the standard gRPC health checks (grpc.health.v1) that load balancers and orchestrators use."""
     server = grpc.server(
@@ -133,7 +151,8 @@ def create_server(servicer: FederationServicer, host: str, port: int, max_worker
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        bound = (server.add_secure_port(address, credentials) if credentials is not None
+                 else server.add_insecure_port(address))
     except RuntimeError:
         bound = 0
     if bound == 0:

@@ -55,8 +55,12 @@ def test_gpu_profile_reserves_nvidia_devices_for_clients():
     done = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "--profile", "gpu", "config"],
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
-    gpu = yaml.safe_load(done.stdout)["services"]["client0-gpu"]
-    args = client_args(gpu["command"][1:])
-    assert gpu["command"][0] == "fl-client" and args.device == "cuda" and args.data == "/data"
-    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
-    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    services = yaml.safe_load(done.stdout)["services"]
+    for i in range(3):
+        gpu = services[f"client{i}-gpu"]
+        args = client_args(gpu["command"][1:])
+        assert gpu["command"][0] == "fl-client" and args.id == str(i) and args.device == "cuda"
+        devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+        assert [v["source"] if isinstance(v, dict) else v.split(":")[0] for v in gpu["volumes"]][0].endswith(
+            f"shards/shard{i}")

@@ -42,7 +42,7 @@ def test_port_in_use(tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        assert_clear_error(run("fl-server", "--port", str(port), "--out", str(tmp_path)),
+        assert_clear_error(run("fl-server", "--port", str(port), "--out", str(tmp_path), "--insecure"),
                            f"cannot listen on 127.0.0.1:{port}", "--port")
 
 
@@ -56,7 +56,7 @@ def test_empty_data_folder(tmp_path):
 
 
 def test_unreachable_server():
-    done = run("fl-client", "--id", "0", "--server", f"127.0.0.1:{free_port()}", "--give-up-after", "2")
+    done = run("fl-client", "--id", "0", "--server", f"127.0.0.1:{free_port()}", "--give-up-after", "2", "--insecure")
     assert_clear_error(done, "unreachable", "check that fl-server runs there", code=3)
 
 
