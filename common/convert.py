@@ -87,6 +87,10 @@ def _client_id(value: str) -> str:
     return value
 
 
+def join_request_from_raw(message: bytes) -> m.JoinRequest:
+    return join_request_from_proto(_parse(message, pb.JoinRequest, "JoinRound request"))
+
+
 def join_request_from_proto(msg: pb.JoinRequest) -> m.JoinRequest:
     return m.JoinRequest(client_id=_client_id(msg.client_id), num_samples=msg.num_samples,
                          device=msg.device[:100], training_round=msg.training_round,
@@ -135,6 +139,10 @@ def join_decision_from_proto(msg: pb.JoinReply) -> m.JoinDecision:
 def model_request_to_proto(req: m.ModelRequest) -> pb.ModelRequest:
     return pb.ModelRequest(protocol_version=req.protocol_version, client_id=req.client_id,
                            model_version=req.model_version)
+
+
+def model_request_from_raw(message: bytes) -> m.ModelRequest:
+    return model_request_from_proto(_parse(message, pb.ModelRequest, "GetGlobalModel request"))
 
 
 def model_request_from_proto(msg: pb.ModelRequest) -> m.ModelRequest:
@@ -232,12 +240,12 @@ def _parse(message: bytes, message_type: type, what: str) -> Any:
     try:
         return message_type.FromString(message)
     except DecodeError:
-        raise MalformedMessage(f"a message of the {what} stream is not valid protobuf") from None
+        raise MalformedMessage(f"a message of the {what} is not valid protobuf") from None
 
 
 def _header_of(message: bytes | None, message_type: type, what: str) -> Any:
     _require(message is not None, f"the {what} stream is empty")
-    msg = _parse(message, message_type, what)
+    msg = _parse(message, message_type, f"{what} stream")
     _require(msg.WhichOneof("kind") == "header", f"the {what} stream must start with a header")
     return msg
 
@@ -247,7 +255,7 @@ def data_chunks(stream: Iterator[bytes], message_type: type, what: str) -> Itera
     for message in stream:
         view = _data_view(message)
         if view is None:  # not in the canonical form we write; let protobuf decide what it is
-            msg = _parse(message, message_type, what)
+            msg = _parse(message, message_type, f"{what} stream")
             _require(msg.WhichOneof("kind") == "data", f"the {what} stream carries a second header")
             view = memoryview(msg.data)
         yield view

@@ -55,9 +55,9 @@ class FederationServicer:
         self.check_identity = check_identity
         state.set_publisher(self._serialize)
 
-    def JoinRound(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+    def JoinRound(self, request: bytes, context: grpc.ServicerContext) -> pb.JoinReply:
         try:
-            req = convert.join_request_from_proto(request)
+            req = convert.join_request_from_raw(request)
             self._check_identity(context, req.client_id)
             # Answer before the client's own deadline runs out, or it would see DEADLINE_EXCEEDED.
             remaining = context.time_remaining()
@@ -66,9 +66,9 @@ class FederationServicer:
         except _REFUSABLE as e:
             _abort(context, e)
 
-    def GetGlobalModel(self, request: pb.ModelRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+    def GetGlobalModel(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         try:
-            req = convert.model_request_from_proto(request)
+            req = convert.model_request_from_raw(request)
             self._check_identity(context, req.client_id)
             snapshot = self.state.model(req)
         except _REFUSABLE as e:
@@ -99,15 +99,16 @@ class FederationServicer:
 
 
 def _handlers(servicer: FederationServicer) -> grpc.GenericRpcHandler:
-    # Written out rather than taken from the generated add_FederationServicer_to_server, so that the
-    # streaming RPCs can use the identity (de)serializer `convert.raw`. Method names and request and
-    # reply types are the generated ones.
+    # Written out rather than taken from the generated add_FederationServicer_to_server, so that requests
+    # arrive as bytes (`convert.raw`) and are parsed inside the handlers: a malformed request then gets
+    # INVALID_ARGUMENT rather than gRPC's INTERNAL "Exception deserializing request". The streaming
+    # replies are pre-serialized. Method names and message types are the generated ones.
     return grpc.method_handlers_generic_handler(convert.SERVICE, {
         "JoinRound": grpc.unary_unary_rpc_method_handler(
-            servicer.JoinRound, request_deserializer=pb.JoinRequest.FromString,
+            servicer.JoinRound, request_deserializer=convert.raw,
             response_serializer=pb.JoinReply.SerializeToString),
         "GetGlobalModel": grpc.unary_stream_rpc_method_handler(
-            servicer.GetGlobalModel, request_deserializer=pb.ModelRequest.FromString,
+            servicer.GetGlobalModel, request_deserializer=convert.raw,
             response_serializer=convert.raw),
         "SubmitUpdate": grpc.stream_unary_rpc_method_handler(
             servicer.SubmitUpdate, request_deserializer=convert.raw,
