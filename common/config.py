@@ -52,6 +52,9 @@ class Config:
         "how often working clients report in; a selected client silent for 3 heartbeats + 2 s is dropped"))
     server_lr: float = field(default=1.0, metadata=_help(
         "server learning rate applied to the averaged diff (seed: lambda); 1.0 is plain FedAvg"))
+    aggregator: str = field(default="fedavg", metadata=_help(
+        "how updates are combined: fedavg (weighted mean), or robust to malicious clients: median, "
+        "trimmed_mean:BETA, krum:F, multikrum:F:M"))
     server_optimizer: str = field(default="fedavg", metadata=_help(
         "how the averaged diff moves the global model: fedavg, fedavgm (momentum), fedadam or fedyogi"))
     server_momentum: float = field(default=0.9, metadata=_help("fedavgm's momentum"))
@@ -141,6 +144,12 @@ def validate(cfg: Config) -> None:
         codecs.parse(cfg.compression)
     except ValueError as e:
         raise ConfigError(f"config key 'compression': {e}") from None
+    try:
+        from fl_server.aggregation import parse_aggregator  # noqa: PLC0415 - the server's, imported late
+
+        parse_aggregator(cfg.aggregator)
+    except ValueError as e:
+        raise ConfigError(f"config key 'aggregator': {e}") from None
     try:
         parse_scheme(cfg.partition)
     except ValueError as e:

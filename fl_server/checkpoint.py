@@ -24,7 +24,7 @@ FINAL_MODEL = "final_model.pt"
 # Settings that change what a run computes. Changing one of them between a checkpoint and a restart
 # would silently mix two experiments; rounds, timeouts and addresses may change freely.
 _RUN_DEFINING = ("model_name", "dataset", "num_clients", "clients_per_round", "min_fit", "server_lr",
-                 "server_optimizer", "server_momentum", "server_beta1", "server_beta2", "server_tau", "mu", "clip_norm",
+                 "aggregator", "server_optimizer", "server_momentum", "server_beta1", "server_beta2", "server_tau", "mu", "clip_norm",
                  "local_epochs", "batch_size", "lr", "momentum", "weight_decay", "optimizer", "seed", "compression",
                  "partition")
 

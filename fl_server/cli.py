@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                         min_clients=cfg.effective_min_clients, min_fit=cfg.effective_min_fit,
                         round_timeout=cfg.round_timeout, server_lr=cfg.server_lr, seed=cfg.seed,
                         heartbeat_seconds=cfg.heartbeat_seconds, max_concurrent_uploads=cfg.max_uploads,
+                        aggregator=cfg.aggregator,
                         server_optimizer=ServerOptimizer(cfg.server_optimizer, cfg.server_lr, cfg.server_momentum,
                                                          cfg.server_beta1, cfg.server_beta2, cfg.server_tau))
     if checkpoint is None:

@@ -24,7 +24,7 @@ from common.messages import (
     PROTOCOL_VERSION, Action, Encoding, JoinDecision, JoinRequest, ModelRequest, SubmitResult, TrainConfig,
     UpdateHeader,
 )
-from fl_server.aggregation import FedAvg, ServerOptimizer, UpdateRejected, spec_mismatch
+from fl_server.aggregation import ServerOptimizer, UpdateRejected, make_aggregator, spec_mismatch
 
 log = logging.getLogger("fl_server.rounds")
 
@@ -121,7 +121,7 @@ class RoundState:
                  clients_per_round: int, min_clients: int, min_fit: int, round_timeout: float,
                  server_lr: float = 1.0, seed: int = 0, model_version: int = 0, heartbeat_seconds: float = 2.0,
                  max_concurrent_uploads: int = 2, server_optimizer: ServerOptimizer | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 aggregator: str = "fedavg", clock: Callable[[], float] = time.monotonic):
         self.train_config = train_config
         self.clients_per_round = clients_per_round
         self.min_clients = min_clients
@@ -143,7 +143,7 @@ class RoundState:
         self._global = {name: t.detach().cpu().clone() for name, t in global_state.items()}
         self._specs = tensors.specs_of(self._global)
         self.server_optimizer = server_optimizer or ServerOptimizer("fedavg", server_lr)
-        self._aggregator = FedAvg(self._specs, optimizer=self.server_optimizer)
+        self._aggregator = make_aggregator(self._specs, aggregator, clients_per_round, self.server_optimizer)
         self._publish: Callable[[ModelSnapshot], Any] = lambda snapshot: None
         self._snapshot = ModelSnapshot(model_version, model_version + 1, tensors.encode(self._global))
         self.codec = codecs.parse(train_config.compression)

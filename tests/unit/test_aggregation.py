@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -151,3 +152,56 @@ def test_unknown_server_optimizer():
 
     with pytest.raises(ValueError, match="unknown server optimizer"):
         ServerOptimizer("fedsgd")
+
+
+def robust(rule, rows, capacity=None):
+    from fl_server.aggregation import make_aggregator
+
+    g = {"w": torch.zeros(len(rows[0]))}
+    agg = make_aggregator(specs_of(g), rule, capacity or len(rows))
+    for row in rows:
+        agg.add({"w": torch.tensor(row, dtype=torch.float32)}, weight=1)
+    return agg.apply(g)["w"]
+
+
+HONEST = [[1.0, 2.0], [1.1, 2.1], [0.9, 1.9], [1.0, 2.2], [1.05, 1.95]]
+POISONED = HONEST + [[-50.0, 100.0], [-60.0, 90.0]]
+
+
+def test_median_and_trimmed_mean_ignore_outliers():
+    assert torch.allclose(robust("median", POISONED), torch.tensor([1.0, 2.1]))
+    # 7 updates, 2 cut at each end: the middle three of each coordinate.
+    assert torch.allclose(robust("trimmed_mean:0.29", POISONED), torch.tensor([2.9 / 3, 2.1]), atol=1e-6)
+    assert robust("fedavg", POISONED)[0] < -10  # the plain mean is dragged far away
+
+
+def test_krum_picks_an_honest_update_and_multikrum_averages_honest_ones():
+    chosen = robust("krum:2", POISONED)
+    assert any(torch.allclose(chosen, torch.tensor(h)) for h in HONEST)
+    averaged = robust("multikrum:2:3", POISONED)
+    assert 0.8 < averaged[0] < 1.2 and 1.8 < averaged[1] < 2.3
+
+
+def test_robust_rules_spill_updates_to_disk_and_reset_between_rounds():
+    from fl_server.aggregation import RobustAggregator, make_aggregator
+
+    g = {"w": torch.zeros(3), "n": torch.tensor(0)}
+    agg = make_aggregator(specs_of(g), "median", capacity=3)
+    assert isinstance(agg, RobustAggregator)
+    for value in (1.0, 2.0, 3.0):
+        agg.add({"w": torch.full((3,), value), "n": torch.tensor(2)}, weight=1)
+    assert isinstance(agg._rows, np.memmap) and agg._rows.shape == (3, 4)
+    with pytest.raises(UpdateRejected, match="already holds 3"):
+        agg.add({"w": torch.zeros(3), "n": torch.tensor(0)}, weight=1)
+    new = agg.apply(g)
+    assert torch.equal(new["w"], torch.full((3,), 2.0)) and new["n"].item() == 2
+    agg.add({"w": torch.full((3,), 5.0), "n": torch.tensor(0)}, weight=1)  # the next round starts empty
+    assert torch.equal(agg.apply(new)["w"], torch.full((3,), 7.0))
+
+
+@pytest.mark.parametrize("text", ["mean", "trimmed_mean:0.5", "krum", "krum:1.5", "multikrum:1", "median:3"])
+def test_unknown_aggregators_are_clear_errors(text):
+    from fl_server.aggregation import parse_aggregator
+
+    with pytest.raises(ValueError, match="unknown aggregator"):
+        parse_aggregator(text)

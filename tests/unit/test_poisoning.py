@@ -1,0 +1,14 @@
+"""2 of 10 clients poison their updates: plain FedAvg collapses, the robust aggregators do not.
+(The full table, with more rounds, is `python -m bench.poisoning`, in docs/security.md.)"""
+import pytest
+
+from bench.poisoning import simulate
+
+
+@pytest.mark.parametrize("attack", ["scale:-10", "noise"])
+def test_robust_aggregators_survive_what_breaks_fedavg(attack):
+    fedavg = simulate("fedavg", attack, rounds=6)
+    assert fedavg < 0.6
+    for aggregator in ("median", "trimmed_mean:0.2", "multikrum:2:6"):
+        robust = simulate(aggregator, attack, rounds=6)
+        assert robust > 0.8 and robust > fedavg + 0.25, (aggregator, robust, fedavg)
