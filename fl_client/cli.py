@@ -8,7 +8,7 @@ import sys
 
 import grpc
 
-from common import allocator, logs, tls
+from common import allocator, logs, tls, tokens
 from common.datasets import DataError
 from common.partition import read_shard
 from common.training import select_device
@@ -34,14 +34,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tls-key", help="this client certificate's private key")
     parser.add_argument("--insecure", action="store_true", help="plaintext, no TLS: only for localhost or a "
                                                                 "network you trust")
+    parser.add_argument("--token-file", help="file holding this client's secret, for servers started with "
+                                              "--client-tokens")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (there is none off a terminal anyway)")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     parser.add_argument("--log-file", help="also write the log to this file")
     return parser.parse_args(argv)
 
 
-class Terminated(Exception):
-    pass
+class Terminated(BaseException):
+    """SIGTERM. A BaseException, like KeyboardInterrupt, so that no library's `except Exception` can
+    swallow it (tqdm's did, once, when the signal landed while it started its monitor thread)."""
 
 
 def transport_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
@@ -76,10 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         device = select_device(args.device)
         data = read_shard(args.data) if args.data else None
         credentials = transport_credentials(args)
-        with ServerConnection(args.server, give_up_after=args.give_up_after, credentials=credentials) as connection:
+        token = tokens.read_secret(args.token_file) if args.token_file else None
+        with ServerConnection(args.server, give_up_after=args.give_up_after, credentials=credentials,
+                              token=token) as connection:
             ClientDaemon(ClientOptions(client_id=args.id, device=device, data=data, data_root=args.data_root,
                                        progress=not args.quiet), connection).run()
-    except (DataError, ValueError) as e:  # TLSError is a ValueError
+    except (DataError, ValueError) as e:  # TLSError and TokenError are ValueErrors
         return logs.fail("fl-client", str(e))
     except ServerUnreachableError as e:
         return logs.fail("fl-client", str(e), code=3)

@@ -10,7 +10,7 @@ from typing import TypeVar
 import grpc
 import torch
 
-from common import convert, tensors
+from common import convert, tensors, tokens
 from common import messages as m
 from common.proto import federation_pb2 as pb
 from common.tensors import CHUNK_SIZE
@@ -58,8 +58,11 @@ class Backoff:
 
 class ServerConnection:
     def __init__(self, address: str, give_up_after: float | None = None,
-                 sleep: Callable[[float], None] = time.sleep, credentials: grpc.ChannelCredentials | None = None):
-        """`credentials`: TLS (see common.tls); None is plaintext."""
+                 sleep: Callable[[float], None] = time.sleep, credentials: grpc.ChannelCredentials | None = None,
+                 token: str | None = None):
+        """`credentials`: TLS (see common.tls); None is plaintext. `token`: this client's secret
+        (common.tokens), sent with every call."""
+        self._metadata = tokens.metadata(token) if token else None
         self.address = address
         self.give_up_after = give_up_after  # seconds of failing in a row; None = keep trying forever
         self.sleep = sleep
@@ -125,20 +128,21 @@ class ServerConnection:
 
     def join(self, req: m.JoinRequest) -> m.JoinDecision:
         reply = self._call("JoinRound", lambda: self._join_round(
-            convert.join_request_to_proto(req), timeout=JOIN_DEADLINE))
+            convert.join_request_to_proto(req), timeout=JOIN_DEADLINE, metadata=self._metadata))
         return convert.join_decision_from_proto(reply)
 
     def heartbeat(self, req: m.JoinRequest, timeout: float) -> m.JoinDecision | None:
         """One attempt, no retries: a missed heartbeat costs nothing, and the main loop handles outages."""
         try:
             return convert.join_decision_from_proto(
-                self._join_round(convert.join_request_to_proto(req), timeout=timeout))
+                self._join_round(convert.join_request_to_proto(req), timeout=timeout, metadata=self._metadata))
         except (grpc.RpcError, convert.MalformedMessage):
             return None
 
     def fetch_model(self, req: m.ModelRequest) -> tuple[m.ModelHeader, dict[str, torch.Tensor]]:
         def fetch() -> tuple[m.ModelHeader, dict[str, torch.Tensor]]:
-            stream = self._get_global_model(convert.model_request_to_proto(req), timeout=TRANSFER_DEADLINE)
+            stream = self._get_global_model(convert.model_request_to_proto(req), timeout=TRANSFER_DEADLINE,
+                                            metadata=self._metadata)
             header = convert.model_header_from_raw(next(stream, None))
             size = sum(s.nbytes for s in header.payload.specs)
             if self._model_buffer is None or len(self._model_buffer) != size:
@@ -152,5 +156,5 @@ class ServerConnection:
     def submit(self, header: m.UpdateHeader, payload: tensors.Payload) -> m.SubmitResult:
         # A generator is single-use, so each retry builds a fresh stream.
         reply = self._call("SubmitUpdate", lambda: self._submit_update(
-            convert.update_stream(header, payload, CHUNK_SIZE), timeout=TRANSFER_DEADLINE))
+            convert.update_stream(header, payload, CHUNK_SIZE), timeout=TRANSFER_DEADLINE, metadata=self._metadata))
         return convert.submit_result_from_proto(reply)

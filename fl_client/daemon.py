@@ -23,6 +23,7 @@ from common.training import TrainingStopped, train
 from fl_client.connection import RequestRefusedError, ServerConnection
 
 log = logging.getLogger("fl_client")
+tqdm.monitor_interval = 0  # no monitor thread: the bars are short-lived and only shown on a terminal
 
 
 def client_index(client_id: str) -> int:

@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import HealthServicer
 
-from common import codecs, tls
+from common import codecs, tls, tokens
 from common import config as config_module
 from common import logs
 from common.config import Config, ConfigError
@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                 "client may then act only as the id in its certificate")
     parser.add_argument("--insecure", action="store_true",
                         help="plaintext, no TLS: only for localhost or a network you trust")
+    parser.add_argument("--client-tokens", metavar="FILE",
+                        help="admit only clients presenting a secret listed in FILE (`CLIENT_ID SECRET` lines)")
     parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                         help="serve Prometheus metrics at /metrics and the state at /status on this HTTP port "
                              "(0 picks a free one; printed as `metrics on HOST:PORT`)")
@@ -161,14 +163,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         credentials = transport_credentials(args)
-    except tls.TLSError as e:
+        client_tokens = tokens.read_tokens(args.client_tokens) if args.client_tokens else None
+    except (tls.TLSError, tokens.TokenError) as e:
         return logs.fail("fl-server", str(e))
     if credentials is None and not _is_loopback(cfg.host):
         log.warning("listening on %s without TLS: anyone who can reach it can read the model and join; use "
                     "--tls-cert/--tls-key (fl-certs makes them) outside a trusted network", cfg.host)
     health = HealthServicer()
     try:
-        servicer = FederationServicer(state, check_identity=args.tls_client_ca is not None)
+        servicer = FederationServicer(state, check_identity=args.tls_client_ca is not None,
+                                      client_tokens=client_tokens)
         server, port = create_server(servicer, cfg.host, cfg.port, health=health, credentials=credentials)
     except PortInUseError as e:
         return logs.fail("fl-server", str(e))

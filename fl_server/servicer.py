@@ -10,7 +10,7 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import HealthServicer
 
-from common import convert, tls
+from common import convert, tls, tokens
 from common.proto import federation_pb2 as pb
 from common.tensors import CHUNK_SIZE
 from fl_server import rounds
@@ -20,11 +20,16 @@ log = logging.getLogger("fl_server.servicer")
 LONG_POLL_SECONDS = 10.0  # how long JoinRound holds a call open before answering WAIT
 
 class IdentityMismatchError(Exception):
-    """The client's certificate names another client than its request does."""
+    """The client's credentials belong to another client than its request names."""
+
+
+class UnauthenticatedError(Exception):
+    """The request carries no valid credentials."""
 
 
 STATUS_FOR = {
     IdentityMismatchError: grpc.StatusCode.PERMISSION_DENIED,
+    UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     convert.MalformedMessage: grpc.StatusCode.INVALID_ARGUMENT,
     rounds.InvalidUpdateError: grpc.StatusCode.INVALID_ARGUMENT,
     rounds.ProtocolMismatchError: grpc.StatusCode.FAILED_PRECONDITION,
@@ -48,11 +53,14 @@ _REFUSABLE = tuple(STATUS_FOR)
 class FederationServicer:
     """The three RPCs. The streaming ones take and give serialized messages (see common.convert)."""
 
-    def __init__(self, state: rounds.RoundState, long_poll: float = LONG_POLL_SECONDS, check_identity: bool = False):
+    def __init__(self, state: rounds.RoundState, long_poll: float = LONG_POLL_SECONDS, check_identity: bool = False,
+                 client_tokens: dict[str, str] | None = None):
         self.state = state
         self.long_poll = long_poll
-        # With mutual TLS, a client may only act as the id in its certificate.
+        # With mutual TLS, a client may only act as the id in its certificate; with tokens, as the id
+        # whose secret it presents.
         self.check_identity = check_identity
+        self.client_tokens = client_tokens
         state.set_publisher(self._serialize)
 
     def JoinRound(self, request: bytes, context: grpc.ServicerContext) -> pb.JoinReply:
@@ -81,6 +89,13 @@ class FederationServicer:
             certified = tls.peer_common_name(context)
             if certified != client_id:
                 raise IdentityMismatchError(f"this client's certificate is for {certified!r}, not {client_id!r}")
+        if self.client_tokens is not None:
+            owner = tokens.owner_of(tokens.presented(context.invocation_metadata()), self.client_tokens)
+            if owner is None:
+                raise UnauthenticatedError("no valid client token; start fl-client with --token-file holding the "
+                                           "secret the server lists for this client")
+            if owner != client_id:
+                raise IdentityMismatchError(f"this token belongs to another client than {client_id!r}")
 
     @staticmethod
     def _serialize(snapshot: rounds.ModelSnapshot) -> list[bytes]:
