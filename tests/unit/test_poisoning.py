@@ -7,8 +7,9 @@ from bench.poisoning import simulate
 
 @pytest.mark.parametrize("attack", ["scale:-10", "noise"])
 def test_robust_aggregators_survive_what_breaks_fedavg(attack):
-    fedavg = simulate("fedavg", attack, rounds=6)
+    # Measured (8 rounds): FedAvg 16% / 39%; median, trimmed mean and multi-Krum 88-90% under both.
+    fedavg = simulate("fedavg", attack, rounds=8)
     assert fedavg < 0.6
     for aggregator in ("median", "trimmed_mean:0.2", "multikrum:2:6"):
-        robust = simulate(aggregator, attack, rounds=6)
-        assert robust > 0.8 and robust > fedavg + 0.25, (aggregator, robust, fedavg)
+        robust = simulate(aggregator, attack, rounds=8)
+        assert robust > 0.83 and robust > fedavg + 0.3, (aggregator, robust, fedavg)
