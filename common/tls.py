@@ -42,6 +42,18 @@ def channel_credentials(ca: str, cert: str | None = None, key: str | None = None
                                         private_key=_read(key, "TLS key"), certificate_chain=_read(cert, "TLS certificate"))
 
 
+def wants_plaintext(insecure: bool, tls_flags_given: bool, tls_complete: bool, missing: str) -> bool:
+    """Plaintext is never the silent default: True for --insecure without TLS flags, False when the
+    TLS flags are complete; anything else raises TLSError (`missing` says which flags to pass)."""
+    if insecure:
+        if tls_flags_given:
+            raise TLSError("--insecure and TLS flags together; choose one")
+        return True
+    if not tls_complete:
+        raise TLSError(f"{missing}, or --insecure for plaintext on localhost or a trusted network")
+    return False
+
+
 def peer_common_name(context: grpc.ServicerContext) -> str | None:
     """The common name of the client's verified certificate, or None without mutual TLS."""
     names = context.auth_context().get("x509_common_name")

@@ -48,15 +48,10 @@ class Terminated(BaseException):
 
 
 def transport_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
-    """TLS credentials from the flags; None for --insecure. Plaintext is never the silent default."""
-    given = [f for f in ("tls_ca", "tls_cert", "tls_key") if getattr(args, f)]
-    if args.insecure:
-        if given:
-            raise tls.TLSError("--insecure and TLS flags together; choose one")
+    """TLS credentials from the flags; None for --insecure."""
+    if tls.wants_plaintext(args.insecure, any((args.tls_ca, args.tls_cert, args.tls_key)), bool(args.tls_ca),
+                           "no TLS: pass --tls-ca (the federation's ca.pem, from fl-certs)"):
         return None
-    if not args.tls_ca:
-        raise tls.TLSError("no TLS: pass --tls-ca (the federation's ca.pem, from fl-certs), or --insecure for "
-                           "plaintext on localhost or a trusted network")
     return tls.channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
 
 

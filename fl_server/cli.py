@@ -66,15 +66,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def transport_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | None:
-    """TLS credentials from the flags; None for --insecure. Plaintext is never the silent default."""
-    given = [f for f in ("tls_cert", "tls_key", "tls_client_ca") if getattr(args, f)]
-    if args.insecure:
-        if given:
-            raise tls.TLSError("--insecure and TLS flags together; choose one")
+    """TLS credentials from the flags; None for --insecure."""
+    if tls.wants_plaintext(args.insecure, any((args.tls_cert, args.tls_key, args.tls_client_ca)),
+                           bool(args.tls_cert and args.tls_key),
+                           "no TLS certificate: pass --tls-cert and --tls-key (make them with fl-certs)"):
         return None
-    if not (args.tls_cert and args.tls_key):
-        raise tls.TLSError("no TLS certificate: pass --tls-cert and --tls-key (make them with fl-certs), or "
-                           "--insecure for plaintext on localhost or a trusted network")
     return tls.server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
 
 
