@@ -41,8 +41,11 @@ def tiny_change(specs: list[tensors.TensorSpec], seed: int = 0) -> tensors.Paylo
 
 
 class SimulatedClient:
-    def __init__(self, client_id: str, address: str, stats: LoadStats, num_samples: int = 100):
+    def __init__(self, client_id: str, address: str, stats: LoadStats, num_samples: int = 100,
+                 rounds: int | None = None):
+        """`rounds`: leave after training this many rounds (None: until the server says FINISHED)."""
         self.client_id = client_id
+        self.rounds_left = rounds
         self.stats = stats
         self.num_samples = num_samples
         self.channel = grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 8 << 20)])
@@ -66,6 +69,10 @@ class SimulatedClient:
                 if decision.action is m.Action.TRAIN:
                     self.stats.train_received.setdefault(decision.round, []).append(time.time())
                     await self.one_round(decision)
+                    if self.rounds_left is not None:
+                        self.rounds_left -= 1
+                        if self.rounds_left <= 0:
+                            return
         except grpc.aio.AioRpcError as e:
             self.stats.errors.append(f"{self.client_id}: {e.code().name} {e.details()}")
         finally:
@@ -86,7 +93,20 @@ class SimulatedClient:
         # Only the header differs between clients; the data messages are built once and shared.
         messages = [next(convert.update_stream(update, payload, tensors.CHUNK_SIZE)), *data_messages]
         self.stats.bytes_up += sum(len(x) for x in messages)
-        reply = await self.submit(iter(messages), timeout=600)
+        admitted = asyncio.Event()
+
+        async def stream():  # as fl-client does: the data waits for the server's admission
+            yield messages[0]
+            await admitted.wait()
+            for message in messages[1:]:
+                yield message
+
+        call = self.submit(stream(), timeout=600)
+        try:
+            await call.initial_metadata()
+        finally:
+            admitted.set()
+        reply = await call
         if not reply.accepted:
             self.stats.errors.append(f"{self.client_id}: update refused: {reply.message}")
         self.stats.submits += 1
@@ -103,12 +123,12 @@ def _shared_change(specs: list[tensors.TensorSpec]) -> tuple[tensors.Payload, li
     return _SHARED[key]
 
 
-async def run_clients(address: str, count: int, prefix: str = "sim") -> LoadStats:
+async def run_clients(address: str, count: int, prefix: str = "sim", rounds: int | None = None) -> LoadStats:
     stats = LoadStats()
-    clients = [SimulatedClient(f"{prefix}{i}", address, stats) for i in range(count)]
+    clients = [SimulatedClient(f"{prefix}{i}", address, stats, rounds=rounds) for i in range(count)]
     await asyncio.gather(*(c.run() for c in clients))
     return stats
 
 
-def run(address: str, count: int, prefix: str = "sim") -> LoadStats:
-    return asyncio.run(run_clients(address, count, prefix))
+def run(address: str, count: int, prefix: str = "sim", rounds: int | None = None) -> LoadStats:
+    return asyncio.run(run_clients(address, count, prefix, rounds))

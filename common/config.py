@@ -79,8 +79,11 @@ class Config:
     host: str = field(default="127.0.0.1", metadata=_help(
         "address to listen on (0.0.0.0 or [::] for every interface)"))
     port: int = field(default=50051, metadata=_help("port to listen on; 0 picks a free one"))
-    max_uploads: int = field(default=2, metadata=_help(
-        "updates received at once (one model of memory each); more uploads wait their turn"))
+    max_uploads: int = field(default=1, metadata=_help(
+        "updates received at once (one model of memory each); more uploads wait their turn. Raise it "
+        "when clients upload over slow links, so that one slow client does not hold up the others"))
+    max_downloads: int = field(default=8, metadata=_help(
+        "global-model streams served at once (about one 1 MiB chunk of memory each); more wait their turn"))
     out: str = field(default="runs/latest", metadata=_help(
         "folder for metrics.jsonl, checkpoints and final_model.pt"))
 
@@ -154,7 +157,8 @@ def validate(cfg: Config) -> None:
         parse_scheme(cfg.partition)
     except ValueError as e:
         raise ConfigError(f"config key 'partition': {e}") from None
-    for key in ("num_clients", "rounds", "clients_per_round", "local_epochs", "batch_size", "max_uploads"):
+    for key in ("num_clients", "rounds", "clients_per_round", "local_epochs", "batch_size", "max_uploads",
+                "max_downloads"):
         need(getattr(cfg, key) >= 1, key, "must be at least 1")
     for key in ("min_clients", "min_fit", "seed"):
         need(getattr(cfg, key) >= 0, key, "must be 0 or more")

@@ -192,6 +192,11 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Federation"].full_name
 JOIN_ROUND = f"/{SERVICE}/JoinRound"
 GET_GLOBAL_MODEL = f"/{SERVICE}/GetGlobalModel"
 SUBMIT_UPDATE = f"/{SERVICE}/SubmitUpdate"
+# SubmitUpdate's admission: the server sends its initial metadata once it has a receive buffer for the
+# update, and the client holds its data chunks back until then, so that uploads waiting their turn sit
+# in neither side's gRPC buffers. (Initial metadata is the one thing a server can send mid-way through a
+# client-streaming call.) A client that does not wait is still served, only less thriftily.
+UPLOAD_ADMITTED = (("fl-upload", "admitted"),)
 
 # `data` is field 2, length-delimited (wire type 2), in both ModelChunk and UpdateChunk.
 _DATA_TAG = (2 << 3) | 2

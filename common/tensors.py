@@ -6,9 +6,10 @@ order and described by a list of `TensorSpec`s. Received bytes are only ever rei
 """
 from __future__ import annotations
 
+import itertools
 import math
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -153,9 +154,12 @@ class PayloadReceiver:
     that lies about its size cannot make us allocate more than the model we already hold.
     """
 
-    def __init__(self, specs: list[TensorSpec], expected_checksum: int, buffer: bytearray | None = None):
+    def __init__(self, specs: list[TensorSpec], expected_checksum: int, buffer: bytearray | None = None,
+                 on_tensor: Callable[[str, torch.Tensor], None] | None = None):
         """`buffer`, when given, is reused instead of allocating: writing into fresh memory costs page
-        faults that halve the receive rate of a large model."""
+        faults that halve the receive rate of a large model. `on_tensor(name, tensor)` is called as soon
+        as each tensor's bytes are all in (before the checksum is known), so that checks of the values
+        run while the rest is still streaming; it may raise to refuse the payload early."""
         self.specs = specs
         self.expected_checksum = expected_checksum
         self.total_bytes = sum(s.nbytes for s in specs)
@@ -165,6 +169,10 @@ class PayloadReceiver:
         self._view = memoryview(self._buffer)
         self._received = 0
         self._hash = xxhash.xxh3_64()
+        self._tensors = decode(specs, self._view[:self.total_bytes])  # views, filled in as bytes arrive
+        self._on_tensor = on_tensor
+        self._ends = list(itertools.accumulate(s.nbytes for s in specs))
+        self._complete = 0  # tensors whose bytes are all in
 
     def add(self, chunk: bytes | memoryview) -> None:
         end = self._received + len(chunk)
@@ -173,6 +181,11 @@ class PayloadReceiver:
         self._view[self._received:end] = chunk
         self._hash.update(chunk)
         self._received = end
+        while self._complete < len(self.specs) and self._ends[self._complete] <= end:
+            if self._on_tensor is not None:
+                name = self.specs[self._complete].name
+                self._on_tensor(name, self._tensors[name])
+            self._complete += 1
 
     def finish(self) -> dict[str, torch.Tensor]:
         if self._received != self.total_bytes:
@@ -180,7 +193,7 @@ class PayloadReceiver:
                                "its header announced")
         if self._hash.intdigest() != self.expected_checksum:
             raise PayloadError("payload checksum does not match its header (corrupted or reordered chunks)")
-        return decode(self.specs, self._view[:self.total_bytes])
+        return self._tensors
 
 
 def decode(specs: Iterable[TensorSpec], data: bytes | bytearray | memoryview) -> dict[str, torch.Tensor]:

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import grpc
@@ -154,7 +155,20 @@ class ServerConnection:
         return self._call("GetGlobalModel", fetch)
 
     def submit(self, header: m.UpdateHeader, payload: tensors.Payload) -> m.SubmitResult:
-        # A generator is single-use, so each retry builds a fresh stream.
-        reply = self._call("SubmitUpdate", lambda: self._submit_update(
-            convert.update_stream(header, payload, CHUNK_SIZE), timeout=TRANSFER_DEADLINE, metadata=self._metadata))
-        return convert.submit_result_from_proto(reply)
+        def attempt() -> pb.SubmitReply:  # a stream is single-use, so each retry builds a fresh one
+            admitted = threading.Event()
+
+            def stream() -> Iterator[bytes]:
+                messages = convert.update_stream(header, payload, CHUNK_SIZE)
+                yield next(messages)  # the header: the server checks it, then admits the data (convert.UPLOAD_ADMITTED)
+                admitted.wait()
+                yield from messages
+
+            call = self._submit_update.future(stream(), timeout=TRANSFER_DEADLINE, metadata=self._metadata)
+            try:
+                call.initial_metadata()  # returns when the server admits the upload, or the call ends
+            finally:
+                admitted.set()
+            return call.result()
+
+        return convert.submit_result_from_proto(self._call("SubmitUpdate", attempt))

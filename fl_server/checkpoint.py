@@ -6,12 +6,12 @@ so a `kill -9` at any moment leaves either the old file or the new one, never ha
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+from collections.abc import Callable
 
 import torch
 
@@ -38,10 +38,15 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes | Callable[[BinaryIO], Any]) -> None:
+    """`data`: the bytes, or a function that writes them to the open file (so that a model is written
+    straight from its tensors instead of being assembled in memory first)."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
-        f.write(data)
+        if callable(data):
+            data(f)
+        else:
+            f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -53,10 +58,8 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def _torch_bytes(obj: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
+def _torch_writer(obj: Any) -> Callable[[BinaryIO], None]:
+    return lambda f: torch.save(obj, f)
 
 
 class RunFolder:
@@ -65,7 +68,7 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
 
     def save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        write_atomically(self.path / CHECKPOINT, _torch_bytes(checkpoint))
+        write_atomically(self.path / CHECKPOINT, _torch_writer(checkpoint))
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         path = self.path / CHECKPOINT
@@ -86,5 +89,5 @@ class RunFolder:
 
     def save_final_model(self, state: dict[str, torch.Tensor]) -> Path:
         path = self.path / FINAL_MODEL
-        write_atomically(path, _torch_bytes(state))
+        write_atomically(path, _torch_writer(state))
         return path

@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import HealthServicer
 
-from common import codecs, tls, tokens
+from common import allocator, codecs, tls, tokens
 from common import config as config_module
 from common import logs
 from common.config import Config, ConfigError
@@ -115,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["status"]:
         return status_main(argv[1:])
     args = parse_args(argv)
+    # One heap for all threads, kept rather than returned to the kernel: memory a handler thread frees is
+    # then reused by the next one (measured with 50 clients: 5.6 models of peak memory above idle with
+    # one heap, 8.3 with glibc's default of one per thread).
+    allocator.keep_freed_memory(arenas=1)
     try:
         logs.configure(args.log_level, args.log_file)
         cfg = config_module.from_arguments(args)
@@ -168,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     health = HealthServicer()
     try:
         servicer = FederationServicer(state, check_identity=args.tls_client_ca is not None,
-                                      client_tokens=client_tokens)
+                                      client_tokens=client_tokens, max_downloads=cfg.max_downloads)
         server, port = create_server(servicer, cfg.host, cfg.port, health=health, credentials=credentials)
     except PortInUseError as e:
         return logs.fail("fl-server", str(e))

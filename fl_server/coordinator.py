@@ -32,7 +32,7 @@ class Coordinator:
         self.state = state
         self.rounds = rounds
         self.model = build_model(model_spec)
-        self.test_loader = BatchLoader(test_data, batch_size=512, device=device)
+        self.test_loader = BatchLoader(test_data, batch_size=128, device=device)
         self.device = torch.device(device)
         self.run_folder = run
         self.checkpoint_extra = checkpoint_extra  # config hash and model spec, to check on resume

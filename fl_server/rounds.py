@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,9 @@ from common.messages import (
     PROTOCOL_VERSION, Action, Encoding, JoinDecision, JoinRequest, ModelRequest, SubmitResult, TrainConfig,
     UpdateHeader,
 )
-from fl_server.aggregation import ServerOptimizer, UpdateRejected, make_aggregator, spec_mismatch
+from fl_server.aggregation import (
+    ServerOptimizer, UpdateRejected, largest_magnitude, make_aggregator, spec_mismatch,
+)
 
 log = logging.getLogger("fl_server.rounds")
 
@@ -109,6 +112,7 @@ class _OpenRound:
     uploading: set[str] = field(default_factory=set)
     silent: dict[str, str] = field(default_factory=dict)  # client -> why it was given up on
     bytes_in: int = 0  # payload bytes of the counted updates
+    folding: int = 0  # accepted updates not yet folded into the sum
 
     @property
     def settled(self) -> bool:
@@ -120,7 +124,7 @@ class RoundState:
     def __init__(self, *, global_state: Mapping[str, torch.Tensor], train_config: TrainConfig,
                  clients_per_round: int, min_clients: int, min_fit: int, round_timeout: float,
                  server_lr: float = 1.0, seed: int = 0, model_version: int = 0, heartbeat_seconds: float = 2.0,
-                 max_concurrent_uploads: int = 2, server_optimizer: ServerOptimizer | None = None,
+                 max_concurrent_uploads: int = 1, server_optimizer: ServerOptimizer | None = None,
                  aggregator: str = "fedavg", clock: Callable[[], float] = time.monotonic):
         self.train_config = train_config
         self.clients_per_round = clients_per_round
@@ -141,6 +145,7 @@ class RoundState:
         self._cond = threading.Condition()
         self._round: _OpenRound | None = None
         self._global = {name: t.detach().cpu().clone() for name, t in global_state.items()}
+        self._retired: dict[str, torch.Tensor] | None = None  # a replaced global state, to reuse as sums
         self._specs = tensors.specs_of(self._global)
         self.server_optimizer = server_optimizer or ServerOptimizer("fedavg", server_lr)
         self._aggregator = make_aggregator(self._specs, aggregator, clients_per_round, self.server_optimizer)
@@ -155,6 +160,12 @@ class RoundState:
         self._upload_buffers: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
         for _ in range(max_concurrent_uploads):
             self._upload_buffers.put(None)  # allocated on first use
+        # An accepted update is folded into the sum on this thread, after its client has the answer: the
+        # answer rests on the checks, which all run before it, and a checked update cannot fail to fold.
+        # The client's upload time then ends with the checks, and the next upload is received while the
+        # last one is folded. close_round waits for the folds; a fold returns its receive buffer.
+        self._folder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fold")
+        self._fold_lock = threading.Lock()  # guards the aggregator: fold, install, apply, reset
 
     def set_publisher(self, publish: Callable[[ModelSnapshot], Any]) -> None:
         """`publish(snapshot)` runs once per model version, as soon as it exists; its result is kept as
@@ -234,8 +245,11 @@ class RoundState:
                                   f"{snapshot.version}: join again")
         return snapshot
 
-    def submit(self, header: UpdateHeader, chunks: Iterable[bytes]) -> SubmitResult:
-        """Receive one update and fold it into the round's aggregate, or refuse it untouched."""
+    def submit(self, header: UpdateHeader, chunks: Iterable[bytes],
+               on_admitted: Callable[[], None] = lambda: None) -> SubmitResult:
+        """Receive one update and fold it into the round's aggregate, or refuse it untouched.
+        `on_admitted()` runs once a receive buffer is reserved for the update, just before its data is
+        read: the servicer tells the client there that it may send the data now."""
         self._check_protocol(header.protocol_version)
         with self._cond:
             r = self._check_submittable(header)
@@ -247,22 +261,36 @@ class RoundState:
                                             "is already in progress")
             self._check_header(header)
             r.uploading.add(header.client_id)
-        buffer = None
+        buffer, handed_to_folder = None, False
         try:
             buffer = self._upload_buffers.get()
             buffer = buffer or bytearray(header.payload.total_bytes)
-            return self._receive_and_fold(r, header, chunks, buffer)
+            on_admitted()
+            result, handed_to_folder = self._receive_and_check(r, header, chunks, buffer)
+            return result
         finally:
-            self._upload_buffers.put(buffer)  # None if the allocation failed: allocated next time
+            if not handed_to_folder:
+                self._upload_buffers.put(buffer)  # None if the allocation failed: allocated next time
             with self._cond:
                 r.uploading.discard(header.client_id)
 
-    def _receive_and_fold(self, r: _OpenRound, header: UpdateHeader, chunks: Iterable[bytes | memoryview],
-                          buffer: bytearray) -> SubmitResult:
+    def _receive_and_check(self, r: _OpenRound, header: UpdateHeader, chunks: Iterable[bytes | memoryview],
+                           buffer: bytearray) -> tuple[SubmitResult, bool]:
+        """Receive an update into `buffer` and check it; if it is accepted, its fold is queued and owns
+        `buffer` from then on (the second value is True)."""
         started = time.perf_counter()
         try:
             # Outside the lock: uploads from different clients stream in parallel.
-            receiver = tensors.PayloadReceiver(header.payload.specs, header.payload.checksum, buffer)
+            # Uncompressed, the received tensors are the diff: scan each for NaN, Inf and its largest
+            # value the moment its bytes are in, while later ones are still streaming.
+            largest = 0.0 if self.codec.name == "none" else None
+
+            def scan(name: str, tensor: torch.Tensor) -> None:
+                nonlocal largest
+                largest = max(largest, largest_magnitude(name, tensor))
+
+            receiver = tensors.PayloadReceiver(header.payload.specs, header.payload.checksum, buffer,
+                                               on_tensor=scan if largest is not None else None)
             received_chunks = 0
             for chunk in chunks:
                 receiver.add(chunk)
@@ -272,30 +300,46 @@ class RoundState:
                 raise InvalidUpdateError(f"update announced {header.payload.num_chunks} chunks but sent "
                                          f"{received_chunks}")
             diff = codecs.decode(wire, self._specs, self.codec)
-        except (tensors.PayloadError, codecs.CodecError) as e:
+            received = time.perf_counter()
+            self._aggregator.check(diff, header.num_samples, largest)
+        except (tensors.PayloadError, codecs.CodecError, UpdateRejected) as e:
             raise InvalidUpdateError(str(e)) from None
-        received = time.perf_counter()
         with self._cond:
             # The round may have closed while the bytes were streaming in.
             if self._round is not r:
                 raise StaleRoundError(f"round {r.number} closed while the update was uploading")
             if header.client_id in r.submitted:
-                return SubmitResult(accepted=True, duplicate=True, message="already counted")
-            try:
-                self._aggregator.add(diff, header.num_samples)
-            except UpdateRejected as e:
-                raise InvalidUpdateError(str(e)) from None
+                return SubmitResult(accepted=True, duplicate=True, message="already counted"), False
+            r.folding += 1
             r.submitted[header.client_id] = header.num_samples
             r.bytes_in += header.payload.total_bytes
             self.bytes_received += header.payload.total_bytes
             r.silent.pop(header.client_id, None)
             r.metrics[header.client_id] = dict(header.metrics)
             self.clients[header.client_id].last_seen = self.clock()
-            log.info("round %d: update from %s (%d samples, %.1f MB received in %.3f s, folded in %.3f s), %d/%d in",
+            log.info("round %d: update from %s (%d samples, %.1f MB received in %.3f s, checked in %.3f s), %d/%d in",
                      r.number, header.client_id, header.num_samples, header.payload.total_bytes / 1e6,
                      received - started, time.perf_counter() - received, len(r.submitted), len(r.selected))
             self._cond.notify_all()
-        return SubmitResult(accepted=True, message=f"update for round {r.number} counted")
+        self._folder.submit(self._fold, r, header.client_id, diff, header.num_samples, buffer)
+        return SubmitResult(accepted=True, message=f"update for round {r.number} counted"), True
+
+    def _fold(self, r: _OpenRound, client_id: str, diff: dict[str, torch.Tensor], weight: int,
+              buffer: bytearray) -> None:
+        try:
+            with self._fold_lock:
+                self._aggregator.fold(diff, weight)
+        except Exception as e:  # a bug, since the update passed every check: count it out, loudly
+            log.exception("round %d: folding the update from %s failed", r.number, client_id)
+            with self._cond:
+                r.submitted.pop(client_id, None)
+                r.silent[client_id] = f"its update could not be folded in ({e})"
+        finally:
+            del diff  # views of `buffer`
+            self._upload_buffers.put(buffer)
+            with self._cond:
+                r.folding -= 1
+                self._cond.notify_all()
 
     def _check_protocol(self, version: int) -> None:
         if version != PROTOCOL_VERSION:
@@ -387,7 +431,8 @@ class RoundState:
             k = min(self.clients_per_round, len(live))
             selected = sorted(self.rng.choice(live, size=k, replace=False).tolist()) if k else []
             now = self.clock()
-            self._aggregator.reset()
+            with self._fold_lock:
+                self._aggregator.reset()
             self._round = _OpenRound(number=self.model_version + 1, selected=selected,
                                      deadline=now + self.round_timeout, started=now, opened_at=time.time())
             log.info("round %d started with %s", self._round.number, selected)
@@ -399,9 +444,12 @@ class RoundState:
         we are stopping."""
         # Zeroing a model-sized sum costs page faults: pay them now, while clients train, not when the
         # first update arrives.
-        sums = self._aggregator.empty_sums()
         with self._cond:
+            recycle, self._retired = self._retired, None
+        sums = self._aggregator.empty_sums(recycle)
+        with self._fold_lock:
             self._aggregator.install(sums)
+        with self._cond:
             r = self._round
             assert r is not None, "no round is open"
             while not self.stopping:
@@ -427,11 +475,18 @@ class RoundState:
         with self._cond:
             r = self._round
             assert r is not None, "no round is open"
-            self._round = None
+            self._round = None  # no more uploads are accepted into it...
+            while r.folding:  # ...and those accepted are all folded in
+                self._cond.wait()
             aggregated = len(r.submitted) >= self.min_fit and not self.stopping
             aggregate_started = time.perf_counter()
             if aggregated:
-                self._global = self._aggregator.apply(self._global)
+                # The new state is computed in the sums' memory; the old one becomes the next round's
+                # sums (wait_until_complete), by which time its evaluation has finished (the
+                # coordinator waits for it before opening another round) and no reader is left.
+                self._retired = self._global
+                with self._fold_lock:
+                    self._global = self._aggregator.apply(self._global)
                 version = self.model_version + 1
                 # Let the old version's serialized form go before making the new one (streams sending it
                 # hold their own copy of the snapshot, see model()), so two never sit in memory side by side.
@@ -439,7 +494,8 @@ class RoundState:
                 snapshot = ModelSnapshot(version, version + 1, tensors.encode(self._global))
                 snapshot.wire = self._publish(snapshot)
                 self._snapshot = snapshot
-            self._aggregator.reset()
+            with self._fold_lock:
+                self._aggregator.reset()
             self._cond.notify_all()
             reasons = {c: r.silent.get(c, "stopping" if self.stopping else "no update by the round's deadline")
                        for c in r.selected if c not in r.submitted}

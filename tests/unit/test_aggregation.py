@@ -205,3 +205,12 @@ def test_unknown_aggregators_are_clear_errors(text):
 
     with pytest.raises(ValueError, match="unknown aggregator"):
         parse_aggregator(text)
+
+
+def test_sums_reuse_a_retired_state_when_dtypes_allow():
+    specs = specs_of({"w": torch.zeros(4), "n": torch.tensor(0)})
+    retired = {"w": torch.ones(4), "n": torch.tensor(7)}
+    sums = FedAvg(specs).empty_sums(recycle=retired)
+    assert sums["w"].data_ptr() == retired["w"].data_ptr() and torch.equal(sums["w"], torch.zeros(4))
+    # Integer buffers are summed in float64, so theirs cannot be reused.
+    assert sums["n"].dtype == torch.float64 and float(sums["n"]) == 0.0

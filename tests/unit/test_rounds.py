@@ -313,3 +313,73 @@ def test_compressed_updates_are_decoded_and_other_codecs_refused():
     outcome = state.close_round()
     assert outcome.bytes_in == payload.total_bytes < tensors.encode(diff(1.0)).total_bytes
     assert torch.allclose(state.global_state["w"], torch.ones(3)) and state.global_state["n"].item() == 3
+
+
+def test_data_is_read_only_after_the_upload_is_admitted():
+    state = started(max_concurrent_uploads=1)
+    header, payload = update(state, "a", diff(1.0))
+    events = []
+
+    def chunks():
+        events.append("first chunk read")
+        yield from payload.chunks()
+
+    state.submit(header, chunks(), on_admitted=lambda: events.append("admitted"))
+    assert events == ["admitted", "first chunk read"]
+
+
+def test_an_upload_waits_for_a_free_buffer_before_it_is_admitted():
+    state = started(max_concurrent_uploads=1)
+    header_a, payload_a = update(state, "a", diff(1.0))
+    header_b, payload_b = update(state, "b", diff(3.0))
+    release_a, b_admitted = threading.Event(), threading.Event()
+
+    def slow_chunks():
+        release_a.wait(5)
+        yield from payload_a.chunks()
+
+    uploading_a = threading.Thread(target=state.submit, args=(header_a, slow_chunks()))
+    uploading_a.start()
+    time.sleep(0.1)  # a holds the only buffer now
+    uploading_b = threading.Thread(target=state.submit, args=(header_b, payload_b.chunks()),
+                                   kwargs={"on_admitted": b_admitted.set})
+    uploading_b.start()
+    assert not b_admitted.wait(0.3)
+    release_a.set()
+    assert b_admitted.wait(5)
+    uploading_a.join(5)
+    uploading_b.join(5)
+    state.wait_until_complete()
+    assert state.close_round().contributors == ["a", "b"]
+    assert torch.equal(state.global_state["w"], torch.full((3,), 2.0))
+
+
+def test_closing_a_round_waits_for_accepted_updates_to_be_folded(monkeypatch):
+    state = started()
+    real_fold = state._aggregator.fold
+
+    def slow_fold(*args):
+        time.sleep(0.3)
+        real_fold(*args)
+
+    monkeypatch.setattr(state._aggregator, "fold", slow_fold)
+    assert submit(state, "a", diff(1.0)).accepted  # answered before its fold is done
+    assert submit(state, "b", diff(3.0)).accepted
+    outcome = state.close_round()
+    assert outcome.aggregated and outcome.contributors == ["a", "b"]
+    assert torch.equal(state.global_state["w"], torch.full((3,), 2.0))
+
+
+def test_a_round_reuses_the_replaced_model_as_its_sums():
+    state = started(k=1)
+    initial = state.global_state["w"]
+    submit(state, "a", diff(1.0))
+    state.close_round()  # round 1's model lives in round 1's sums; the initial model is retired
+    after_round_1 = state.global_state["w"]
+    state.open_round()
+    threading.Thread(target=lambda: (time.sleep(0.1), submit(state, "a", diff(2.0)))).start()
+    state.wait_until_complete()  # prepares round 2's sums in the retired model's memory
+    state.close_round()
+    assert torch.equal(state.global_state["w"], torch.full((3,), 3.0))
+    assert state.global_state["w"].data_ptr() == initial.data_ptr()
+    assert torch.equal(after_round_1, torch.full((3,), 1.0))  # the model before is left alone

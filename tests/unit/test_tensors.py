@@ -125,3 +125,35 @@ def test_encoding_does_not_copy_contiguous_cpu_tensors():
     payload = tensors.encode({"t": t})
     t[0] = 1.0  # the payload views the tensor's own memory
     assert payload.data[:4] == torch.tensor([1.0]).numpy().tobytes()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 8, 1000])
+def test_receiver_hands_over_each_tensor_as_soon_as_its_bytes_are_in(chunk_size):
+    state = {"a": torch.arange(3.0), "empty": torch.zeros(0), "b": torch.arange(5, dtype=torch.int64)}
+    payload = tensors.encode(state)
+    seen = []
+
+    def on_tensor(name, tensor):
+        seen.append((name, receiver._received, tensor.clone()))
+
+    receiver = PayloadReceiver(payload.specs, payload.checksum, on_tensor=on_tensor)
+    for chunk in payload.chunks(chunk_size):
+        receiver.add(chunk)
+    receiver.finish()
+    assert [name for name, _, _ in seen] == ["a", "empty", "b"]
+    ends = {"a": 12, "empty": 12, "b": 52}
+    for name, received, tensor in seen:
+        assert received < ends[name] + chunk_size  # called by the chunk that completed it
+        assert torch.equal(tensor, state[name])
+
+
+def test_receiver_stops_at_a_tensor_the_callback_refuses():
+    payload = tensors.encode({"a": torch.ones(2), "b": torch.ones(2)})
+
+    def refuse(name, tensor):
+        raise ValueError(f"no {name}")
+
+    receiver = PayloadReceiver(payload.specs, payload.checksum, on_tensor=refuse)
+    with pytest.raises(ValueError, match="no a"):
+        for chunk in payload.chunks(4):
+            receiver.add(chunk)

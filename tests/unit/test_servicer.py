@@ -1,0 +1,72 @@
+"""The gRPC layer's own policies, driven directly with a stand-in for grpc.ServicerContext."""
+import threading
+
+import grpc
+import pytest
+import torch
+
+from common import convert
+from common.messages import ModelRequest, ModelSpec, TrainConfig
+from fl_server.rounds import RoundState
+from fl_server.servicer import FederationServicer
+
+CONFIG = TrainConfig(model=ModelSpec("mlp", (1, 2, 2), 2), dataset="digits", num_clients=1, seed=0,
+                     local_epochs=1, batch_size=4, lr=0.1, momentum=0.0, weight_decay=0.0, optimizer="sgd")
+
+
+class Aborted(Exception):
+    pass
+
+
+class Context:
+    def __init__(self, time_remaining=None):
+        self._time_remaining = time_remaining
+        self.code = None
+
+    def time_remaining(self):
+        return self._time_remaining
+
+    def abort(self, code, details):
+        self.code, self.details = code, details
+        raise Aborted(details)
+
+    def peer(self):
+        return "test"
+
+
+def servicer(max_downloads):
+    state = RoundState(global_state={"w": torch.arange(3.0)}, train_config=CONFIG, clients_per_round=1,
+                       min_clients=1, min_fit=1, round_timeout=5)
+    return FederationServicer(state, max_downloads=max_downloads)
+
+
+def request():
+    return convert.model_request_to_proto(ModelRequest(client_id="a", model_version=0)).SerializeToString()
+
+
+def test_downloads_beyond_the_limit_wait_their_turn():
+    s = servicer(max_downloads=1)
+    first = s.GetGlobalModel(request(), Context())
+    next(first)  # holds the only slot while streaming
+    second_done = threading.Event()
+
+    def second():
+        list(s.GetGlobalModel(request(), Context()))
+        second_done.set()
+
+    threading.Thread(target=second, daemon=True).start()
+    assert not second_done.wait(0.3)
+    list(first)  # the first stream ends and frees its slot
+    assert second_done.wait(5)
+
+
+def test_a_download_that_cannot_get_a_slot_before_its_deadline_is_told_to_retry():
+    s = servicer(max_downloads=1)
+    holder = s.GetGlobalModel(request(), Context())
+    next(holder)
+    context = Context(time_remaining=0.1)
+    with pytest.raises(Aborted, match="try again"):
+        next(s.GetGlobalModel(request(), context))
+    assert context.code is grpc.StatusCode.UNAVAILABLE  # which fl-client retries with backoff
+    holder.close()  # a cancelled stream frees its slot too
+    assert len(list(s.GetGlobalModel(request(), Context()))) >= 2
