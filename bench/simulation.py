@@ -20,15 +20,18 @@ Tamper = Callable[[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]]  # (c
 
 def run(train_data: ArrayData, test_data: ArrayData, *, model: str = "mlp", clients: int = 10, rounds: int = 5,
         local_epochs: int = 2, aggregator: str = "fedavg", seed: int = 0, tamper: Tamper | None = None,
-        on_round: Callable[[int, float], None] | None = None) -> float:
-    """Train `rounds` rounds with every client in every round; return the final test accuracy.
-    `tamper` may change what a client sends (an attack); updates the server refuses are skipped."""
+        on_round: Callable[[int, float], None] | None = None, clients_per_round: int | None = None,
+        dp_noise_multiplier: float = 0.0, dp_clip: float = 1.0) -> float:
+    """Train `rounds` rounds of `clients_per_round` sampled clients (all by default); return the final
+    test accuracy. `tamper` may change what a client sends (an attack); updates the server refuses are
+    skipped."""
+    per_round = clients_per_round or clients
     spec = model_spec_for(model, train_data)
     cfg = TrainConfig(model=spec, dataset="", num_clients=clients, seed=seed, local_epochs=local_epochs,
                       batch_size=32, lr=0.05, momentum=0.9, weight_decay=0.0, optimizer="sgd")
     state = RoundState(global_state=build_model(spec, seed=seed).state_dict(), train_config=cfg,
-                       clients_per_round=clients, min_clients=clients, min_fit=1, round_timeout=600,
-                       aggregator=aggregator, seed=seed)
+                       clients_per_round=per_round, min_clients=clients, min_fit=1, round_timeout=600,
+                       aggregator=aggregator, seed=seed, dp_noise_multiplier=dp_noise_multiplier, dp_clip=dp_clip)
     shares = [client_share(train_data, i, clients, seed) for i in range(clients)]
     net, device = build_model(spec), torch.device("cpu")
     test_loader = BatchLoader(test_data, 1000)

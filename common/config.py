@@ -61,6 +61,12 @@ class Config:
     server_beta1: float = field(default=0.9, metadata=_help("fedadam/fedyogi first-moment decay"))
     server_beta2: float = field(default=0.99, metadata=_help("fedadam/fedyogi second-moment decay"))
     server_tau: float = field(default=1e-3, metadata=_help("fedadam/fedyogi adaptivity (epsilon)"))
+    dp_noise_multiplier: float = field(default=0.0, metadata=_help(
+        "client-level differential privacy (DP-FedAvg): Gaussian noise of this many times dp_clip is added to "
+        "the sum of clipped updates; 0 = off. Epsilon is reported per round"))
+    dp_clip: float = field(default=1.0, metadata=_help(
+        "with DP: each update's L2 norm is clipped to this before it is summed"))
+    dp_delta: float = field(default=1e-5, metadata=_help("with DP: the delta at which epsilon is reported"))
     # Local training, sent to every client.
     local_epochs: int = field(default=2, metadata=_help("epochs each client trains per round"))
     batch_size: int = field(default=32, metadata=_help("local mini-batch size"))
@@ -168,6 +174,12 @@ def validate(cfg: Config) -> None:
     for key in ("server_momentum", "server_beta1", "server_beta2"):
         need(0 <= getattr(cfg, key) < 1, key, "must be at least 0 and below 1")
     need(cfg.server_tau > 0, "server_tau", "must be positive")
+    need(cfg.dp_noise_multiplier >= 0, "dp_noise_multiplier", "must be 0 (off) or more")
+    if cfg.dp_noise_multiplier > 0:
+        need(cfg.dp_clip > 0, "dp_clip", "must be positive")
+        need(0 < cfg.dp_delta < 1, "dp_delta", "must be between 0 and 1")
+        need(cfg.aggregator == "fedavg", "aggregator", "must be fedavg with differential privacy "
+             "(dp_noise_multiplier > 0): the robust rules' outputs have no bounded sensitivity to add noise to")
     need(cfg.mu >= 0, "mu", "must be 0 or more")
     need(cfg.clip_norm >= 0, "clip_norm", "must be 0 (off) or more")
     need(cfg.momentum >= 0, "momentum", "must be 0 or more")

@@ -68,7 +68,7 @@ def largest_magnitude(name: str, tensor: torch.Tensor) -> float:
     return max(abs(low), abs(high))
 
 
-def _checked_largest(diff: Mapping[str, torch.Tensor], specs: list[TensorSpec], largest: float | None) -> float:
+def checked_largest(diff: Mapping[str, torch.Tensor], specs: list[TensorSpec], largest: float | None) -> float:
     if largest is None:
         return check_update(diff, specs)
     mismatch = spec_mismatch(specs_of(diff), specs)
@@ -175,7 +175,7 @@ class FedAvg:
         """Raise UpdateRejected unless `diff` can be folded in; a diff that passes cannot fail to fold.
         `largest`: the diff's largest magnitude, when every tensor has already been through
         `largest_magnitude` (as it streamed in), which saves a second pass over the values."""
-        largest = _checked_largest(diff, self.specs, largest)
+        largest = checked_largest(diff, self.specs, largest)
         if weight <= 0:
             raise UpdateRejected(f"update weight (num_samples) must be positive, got {weight}")
         if largest * weight > MAX_WEIGHTED_MAGNITUDE:
@@ -273,7 +273,7 @@ class RobustAggregator:
         self.fold(diff, weight)
 
     def check(self, diff: Mapping[str, torch.Tensor], weight: int, largest: float | None = None) -> None:
-        largest = _checked_largest(diff, self.specs, largest)
+        largest = checked_largest(diff, self.specs, largest)
         if weight <= 0:
             raise UpdateRejected(f"update weight (num_samples) must be positive, got {weight}")
         if largest > MAX_WEIGHTED_MAGNITUDE:

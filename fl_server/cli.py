@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                         min_clients=cfg.effective_min_clients, min_fit=cfg.effective_min_fit,
                         round_timeout=cfg.round_timeout, server_lr=cfg.server_lr, seed=cfg.seed,
                         heartbeat_seconds=cfg.heartbeat_seconds, max_concurrent_uploads=cfg.max_uploads,
-                        aggregator=cfg.aggregator,
+                        aggregator=cfg.aggregator, dp_noise_multiplier=cfg.dp_noise_multiplier, dp_clip=cfg.dp_clip,
                         server_optimizer=ServerOptimizer(cfg.server_optimizer, cfg.server_lr, cfg.server_momentum,
                                                          cfg.server_beta1, cfg.server_beta2, cfg.server_tau))
     if checkpoint is None:
@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         return logs.fail("fl-server", str(e))
     coordinator = Coordinator(state, rounds=cfg.rounds, model_spec=spec, test_data=test_data, run=run,
                               checkpoint_extra=extra, metrics=metrics, device=device,
-                              report=lambda line: print(line, flush=True), write_report=args.report)
+                              report=lambda line: print(line, flush=True), write_report=args.report,
+                              privacy=(cfg.dp_noise_multiplier, cfg.dp_delta) if cfg.dp_noise_multiplier > 0 else None)
     monitoring = None
     if args.metrics_port is not None:
         try:

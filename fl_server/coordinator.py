@@ -28,7 +28,8 @@ class Coordinator:
     def __init__(self, state: RoundState, *, rounds: int, model_spec: ModelSpec, test_data: ArrayData,
                  run: RunFolder, checkpoint_extra: dict[str, Any], metrics: list[dict[str, Any]] | None = None,
                  device: torch.device | str = "cpu", report: Callable[[str], None] = print,
-                 write_report: bool = False):
+                 write_report: bool = False, privacy: tuple[float, float] | None = None):
+        """`privacy`: (noise multiplier, delta) of a DP-FedAvg run, whose epsilon each record reports."""
         self.state = state
         self.rounds = rounds
         self.model = build_model(model_spec)
@@ -39,6 +40,7 @@ class Coordinator:
         self.metrics = list(metrics or [])
         self.report = report  # one human-readable line per round, on stdout
         self.write_report = write_report  # PNG plots and report.md at the end (fl_server.report)
+        self.privacy = privacy
         self._metrics_lock = threading.Lock()
         # One worker: evaluations happen in round order, each on the model version it was given.
         self._evaluator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate")
@@ -64,6 +66,8 @@ class Coordinator:
                     self._add_record(self._record(outcome))
                     continue
                 record = self._record(outcome)
+                if self.privacy is not None:
+                    self._add_privacy_spent(record)
                 # The previous round's evaluation has had a whole round to finish; waiting for it here
                 # keeps at most the newest record without accuracy in any checkpoint.
                 self._wait_for_evaluation()
@@ -106,6 +110,8 @@ class Coordinator:
             self.run_folder.write_metrics(self.metrics)
         line = (f"round {outcome.round}/{self.rounds}: accuracy {result.accuracy:.4f}, loss {result.loss:.4f}, "
                 f"clients {outcome.contributors}, {outcome.seconds:.2f} s")
+        if "epsilon" in record:
+            line += f", privacy spent: epsilon {record['epsilon']:.3g} at delta {record['delta']:g}"
         log.info("round %d closed: accuracy %.4f, loss %.4f, %d clients, %.2f s", outcome.round, result.accuracy,
                  result.loss, len(outcome.contributors), outcome.seconds)
         self.report(line)
@@ -140,6 +146,15 @@ class Coordinator:
             **self.checkpoint_extra,
         })
 
+    def _add_privacy_spent(self, record: dict[str, Any]) -> None:
+        """Epsilon spent by every aggregated round so far, this one included (rounds re-run for lack of
+        updates published nothing, so they cost nothing)."""
+        from fl_server.privacy import epsilon  # noqa: PLC0415 - only DP runs need the accountant
+
+        noise_multiplier, delta = self.privacy
+        rounds = [(r["population"], len(r["selected"])) for r in [*self.metrics, record] if r["aggregated"]]
+        record["epsilon"], record["delta"] = epsilon(noise_multiplier, rounds, delta), delta
+
     def _record(self, outcome: RoundOutcome) -> dict[str, Any]:
         """One line of metrics.jsonl. `accuracy` and `loss` are filled in when the evaluation is done; a
         round re-run for lack of updates has `aggregated: false`, no accuracy, and another line after it."""
@@ -154,6 +169,7 @@ class Coordinator:
             "seconds": round(outcome.seconds, 4),
             "aggregate_seconds": round(outcome.aggregate_seconds, 4),
             "selected": outcome.selected,
+            "population": outcome.population,
             "dropped": outcome.dropped,
             "drop_reasons": outcome.drop_reasons,
             "client_metrics": outcome.client_metrics,

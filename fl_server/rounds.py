@@ -94,6 +94,7 @@ class RoundOutcome:
     closed_at: float  # when the new global model was ready to serve
     bytes_in: int  # payload bytes of the counted updates
     aggregate_seconds: float  # applying the aggregate and publishing the new model
+    population: int  # live clients the round's sample was drawn from
 
     @property
     def dropped(self) -> list[str]:
@@ -110,6 +111,7 @@ class _OpenRound:
     submitted: dict[str, int] = field(default_factory=dict)  # client -> num_samples
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     uploading: set[str] = field(default_factory=set)
+    population: int = 0  # live clients the sample was drawn from
     silent: dict[str, str] = field(default_factory=dict)  # client -> why it was given up on
     bytes_in: int = 0  # payload bytes of the counted updates
     folding: int = 0  # accepted updates not yet folded into the sum
@@ -125,7 +127,8 @@ class RoundState:
                  clients_per_round: int, min_clients: int, min_fit: int, round_timeout: float,
                  server_lr: float = 1.0, seed: int = 0, model_version: int = 0, heartbeat_seconds: float = 2.0,
                  max_concurrent_uploads: int = 1, server_optimizer: ServerOptimizer | None = None,
-                 aggregator: str = "fedavg", clock: Callable[[], float] = time.monotonic):
+                 aggregator: str = "fedavg", dp_noise_multiplier: float = 0.0, dp_clip: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic):
         self.train_config = train_config
         self.clients_per_round = clients_per_round
         self.min_clients = min_clients
@@ -149,6 +152,11 @@ class RoundState:
         self._specs = tensors.specs_of(self._global)
         self.server_optimizer = server_optimizer or ServerOptimizer("fedavg", server_lr)
         self._aggregator = make_aggregator(self._specs, aggregator, clients_per_round, self.server_optimizer)
+        if dp_noise_multiplier > 0:
+            from fl_server.privacy import DPFedAvg  # noqa: PLC0415 - only DP runs need it
+
+            self._aggregator = DPFedAvg(self._specs, dp_noise_multiplier, dp_clip, clients_per_round,
+                                        self.server_optimizer)
         self._publish: Callable[[ModelSnapshot], Any] = lambda snapshot: None
         self._snapshot = ModelSnapshot(model_version, model_version + 1, tensors.encode(self._global))
         self.codec = codecs.parse(train_config.compression)
@@ -434,7 +442,8 @@ class RoundState:
             with self._fold_lock:
                 self._aggregator.reset()
             self._round = _OpenRound(number=self.model_version + 1, selected=selected,
-                                     deadline=now + self.round_timeout, started=now, opened_at=time.time())
+                                     deadline=now + self.round_timeout, started=now, opened_at=time.time(),
+                                     population=len(live))
             log.info("round %d started with %s", self._round.number, selected)
             self._cond.notify_all()
             return selected
@@ -503,7 +512,7 @@ class RoundState:
                                 num_samples=sum(r.submitted.values()), client_metrics=r.metrics,
                                 seconds=self.clock() - r.started, aggregated=aggregated, drop_reasons=reasons,
                                 opened_at=r.opened_at, closed_at=time.time(), bytes_in=r.bytes_in,
-                                aggregate_seconds=time.perf_counter() - aggregate_started)
+                                aggregate_seconds=time.perf_counter() - aggregate_started, population=r.population)
 
     def finish(self) -> None:
         with self._cond:

@@ -100,3 +100,17 @@ def test_non_iid_shares_with_fedprox_and_a_server_optimizer(federation):
     assert len(metrics) == 6 and metrics[-1]["num_samples"] == 1437
     assert metrics[-1]["accuracy"] > metrics[0]["accuracy"]
     assert federation.server.stop() == 0
+
+
+def test_a_differentially_private_run_reports_the_privacy_spent_each_round(federation):
+    server = federation.start_server("--rounds", "3", "--num-clients", "3", "--clients-per-round", "3",
+                                     "--model-name", "mlp", "--dp-noise-multiplier", "0.5", "--dp-clip", "0.5",
+                                     "--local-epochs", "1")
+    for i in range(3):
+        federation.start_client(str(i))
+    assert federation.wait_clients() == {"0": 0, "1": 0, "2": 0}
+    metrics = read_metrics(federation.out)
+    spent = [m["epsilon"] for m in metrics]
+    assert len(spent) == 3 and 0 < spent[0] < spent[1] < spent[2] and metrics[0]["delta"] == 1e-5
+    assert sum("privacy spent: epsilon" in line for line in server.lines) == 3
+    assert server.stop() == 0

@@ -66,6 +66,7 @@ def test_unknown_key_is_named(tmp_path):
     ("type", "imagenet", "'dataset': must be one of"),
     ("optimizer", "rmsprop", "'optimizer': must be one of"),
     ("port", 70000, "'port': must be between"),
+    ("dp_noise_multiplier", -1, "'dp_noise_multiplier': must be 0"),
 ])
 def test_bad_values_name_the_key(tmp_path, key, value, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
@@ -100,3 +101,10 @@ def test_config_reference_in_docs_is_current():
     root = CONFIGS.parent
     done = subprocess.run([sys.executable, str(root / "scripts" / "gen_config_doc.py"), "--check"])
     assert done.returncode == 0, "docs/config.md is stale: run python scripts/gen_config_doc.py"
+
+
+def test_differential_privacy_needs_fedavg_and_a_positive_clip(tmp_path):
+    with pytest.raises(ConfigError, match="'aggregator': must be fedavg with differential privacy"):
+        config.load(write(tmp_path, {"dp_noise_multiplier": 1.0, "aggregator": "median"}))
+    with pytest.raises(ConfigError, match="'dp_clip': must be positive"):
+        config.load(write(tmp_path, {"dp_noise_multiplier": 1.0, "dp_clip": 0}))

@@ -1,0 +1,88 @@
+"""Client-level differential privacy: DP-FedAvg's aggregation and its privacy accounting.
+
+DP-FedAvg (McMahan et al., 2018, "Learning Differentially Private Recurrent Language Models"): the
+server clips each client's update to L2 norm `clip`, sums the clipped updates with equal weights, adds
+Gaussian noise of standard deviation `noise_multiplier * clip` to every coordinate of the sum, and
+divides by the fixed number of clients per round. Whatever one client's data, its influence on what
+the server publishes is then bounded and masked by the noise.
+
+The privacy spent is computed by Google's `dp_accounting` library (its Renyi-DP accountant). Rounds
+sample a fixed number of clients without replacement from the live ones, which that accountant
+analyses under the replace-one relation (Wang, Balle and Kasiviswanathan, 2019): two federations are
+neighbours if one client's data differs. Replacing one client's clipped update moves the sum by up to
+2 * clip, so the accountant is given a noise multiplier of noise_multiplier / 2.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from common.tensors import TensorSpec
+from fl_server.aggregation import FedAvg, ServerOptimizer, checked_largest
+
+# The accountant's absl logging warns about orders it skips; that is its normal working.
+logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+class DPFedAvg(FedAvg):
+    """FedAvg's interface (check, fold, apply...) with clipping, equal weights and Gaussian noise.
+    Integer buffers (BatchNorm's batch counter) are left as they were: their mean would publish a
+    function of the clients' data without noise."""
+
+    def __init__(self, specs: list[TensorSpec], noise_multiplier: float, clip: float, clients_per_round: int,
+                 optimizer: ServerOptimizer | None = None):
+        super().__init__(specs, optimizer=optimizer)
+        self.noise_multiplier, self.clip, self.clients_per_round = noise_multiplier, clip, clients_per_round
+        # The noise must be unpredictable: seeded from the operating system, never from the run's seed.
+        self._generator = torch.Generator().manual_seed(secrets.randbits(63))
+
+    def check(self, diff: Mapping[str, torch.Tensor], weight: int, largest: float | None = None) -> None:
+        # The tensors and their finiteness only: clipping bounds every value, and weights are not used.
+        checked_largest(diff, self.specs, largest)
+
+    def fold(self, diff: Mapping[str, torch.Tensor], weight: int) -> None:
+        floats = [t for t in diff.values() if t.is_floating_point()]
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.double()) for t in floats]))) \
+            if floats else 0.0
+        scale = min(1.0, self.clip / norm) if norm > 0 else 1.0
+        if not self._sums:
+            self._sums = self.empty_sums()
+        for name, tensor in diff.items():
+            if tensor.is_floating_point():
+                acc = self._sums[name]
+                acc.add_(tensor.to(acc.dtype), alpha=scale)
+        self.total_weight += 1
+        self.count += 1
+
+    def apply(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.count == 0:
+            raise ValueError("no updates to aggregate")
+        std = self.noise_multiplier * self.clip
+        new_state = {}
+        for name, current in global_state.items():
+            if not current.is_floating_point():
+                new_state[name] = current.clone()
+                continue
+            total = self._sums[name]
+            total.add_(torch.randn(total.shape, generator=self._generator, dtype=total.dtype), alpha=std)
+            # A fixed denominator: dividing by the number that arrived would publish it, noise-free.
+            mean = total.div_(self.clients_per_round)
+            new = self.optimizer.step(name, mean).add_(current)
+            new_state[name] = new if new.dtype == current.dtype else new.to(current.dtype)
+        self.reset()
+        return new_state
+
+
+def epsilon(noise_multiplier: float, rounds: Iterable[tuple[int, int]], delta: float) -> float:
+    """Epsilon at `delta` after the given rounds, each a (live clients, clients sampled) pair."""
+    import dp_accounting  # noqa: PLC0415 - only DP runs need it (and its start-up cost)
+    from dp_accounting.rdp import RdpAccountant  # noqa: PLC0415
+
+    accountant = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    for population, sampled in rounds:
+        accountant.compose(dp_accounting.SampledWithoutReplacementDpEvent(
+            population, sampled, dp_accounting.GaussianDpEvent(noise_multiplier / 2)))
+    return float(accountant.get_epsilon(delta))
