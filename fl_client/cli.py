@@ -3,10 +3,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
-import grpc
+# gRPC's C core logs failures such as a refused TLS handshake on stderr itself, beside the one-line error
+# this client prints about them; the user needs the latter only. Read when grpc loads, so set first.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import grpc  # noqa: E402
 
 from common import allocator, logs, tls, tokens
 from common.datasets import DataError
@@ -76,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         credentials = transport_credentials(args)
         token = tokens.read_secret(args.token_file) if args.token_file else None
         with ServerConnection(args.server, give_up_after=args.give_up_after, credentials=credentials,
-                              token=token) as connection:
+                              token=token, client_certificate=args.tls_cert is not None) as connection:
             ClientDaemon(ClientOptions(client_id=args.id, device=device, data=data, data_root=args.data_root,
                                        progress=not args.quiet), connection).run()
     except (DataError, ValueError) as e:  # TLSError and TokenError are ValueErrors

@@ -60,11 +60,12 @@ class Backoff:
 class ServerConnection:
     def __init__(self, address: str, give_up_after: float | None = None,
                  sleep: Callable[[float], None] = time.sleep, credentials: grpc.ChannelCredentials | None = None,
-                 token: str | None = None):
+                 token: str | None = None, client_certificate: bool = False):
         """`credentials`: TLS (see common.tls); None is plaintext. `token`: this client's secret
         (common.tokens), sent with every call."""
         self._metadata = tokens.metadata(token) if token else None
         self.address = address
+        self.client_certificate = client_certificate  # mutual TLS: named in the unreachable message
         self.give_up_after = give_up_after  # seconds of failing in a row; None = keep trying forever
         self.sleep = sleep
         options = [
@@ -116,12 +117,19 @@ class ServerConnection:
                 code, details = e.code(), e.details() or ""
                 if code not in RETRYABLE:
                     raise RequestRefusedError(code, details) from None
+                if "handshake failed" in details.lower():  # the server's certificate: no retry will change it
+                    raise ServerUnreachableError(
+                        f"the TLS handshake with {self.address} failed: its certificate is not one the CA in "
+                        "--tls-ca signed, or is for another host name; check --tls-ca and --server") from None
                 now = time.monotonic()
                 first_failure = first_failure or now
                 if self.give_up_after is not None and now - first_failure > self.give_up_after:
                     raise ServerUnreachableError(
                         f"server {self.address} unreachable for {self.give_up_after:.0f} s ({code.name}); check "
-                        "that fl-server runs there and the address is right") from None
+                        "that fl-server runs there and the address is right" + (
+                            ", and that the CA the server trusts (its --tls-client-ca) signed this client's "
+                            "--tls-cert: a server refusing a client certificate just closes the connection"
+                            if self.client_certificate else "")) from None
                 delay = backoff.next_delay()
                 log.warning("%s: server %s unavailable (%s); retrying in %.1f s", what, self.address,
                             code.name, delay)
