@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from bench import simulation
+from fl_server import simulation
 from common.datasets import load_digits, load_mnist
 from fl_server.privacy import epsilon
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import simulation
+from fl_server import simulation
 from common.datasets import load_mnist
 
 pytestmark = pytest.mark.integration
@@ -19,6 +19,6 @@ def test_ten_iid_clients_reach_95_percent_on_the_10000_mnist_test_images():
     assert len(train_data) == 5000 and len(test_data) == 10000
     history = []
     accuracy = simulation.run(train_data, test_data, model="cnn", clients=10, rounds=4,
-                              on_round=lambda r, acc: history.append(acc))
+                              on_round=lambda r, result: history.append(result.accuracy))
     assert accuracy >= 0.95, history
     assert history[0] < history[-1]

@@ -1,6 +1,7 @@
 """A federation in one process, through the server's own classes: `RoundState` (validation, sampling,
 aggregation) and the clients' training loop, without the network. For experiments that are about
-learning, not transport: model poisoning (bench/poisoning.py), accuracy on real data (tests)."""
+learning, not transport: fl-experiment, model poisoning (bench/poisoning.py), differential privacy
+(bench/privacy.py), accuracy on real data (tests)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from common.datasets import ArrayData, BatchLoader, model_spec_for
 from common.messages import Encoding, JoinRequest, PayloadHeader, TrainConfig, UpdateHeader
 from common.models import build_model
 from common.partition import client_share
-from common.training import evaluate, train
+from common.training import EvalResult, evaluate, train
 from fl_server.rounds import InvalidUpdateError, RoundState
 
 Tamper = Callable[[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]]  # (client index, diff) -> sent diff
@@ -20,19 +21,22 @@ Tamper = Callable[[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]]  # (c
 
 def run(train_data: ArrayData, test_data: ArrayData, *, model: str = "mlp", clients: int = 10, rounds: int = 5,
         local_epochs: int = 2, aggregator: str = "fedavg", seed: int = 0, tamper: Tamper | None = None,
-        on_round: Callable[[int, float], None] | None = None, clients_per_round: int | None = None,
-        dp_noise_multiplier: float = 0.0, dp_clip: float = 1.0) -> float:
-    """Train `rounds` rounds of `clients_per_round` sampled clients (all by default); return the final
-    test accuracy. `tamper` may change what a client sends (an attack); updates the server refuses are
-    skipped."""
+        on_round: Callable[[int, EvalResult], None] | None = None, clients_per_round: int | None = None,
+        dp_noise_multiplier: float = 0.0, dp_clip: float = 1.0, partition: str = "iid", mu: float = 0.0,
+        lr: float = 0.05) -> float:
+    """Train `rounds` rounds of `clients_per_round` sampled clients (all by default) on shares of
+    `train_data` split by `partition`; return the final test accuracy, and give `on_round` the test
+    result of every round. `tamper` may change what a client sends (an attack); updates the server
+    refuses are skipped. `mu` > 0 is FedProx."""
     per_round = clients_per_round or clients
     spec = model_spec_for(model, train_data)
     cfg = TrainConfig(model=spec, dataset="", num_clients=clients, seed=seed, local_epochs=local_epochs,
-                      batch_size=32, lr=0.05, momentum=0.9, weight_decay=0.0, optimizer="sgd")
+                      batch_size=32, lr=lr, momentum=0.9, weight_decay=0.0, optimizer="sgd", mu=mu,
+                      partition=partition)
     state = RoundState(global_state=build_model(spec, seed=seed).state_dict(), train_config=cfg,
                        clients_per_round=per_round, min_clients=clients, min_fit=1, round_timeout=600,
                        aggregator=aggregator, seed=seed, dp_noise_multiplier=dp_noise_multiplier, dp_clip=dp_clip)
-    shares = [client_share(train_data, i, clients, seed) for i in range(clients)]
+    shares = [client_share(train_data, i, clients, seed, partition) for i in range(clients)]
     net, device = build_model(spec), torch.device("cpu")
     test_loader = BatchLoader(test_data, 1000)
     for i in range(clients):
@@ -64,7 +68,8 @@ def run(train_data: ArrayData, test_data: ArrayData, *, model: str = "mlp", clie
         if not state.close_round().aggregated:
             break  # every update refused: the model is lost
         net.load_state_dict(state.global_state)
-        accuracy = evaluate(net, test_loader, device).accuracy
+        result = evaluate(net, test_loader, device)
+        accuracy = result.accuracy
         if on_round is not None:
-            on_round(state.model_version, accuracy)
+            on_round(state.model_version, result)
     return accuracy
