@@ -30,7 +30,8 @@ def _help(text: str) -> dict[str, str]:
 @dataclass(frozen=True)
 class Config:
     # What is trained.
-    model_name: str = field(default="cnn", metadata=_help("model: mlp, cnn or resnet18"))
+    model_name: str = field(default="cnn", metadata=_help(
+        "model: mlp, cnn, resnet18, or autoencoder (trained on reconstruction, MSE)"))
     dataset: str = field(default="digits", metadata=_help(
         "data set: digits (built in, offline), mnist or cifar10 (read from --data-root)"))
     data_root: str = field(default="data", metadata=_help(
@@ -113,7 +114,7 @@ ALIASES = {
     "k": "clients_per_round",
     "lambda": "server_lr",
 }
-MODELS = ("mlp", "cnn", "resnet18")
+MODELS = ("mlp", "cnn", "resnet18", "autoencoder")
 DATASETS = ("digits", "mnist", "cifar10")
 DATASET_ALIASES = {"cifar": "cifar10"}  # the seed calls CIFAR-10 "cifar"
 OPTIMIZERS = ("sgd", "adam")

@@ -91,7 +91,38 @@ class ResNet18(nn.Module):
         return self.linear(out)
 
 
-MODELS = {"mlp": MLP, "cnn": CNN, "resnet18": ResNet18}
+class StackedAutoencoder(nn.Module):
+    """The seed's federated stacked autoencoder: an encoder stack down to a small code and a mirrored
+    decoder stack back to the input, trained to reconstruct its input (MSE). `num_classes` is unused:
+    labels play no part. The reconstruction error of a sample is its anomaly score (common.anomaly)."""
+
+    reconstructs = True  # trained and evaluated on reconstruction (common.training), not on labels
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int = 0, hidden: tuple[int, ...] = (128, 32),
+                 code: int = 8):
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        sizes = [math.prod(input_shape), *hidden, code]
+        encoder: list[nn.Module] = [nn.Flatten()]
+        decoder: list[nn.Module] = []
+        for a, b in zip(sizes, sizes[1:]):
+            encoder += [nn.Linear(a, b), nn.ReLU()]
+        for a, b in zip(sizes[::-1], sizes[-2::-1]):
+            decoder += [nn.Linear(a, b), nn.ReLU()]
+        self.encoder = nn.Sequential(*encoder[:-1])  # the code is linear
+        self.decoder = nn.Sequential(*decoder[:-1])  # so is the reconstruction
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def decode(self, code: torch.Tensor) -> torch.Tensor:
+        return self.decoder(code).reshape(-1, *self.input_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+
+MODELS = {"mlp": MLP, "cnn": CNN, "resnet18": ResNet18, "autoencoder": StackedAutoencoder}
 
 
 def build_model(spec: ModelSpec, seed: int | None = None) -> nn.Module:

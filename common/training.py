@@ -56,6 +56,11 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def reconstructs(model: nn.Module) -> bool:
+    """An autoencoder learns to reproduce its input (MSE); every other model classifies (cross-entropy)."""
+    return getattr(model, "reconstructs", False)
+
+
 def train(model: nn.Module, loader: Iterable, cfg: TrainConfig, device: torch.device,
           should_stop: Callable[[], bool] | None = None,
           on_epoch: Callable[[int, float], None] | None = None) -> TrainResult:
@@ -70,6 +75,7 @@ def train(model: nn.Module, loader: Iterable, cfg: TrainConfig, device: torch.de
     # FedProx (Li et al., 2020): pull the local model towards the round's global one, which limits
     # client drift when shards differ.
     anchor = [p.detach().clone() for p in params] if cfg.mu > 0 else None
+    unsupervised = reconstructs(model)
     epoch_loss, num_samples = 0.0, 0
     for epoch in range(cfg.local_epochs):
         total, num_samples = torch.zeros((), device=device), 0
@@ -78,7 +84,7 @@ def train(model: nn.Module, loader: Iterable, cfg: TrainConfig, device: torch.de
                 raise TrainingStopped
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
+            loss = F.mse_loss(model(x), x) if unsupervised else F.cross_entropy(model(x), y)
             objective = loss
             if anchor is not None:
                 objective = loss + cfg.mu / 2 * sum(torch.sum((p - a) ** 2) for p, a in zip(params, anchor))
@@ -97,16 +103,22 @@ def train(model: nn.Module, loader: Iterable, cfg: TrainConfig, device: torch.de
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device) -> EvalResult:
+    """Cross-entropy and accuracy; for an autoencoder, the mean squared reconstruction error and NaN."""
     model.to(device).eval()
+    unsupervised = reconstructs(model)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
     count = 0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-        correct += (logits.argmax(dim=1) == y).sum()
+        out = model(x)
+        if unsupervised:
+            loss_sum += F.mse_loss(out, x, reduction="sum").double() / x[0].numel()
+        else:
+            loss_sum += F.cross_entropy(out, y, reduction="sum").double()
+            correct += (out.argmax(dim=1) == y).sum()
         count += len(y)
     if count == 0:
         return EvalResult(loss=float("nan"), accuracy=float("nan"), num_samples=0)
-    return EvalResult(loss=float(loss_sum) / count, accuracy=float(correct) / count, num_samples=count)
+    accuracy = float("nan") if unsupervised else float(correct) / count
+    return EvalResult(loss=float(loss_sum) / count, accuracy=accuracy, num_samples=count)

@@ -6,6 +6,7 @@ aggregate is checkpointed, and each round's accuracy is filled into `metrics.jso
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +23,18 @@ from fl_server.checkpoint import RunFolder
 from fl_server.rounds import RoundOutcome, RoundState
 
 log = logging.getLogger("fl_server.coordinator")
+
+
+def _accuracy(result: EvalResult) -> float | None:
+    """None for models without one (an autoencoder), which JSON and the report tools understand."""
+    return None if math.isnan(result.accuracy) else result.accuracy
+
+
+def quality(record: dict[str, Any]) -> str:
+    """How good a round's model is, in words: its test accuracy and loss, or an autoencoder's error."""
+    if record["accuracy"] is None:
+        return f"reconstruction error (MSE) {record['loss']:.4f}"
+    return f"accuracy {record['accuracy']:.4f}, loss {record['loss']:.4f}"
 
 
 class Coordinator:
@@ -80,11 +93,12 @@ class Coordinator:
             self.state.finish()
             done = [r for r in self.metrics if r["aggregated"]]
             status = self.state.status()
-            self.report(f"finished {self.rounds} rounds: final accuracy {self.metrics[-1]['accuracy']:.4f}; "
+            self.report(f"finished {self.rounds} rounds: final {quality(self.metrics[-1])}; "
                         f"model saved to {path}")
-            log.info("summary: %d rounds (%d re-run), %.1f s in rounds, final accuracy %.4f, best %.4f, %d clients, "
+            log.info("summary: %d rounds (%d re-run), %.1f s in rounds, final %s, best accuracy %s, %d clients, "
                      "%.1f MB of updates received, %.1f MB of models sent", len(done), len(self.metrics) - len(done),
-                     sum(r["seconds"] for r in done), done[-1]["accuracy"], max(r["accuracy"] for r in done),
+                     sum(r["seconds"] for r in done), quality(done[-1]),
+                     max((r["accuracy"] for r in done if r["accuracy"] is not None), default="-"),
                      len(status["clients"]), status["bytes_received"] / 1e6, status["bytes_sent"] / 1e6)
             if self.write_report:
                 from fl_server.report import write_report
@@ -106,14 +120,14 @@ class Coordinator:
     def _evaluate_round(self, record: dict[str, Any], state: dict[str, torch.Tensor], outcome: RoundOutcome) -> None:
         result = self.evaluate(state)
         with self._metrics_lock:
-            record["accuracy"], record["loss"] = result.accuracy, result.loss
+            record["accuracy"], record["loss"] = _accuracy(result), result.loss
             self.run_folder.write_metrics(self.metrics)
-        line = (f"round {outcome.round}/{self.rounds}: accuracy {result.accuracy:.4f}, loss {result.loss:.4f}, "
+        line = (f"round {outcome.round}/{self.rounds}: {quality(record)}, "
                 f"clients {outcome.contributors}, {outcome.seconds:.2f} s")
         if "epsilon" in record:
             line += f", privacy spent: epsilon {record['epsilon']:.3g} at delta {record['delta']:g}"
-        log.info("round %d closed: accuracy %.4f, loss %.4f, %d clients, %.2f s", outcome.round, result.accuracy,
-                 result.loss, len(outcome.contributors), outcome.seconds)
+        log.info("round %d closed: %s, %d clients, %.2f s", outcome.round, quality(record),
+                 len(outcome.contributors), outcome.seconds)
         self.report(line)
 
     def _wait_for_evaluation(self) -> None:
@@ -126,7 +140,7 @@ class Coordinator:
         if pending:
             result = self.evaluate(self.state.global_state)
             with self._metrics_lock:
-                pending[-1]["accuracy"], pending[-1]["loss"] = result.accuracy, result.loss
+                pending[-1]["accuracy"], pending[-1]["loss"] = _accuracy(result), result.loss
                 self.run_folder.write_metrics(self.metrics)
 
     def _add_record(self, record: dict[str, Any]) -> None:

@@ -23,15 +23,16 @@ def run(train_data: ArrayData, test_data: ArrayData, *, model: str = "mlp", clie
         local_epochs: int = 2, aggregator: str = "fedavg", seed: int = 0, tamper: Tamper | None = None,
         on_round: Callable[[int, EvalResult], None] | None = None, clients_per_round: int | None = None,
         dp_noise_multiplier: float = 0.0, dp_clip: float = 1.0, partition: str = "iid", mu: float = 0.0,
-        lr: float = 0.05) -> float:
+        lr: float = 0.05, optimizer: str = "sgd",
+        on_final: Callable[[dict[str, torch.Tensor]], None] | None = None) -> float:
     """Train `rounds` rounds of `clients_per_round` sampled clients (all by default) on shares of
     `train_data` split by `partition`; return the final test accuracy, and give `on_round` the test
     result of every round. `tamper` may change what a client sends (an attack); updates the server
-    refuses are skipped. `mu` > 0 is FedProx."""
+    refuses are skipped. `mu` > 0 is FedProx. `on_final` is given the final global model."""
     per_round = clients_per_round or clients
     spec = model_spec_for(model, train_data)
     cfg = TrainConfig(model=spec, dataset="", num_clients=clients, seed=seed, local_epochs=local_epochs,
-                      batch_size=32, lr=lr, momentum=0.9, weight_decay=0.0, optimizer="sgd", mu=mu,
+                      batch_size=32, lr=lr, momentum=0.9, weight_decay=0.0, optimizer=optimizer, mu=mu,
                       partition=partition)
     state = RoundState(global_state=build_model(spec, seed=seed).state_dict(), train_config=cfg,
                        clients_per_round=per_round, min_clients=clients, min_fit=1, round_timeout=600,
@@ -72,4 +73,6 @@ def run(train_data: ArrayData, test_data: ArrayData, *, model: str = "mlp", clie
         accuracy = result.accuracy
         if on_round is not None:
             on_round(state.model_version, result)
+    if on_final is not None:
+        on_final(state.global_state)
     return accuracy

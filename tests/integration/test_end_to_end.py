@@ -2,6 +2,7 @@
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,3 +115,23 @@ def test_a_differentially_private_run_reports_the_privacy_spent_each_round(feder
     assert len(spent) == 3 and 0 < spent[0] < spent[1] < spent[2] and metrics[0]["delta"] == 1e-5
     assert sum("privacy spent: epsilon" in line for line in server.lines) == 3
     assert server.stop() == 0
+
+
+def test_an_autoencoder_federation_then_anomaly_scores_from_its_final_model(federation, tmp_path):
+    server = federation.start_server("--rounds", "3", "--num-clients", "2", "--clients-per-round", "2",
+                                     "--model-name", "autoencoder", "--optimizer", "adam", "--lr", "0.001")
+    for i in range(2):
+        federation.start_client(str(i))
+    assert federation.wait_clients() == {"0": 0, "1": 0}
+    metrics = read_metrics(federation.out)
+    assert [m["accuracy"] for m in metrics] == [None, None, None]  # no accuracy: reconstruction error only
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert any("reconstruction error (MSE)" in line for line in server.lines)
+    assert server.stop() == 0
+    scores = tmp_path / "scores.csv"
+    done = subprocess.run([str(Path(sys.executable).parent / "fl-anomaly"), "score", "--model",
+                           str(federation.out / "final_model.pt"), "--out", str(scores)],
+                          capture_output=True, text=True, env=ENV, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "360 samples scored" in done.stdout
+    assert len(scores.read_text().splitlines()) == 361
