@@ -86,9 +86,10 @@ class Config:
     host: str = field(default="127.0.0.1", metadata=_help(
         "address to listen on (0.0.0.0 or [::] for every interface)"))
     port: int = field(default=50051, metadata=_help("port to listen on; 0 picks a free one"))
-    max_uploads: int = field(default=1, metadata=_help(
-        "updates received at once (one model of memory each); more uploads wait their turn. Raise it "
-        "when clients upload over slow links, so that one slow client does not hold up the others"))
+    max_uploads: int = field(default=0, metadata=_help(
+        "updates received at once (one model of memory each); more uploads wait their turn. 0 = as many "
+        "as fit in 64 MiB, at least 1 (one for a 45 MB model). Raise it when clients upload large models "
+        "over slow links, so that one slow client does not hold up the others"))
     max_downloads: int = field(default=8, metadata=_help(
         "global-model streams served at once (about one 1 MiB chunk of memory each); more wait their turn"))
     out: str = field(default="runs/latest", metadata=_help(
@@ -164,8 +165,8 @@ def validate(cfg: Config) -> None:
         parse_scheme(cfg.partition)
     except ValueError as e:
         raise ConfigError(f"config key 'partition': {e}") from None
-    for key in ("num_clients", "rounds", "clients_per_round", "local_epochs", "batch_size", "max_uploads",
-                "max_downloads"):
+    need(cfg.max_uploads >= 0, "max_uploads", "must be 0 (automatic) or more")
+    for key in ("num_clients", "rounds", "clients_per_round", "local_epochs", "batch_size", "max_downloads"):
         need(getattr(cfg, key) >= 1, key, "must be at least 1")
     for key in ("min_clients", "min_fit", "seed"):
         need(getattr(cfg, key) >= 0, key, "must be 0 or more")

@@ -31,6 +31,8 @@ from fl_server.aggregation import (
 
 log = logging.getLogger("fl_server.rounds")
 
+UPLOAD_MEMORY = 64 << 20  # receive buffers' total, when max_uploads is automatic (0)
+MAX_AUTO_UPLOADS = 256  # ...and at most this many: each upload being received holds a server thread
 MAX_NUM_SAMPLES = 10**12  # a FedAvg weight beyond this is a lie that would drown every honest client
 
 
@@ -126,7 +128,7 @@ class RoundState:
     def __init__(self, *, global_state: Mapping[str, torch.Tensor], train_config: TrainConfig,
                  clients_per_round: int, min_clients: int, min_fit: int, round_timeout: float,
                  server_lr: float = 1.0, seed: int = 0, model_version: int = 0, heartbeat_seconds: float = 2.0,
-                 max_concurrent_uploads: int = 1, server_optimizer: ServerOptimizer | None = None,
+                 max_concurrent_uploads: int = 0, server_optimizer: ServerOptimizer | None = None,
                  aggregator: str = "fedavg", dp_noise_multiplier: float = 0.0, dp_clip: float = 1.0,
                  clock: Callable[[], float] = time.monotonic):
         self.train_config = train_config
@@ -164,7 +166,14 @@ class RoundState:
         self._wire_specs = codecs.wire_specs(self._specs, self.codec)
         # Receive buffers for uploads, one model each, reused round after round. Their number bounds the
         # uploads being received at once, and so the server's memory, whatever the number of clients:
-        # other uploads wait (held back by HTTP/2 flow control) until a buffer is free.
+        # other uploads wait, sending nothing, until a buffer is free (see submit's `on_admitted`).
+        # 0 = as many as fit in UPLOAD_MEMORY: one for a large model, many for a small one.
+        if max_concurrent_uploads <= 0:
+            model_bytes = max(1, sum(spec.nbytes for spec in self._wire_specs))
+            max_concurrent_uploads = max(1, min(MAX_AUTO_UPLOADS, UPLOAD_MEMORY // model_bytes))
+        self.max_concurrent_uploads = max_concurrent_uploads
+        log.info("receiving up to %d upload(s) at once, %.1f MB of buffers each", max_concurrent_uploads,
+                 sum(spec.nbytes for spec in self._wire_specs) / 1e6)
         self._upload_buffers: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
         for _ in range(max_concurrent_uploads):
             self._upload_buffers.put(None)  # allocated on first use

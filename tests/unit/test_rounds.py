@@ -383,3 +383,15 @@ def test_a_round_reuses_the_replaced_model_as_its_sums():
     assert torch.equal(state.global_state["w"], torch.full((3,), 3.0))
     assert state.global_state["w"].data_ptr() == initial.data_ptr()
     assert torch.equal(after_round_1, torch.full((3,), 1.0))  # the model before is left alone
+
+
+def test_automatic_upload_concurrency_fits_a_memory_budget():
+    small = make_state()  # a 20-byte model: as many uploads at once as fit in the budget, up to a cap
+    assert small.max_concurrent_uploads == rounds.MAX_AUTO_UPLOADS
+    medium = RoundState(global_state={"w": torch.zeros(1_000_000)}, train_config=CONFIG, clients_per_round=2,
+                        min_clients=2, min_fit=2, round_timeout=5)
+    assert medium.max_concurrent_uploads == rounds.UPLOAD_MEMORY // 4_000_000
+    big = RoundState(global_state={"w": torch.zeros(20_000_000)}, train_config=CONFIG, clients_per_round=2,
+                     min_clients=2, min_fit=2, round_timeout=5)
+    assert big.max_concurrent_uploads == 1  # 80 MB: one at a time
+    assert make_state(max_concurrent_uploads=3).max_concurrent_uploads == 3
