@@ -78,6 +78,9 @@ class Config:
     mu: float = field(default=0.0, metadata=_help(
         "FedProx proximal term: adds mu/2 * ||w - w_global||^2 to the client loss (0 = FedAvg)"))
     clip_norm: float = field(default=0.0, metadata=_help("clip each client step's gradient norm to this (0 = off)"))
+    eval_fraction: float = field(default=0.0, metadata=_help(
+        "federated evaluation: the part of each client's data it holds out (not trained on) to evaluate the "
+        "global model it receives each round; the results go into metrics.jsonl (0 = off)"))
     compression: str = field(default="none", metadata=_help(
         "update compression: none, float16, bfloat16, int8, or topk:R (fraction R of entries, error feedback)"))
     seed: int = field(default=0, metadata=_help(
@@ -184,6 +187,7 @@ def validate(cfg: Config) -> None:
              "(dp_noise_multiplier > 0): the robust rules' outputs have no bounded sensitivity to add noise to")
     need(cfg.mu >= 0, "mu", "must be 0 or more")
     need(cfg.clip_norm >= 0, "clip_norm", "must be 0 (off) or more")
+    need(0 <= cfg.eval_fraction <= 0.5, "eval_fraction", "must be between 0 (off) and 0.5")
     need(cfg.momentum >= 0, "momentum", "must be 0 or more")
     need(cfg.weight_decay >= 0, "weight_decay", "must be 0 or more")
     need(cfg.round_timeout > 0, "round_timeout", "must be a positive number of seconds")

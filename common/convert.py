@@ -103,7 +103,7 @@ def train_config_to_proto(cfg: m.TrainConfig) -> pb.TrainConfig:
                           local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                           momentum=cfg.momentum, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer,
                           compression=cfg.compression, partition=cfg.partition, mu=cfg.mu,
-                          clip_norm=cfg.clip_norm)
+                          clip_norm=cfg.clip_norm, eval_fraction=cfg.eval_fraction)
 
 
 def train_config_from_proto(msg: pb.TrainConfig) -> m.TrainConfig:
@@ -113,7 +113,8 @@ def train_config_from_proto(msg: pb.TrainConfig) -> m.TrainConfig:
                          local_epochs=msg.local_epochs, batch_size=msg.batch_size, lr=msg.lr,
                          momentum=msg.momentum, weight_decay=msg.weight_decay, optimizer=msg.optimizer,
                          compression=msg.compression or "none", partition=msg.partition or "iid",
-                         mu=max(0.0, msg.mu), clip_norm=max(0.0, msg.clip_norm))
+                         mu=max(0.0, msg.mu), clip_norm=max(0.0, msg.clip_norm),
+                         eval_fraction=min(max(0.0, msg.eval_fraction), 0.9))
 
 
 _ACTIONS = {m.Action.TRAIN: pb.TRAIN, m.Action.WAIT: pb.WAIT, m.Action.FINISHED: pb.FINISHED}

@@ -48,6 +48,7 @@ class TrainConfig:
     partition: str = "iid"  # how the built-in data is split among clients without --data
     mu: float = 0.0  # FedProx proximal coefficient
     clip_norm: float = 0.0  # gradient-norm clipping, 0 = off
+    eval_fraction: float = 0.0  # part of each client's data held out to evaluate the model it receives
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from common.convert import payload_header_of
 from common.datasets import ArrayData, BatchLoader, DataError, load_dataset
 from common.models import build_model
 from common.partition import client_share
-from common.training import TrainingStopped, train
+from common.training import TrainingStopped, evaluate, train
 from fl_client.connection import RequestRefusedError, ServerConnection
 
 log = logging.getLogger("fl_client")
@@ -78,6 +78,7 @@ class ClientDaemon:
         self.client_id = options.client_id
         self.data = options.data
         self._loader: BatchLoader | None = None
+        self.held_out: ArrayData | None = None  # federated evaluation's part of the data (eval_fraction)
         self._model: torch.nn.Module | None = None
         # Top-k compression's error feedback: what this client has not sent yet, added to its next diff.
         self._residual: dict[str, torch.Tensor] = {}
@@ -124,6 +125,14 @@ class ClientDaemon:
                             f"{self.data.num_classes} classes, but the federation trains {cfg.model.name} on "
                             f"{list(cfg.model.input_shape)} with {cfg.model.num_classes} classes ({cfg.dataset}); "
                             "give --data a shard of the federation's data set")
+        if cfg.eval_fraction > 0 and self.held_out is None and len(self.data) >= 2:
+            # Once, and the same part every time (seeded by the client): never trained on.
+            order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(
+                cfg.seed + client_index(self.client_id)))
+            cut = min(len(self.data) - 1, max(1, round(cfg.eval_fraction * len(self.data))))
+            self.held_out, self.data = self.data.subset(order[:cut]), self.data.subset(order[cut:])
+            self._loader = None
+            log.info("holding out %d samples to evaluate the global model, training on %d", cut, len(self.data))
         if self._loader is None or self._loader.batch_size != cfg.batch_size:
             self._loader = BatchLoader(self.data, cfg.batch_size, shuffle=True, device=self.options.device)
 
@@ -141,6 +150,14 @@ class ClientDaemon:
             self._model = build_model(cfg.model)
         model = self._model
         model.load_state_dict(global_state)
+        # Federated evaluation: how the model this round starts from does on data this client never
+        # trains on. Before training, so that it measures the global model, not the local one.
+        held_out = {}
+        if self.held_out is not None:
+            quality = evaluate(model, BatchLoader(self.held_out, 256, device=self.options.device), self.options.device)
+            held_out = {"eval_loss": quality.loss, "eval_samples": float(quality.num_samples)}
+            if quality.accuracy == quality.accuracy:  # not NaN (an autoencoder has none)
+                held_out["eval_accuracy"] = quality.accuracy
         # Seeded by (client, round), not by how many rounds this process happens to have run: a round
         # re-run after a server restart trains exactly as the first attempt did.
         seed = cfg.seed + client_index(self.client_id) + 100_003 * decision.round
@@ -167,7 +184,7 @@ class ClientDaemon:
             client_id=self.client_id, round=decision.round, model_version=header.model_version,
             num_samples=result.num_samples,
             payload=payload_header_of(payload, m.Encoding.DIFF, tensors.CHUNK_SIZE, str(codec)),
-            metrics={"train_loss": result.loss, "train_seconds": result.seconds})
+            metrics={"train_loss": result.loss, "train_seconds": result.seconds, **held_out})
         reply = self.connection.submit(update, payload)
         if reply.accepted:
             self._residual = residual

@@ -26,7 +26,7 @@ FINAL_MODEL = "final_model.pt"
 _RUN_DEFINING = ("model_name", "dataset", "num_clients", "clients_per_round", "min_fit", "server_lr",
                  "aggregator", "server_optimizer", "server_momentum", "server_beta1", "server_beta2", "server_tau", "mu", "clip_norm",
                  "local_epochs", "batch_size", "lr", "momentum", "weight_decay", "optimizer", "seed", "compression",
-                 "partition", "dp_noise_multiplier", "dp_clip", "dp_delta")
+                 "partition", "eval_fraction", "dp_noise_multiplier", "dp_clip", "dp_delta")
 
 
 class CheckpointError(ValueError):

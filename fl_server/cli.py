@@ -38,7 +38,7 @@ def train_config_of(cfg: Config, spec: ModelSpec) -> TrainConfig:
                        local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                        momentum=cfg.momentum, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer,
                        compression=str(codecs.parse(cfg.compression)), partition=cfg.partition, mu=cfg.mu,
-                       clip_norm=cfg.clip_norm)
+                       clip_norm=cfg.clip_norm, eval_fraction=cfg.eval_fraction)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -30,6 +30,20 @@ def _accuracy(result: EvalResult) -> float | None:
     return None if math.isnan(result.accuracy) else result.accuracy
 
 
+def federated_evaluation(client_metrics: dict[str, dict[str, float]], model_version: int) -> dict[str, Any] | None:
+    """The clients' evaluations of the model they trained from (version `model_version`, the previous
+    round's), on the data each holds out, weighted by sample count; None when no client evaluated."""
+    reports = [m for m in client_metrics.values() if m.get("eval_samples", 0) > 0]
+    if not reports:
+        return None
+    samples = sum(m["eval_samples"] for m in reports)
+    out: dict[str, Any] = {"model_version": model_version, "clients": len(reports), "samples": int(samples),
+                           "loss": sum(m["eval_loss"] * m["eval_samples"] for m in reports) / samples}
+    if all("eval_accuracy" in m for m in reports):
+        out["accuracy"] = sum(m["eval_accuracy"] * m["eval_samples"] for m in reports) / samples
+    return out
+
+
 def quality(record: dict[str, Any]) -> str:
     """How good a round's model is, in words: its test accuracy and loss, or an autoencoder's error."""
     if record["accuracy"] is None:
@@ -187,6 +201,7 @@ class Coordinator:
             "dropped": outcome.dropped,
             "drop_reasons": outcome.drop_reasons,
             "client_metrics": outcome.client_metrics,
+            "federated_evaluation": federated_evaluation(outcome.client_metrics, outcome.round - 1),
             "opened_at": outcome.opened_at,
             "closed_at": outcome.closed_at,
             "time": time.time(),

@@ -135,3 +135,22 @@ def test_an_autoencoder_federation_then_anomaly_scores_from_its_final_model(fede
     assert done.returncode == 0, done.stderr
     assert "360 samples scored" in done.stdout
     assert len(scores.read_text().splitlines()) == 361
+
+
+def test_clients_evaluate_the_global_model_on_data_they_hold_out(federation):
+    server = federation.start_server("--rounds", "3", "--num-clients", "3", "--clients-per-round", "3",
+                                     "--model-name", "mlp", "--eval-fraction", "0.2")
+    for i in range(3):
+        federation.start_client(str(i))
+    assert federation.wait_clients() == {"0": 0, "1": 0, "2": 0}
+    metrics = read_metrics(federation.out)
+    for m in metrics:
+        for report in m["client_metrics"].values():
+            assert 0 <= report["eval_accuracy"] <= 1 and report["eval_samples"] == 96  # 20% of each 479-digit share
+        evaluation = m["federated_evaluation"]
+        assert evaluation["model_version"] == m["round"] - 1 and evaluation["clients"] == 3
+        assert evaluation["samples"] == 288
+    assert m["num_samples"] == 1437 - 288  # the held-out part is never trained on
+    # The first round's clients evaluated the untrained model; later ones a trained one.
+    assert metrics[0]["federated_evaluation"]["accuracy"] < 0.3 < metrics[-1]["federated_evaluation"]["accuracy"]
+    assert server.stop() == 0
