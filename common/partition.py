@@ -115,6 +115,28 @@ def format_histogram(histogram: np.ndarray) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_histogram(histogram: np.ndarray, title: str, path: Path) -> None:
+    """A stacked bar per client: how many samples of each label it holds."""
+    import matplotlib  # noqa: PLC0415 - only when writing the plot
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    clients, classes = histogram.shape
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * clients + 2), 4))
+    bottom = np.zeros(clients)
+    colors = plt.get_cmap("tab10" if classes <= 10 else "tab20")
+    for label in range(classes):
+        ax.bar(range(clients), histogram[:, label], bottom=bottom, label=str(label), color=colors(label % colors.N))
+        bottom += histogram[:, label]
+    ax.set(xlabel="client", ylabel="samples", title=title, xticks=range(clients))
+    if classes <= 20:
+        ax.legend(title="label", fontsize=7, ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_shard(folder: Path, data: ArrayData, meta: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     np.savez(folder / SHARD_ARRAYS, x=data.x.numpy().astype(np.float32), y=data.y.numpy().astype(np.int64))
@@ -151,7 +173,7 @@ def read_shard(folder: str | Path) -> ArrayData:
 
 def partition(dataset: str, num_clients: int, out: Path, seed: int = 0, data_root: str = "data",
               scheme: str = "iid") -> np.ndarray:
-    """Write `out/shard0 ...` and `out/histogram.txt` / `histogram.json`; return the label histogram."""
+    """Write `out/shard0 ...` and `out/histogram.txt` / `.json` / `.png`; return the label histogram."""
     train, _ = load_dataset(dataset, data_root)
     labels = train.y.numpy()
     parts = split_indices(labels, num_clients, scheme, seed)
@@ -163,6 +185,7 @@ def partition(dataset: str, num_clients: int, out: Path, seed: int = 0, data_roo
     (out / "histogram.txt").write_text(format_histogram(histogram))
     (out / "histogram.json").write_text(json.dumps({"scheme": scheme, "seed": seed,
                                                     "samples_per_client_and_label": histogram.tolist()}) + "\n")
+    plot_histogram(histogram, f"{dataset}, {num_clients} clients, {scheme}, seed {seed}", out / "histogram.png")
     return histogram
 
 

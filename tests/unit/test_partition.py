@@ -67,8 +67,9 @@ def test_missing_empty_and_bad_shards(tmp_path):
 
 def test_partition_command(tmp_path, capsys):
     assert main(["--clients", "4", "--out", str(tmp_path)]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["histogram.json", "histogram.txt", "shard0", "shard1",
-                                                         "shard2", "shard3"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["histogram.json", "histogram.png", "histogram.txt",
+                                                         "shard0", "shard1", "shard2", "shard3"]
+    assert (tmp_path / "histogram.png").read_bytes()[:4] == b"\x89PNG"
     out = capsys.readouterr().out
     assert "4 shards of digits (iid, seed 0)" in out and out.splitlines()[-1].endswith("359")
     hist = json.loads((tmp_path / "histogram.json").read_text())["samples_per_client_and_label"]
