@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common import codecs
+from common.models import check_model_name
 from common.partition import parse_scheme
 
 
@@ -31,7 +32,9 @@ def _help(text: str) -> dict[str, str]:
 class Config:
     # What is trained.
     model_name: str = field(default="cnn", metadata=_help(
-        "model: mlp, cnn, resnet18, or autoencoder (trained on reconstruction, MSE)"))
+        "model: mlp, cnn, resnet18, autoencoder (trained on reconstruction, MSE), torchvision:NAME (any "
+        "torchvision classifier, random weights), or package.module:ClassName (your nn.Module, built as "
+        "ClassName(input_shape, num_classes); clients must allow it with --allow-model)"))
     dataset: str = field(default="digits", metadata=_help(
         "data set: digits (built in, offline), mnist or cifar10 (read from --data-root)"))
     data_root: str = field(default="data", metadata=_help(
@@ -118,7 +121,6 @@ ALIASES = {
     "k": "clients_per_round",
     "lambda": "server_lr",
 }
-MODELS = ("mlp", "cnn", "resnet18", "autoencoder")
 DATASETS = ("digits", "mnist", "cifar10")
 DATASET_ALIASES = {"cifar": "cifar10"}  # the seed calls CIFAR-10 "cifar"
 OPTIMIZERS = ("sgd", "adam")
@@ -151,7 +153,10 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(f"config key {key!r}: {what}, got {getattr(cfg, key)!r}")
 
-    need(cfg.model_name in MODELS, "model_name", f"must be one of {', '.join(MODELS)}")
+    try:
+        check_model_name(cfg.model_name)
+    except ValueError as e:
+        raise ConfigError(f"config key 'model_name': {e}") from None
     need(cfg.dataset in DATASETS, "dataset", f"must be one of {', '.join(DATASETS)}")
     need(cfg.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
     try:

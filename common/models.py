@@ -5,7 +5,9 @@ The server and every client must build exactly the same architecture, since only
 """
 from __future__ import annotations
 
+import importlib
 import math
+import re
 
 import torch
 from torch import nn
@@ -122,18 +124,84 @@ class StackedAutoencoder(nn.Module):
         return self.decode(self.encode(x))
 
 
+class ThreeChannels(nn.Module):
+    """Feeds images of any channel count to a torchvision classifier, which expects 3: grey images are
+    repeated, other counts mixed by a learned 1x1 convolution."""
+
+    def __init__(self, channels: int, model: nn.Module):
+        super().__init__()
+        self.mix = nn.Conv2d(channels, 3, kernel_size=1) if channels not in (1, 3) else None
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        elif self.mix is not None:
+            x = self.mix(x)
+        return self.model(x)
+
+
 MODELS = {"mlp": MLP, "cnn": CNN, "resnet18": ResNet18, "autoencoder": StackedAutoencoder}
+TORCHVISION = "torchvision:"  # prefix of torchvision's classifiers by name, e.g. torchvision:mobilenet_v3_small
+CUSTOM_MODEL = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # package.module:ClassName
+
+
+def torchvision_classifiers() -> list[str]:
+    import torchvision  # noqa: PLC0415 - only for these models
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def is_custom(name: str) -> bool:
+    return not name.startswith(TORCHVISION) and CUSTOM_MODEL.match(name) is not None
+
+
+def check_model_name(name: str) -> None:
+    """ValueError unless `name` is a model build_model can make (custom classes are imported later)."""
+    if name in MODELS or is_custom(name):
+        return
+    if name.startswith(TORCHVISION):
+        if name[len(TORCHVISION):] not in torchvision_classifiers():
+            raise ValueError(f"torchvision has no classifier {name[len(TORCHVISION):]!r}; see "
+                             "torchvision.models.list_models(module=torchvision.models)")
+        return
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}, torchvision:NAME (a "
+                     "torchvision classifier) or package.module:ClassName (your own nn.Module)")
+
+
+def _make(spec: ModelSpec) -> nn.Module:
+    if spec.name in MODELS:
+        return MODELS[spec.name](spec.input_shape, spec.num_classes)
+    if spec.name.startswith(TORCHVISION):
+        import torchvision  # noqa: PLC0415
+
+        if len(spec.input_shape) != 3:
+            raise ValueError(f"torchvision models need image inputs (channels, height, width), got {spec.input_shape}")
+        model = torchvision.models.get_model(spec.name[len(TORCHVISION):], weights=None, num_classes=spec.num_classes)
+        return ThreeChannels(spec.input_shape[0], model)
+    module_name, class_name = spec.name.split(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot import model {spec.name!r} ({e}); install the package that defines it "
+                         "on this machine") from None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"{spec.name!r} is not an nn.Module class")
+    return cls(spec.input_shape, spec.num_classes)
 
 
 def build_model(spec: ModelSpec, seed: int | None = None) -> nn.Module:
-    """The architecture named by `spec`; with a seed, the same initial weights on every machine."""
-    if spec.name not in MODELS:
-        raise ValueError(f"unknown model {spec.name!r}; choose one of {', '.join(MODELS)}")
+    """The architecture named by `spec`; with a seed, the same initial weights on every machine.
+
+    Names: mlp, cnn, resnet18, autoencoder; `torchvision:NAME` for any torchvision classifier (random
+    weights: nothing is downloaded); `package.module:ClassName` for your own nn.Module, constructed as
+    `ClassName(input_shape, num_classes)`."""
+    check_model_name(spec.name)
     if spec.name in ("cnn", "resnet18") and len(spec.input_shape) != 3:
         raise ValueError(f"model {spec.name!r} needs image inputs (channels, height, width), "
                          f"got shape {spec.input_shape}")
     if seed is None:
-        return MODELS[spec.name](spec.input_shape, spec.num_classes)
+        return _make(spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MODELS[spec.name](spec.input_shape, spec.num_classes)
+        return _make(spec)

@@ -17,7 +17,7 @@ from common import codecs, tensors
 from common import messages as m
 from common.convert import payload_header_of
 from common.datasets import ArrayData, BatchLoader, DataError, load_dataset
-from common.models import build_model
+from common.models import build_model, is_custom
 from common.partition import client_share
 from common.training import TrainingStopped, evaluate, train
 from fl_client.connection import RequestRefusedError, ServerConnection
@@ -69,6 +69,7 @@ class ClientOptions:
     data: ArrayData | None = None  # the client's own shard; None = its share of the federation's data set
     data_root: str = "data"  # where the federation's data set lives, when `data` is None
     progress: bool = True  # a progress bar for the local epochs (only ever on a terminal)
+    allowed_models: tuple[str, ...] = ()  # custom model classes (package.module:Class) the server may name
 
 
 class ClientDaemon:
@@ -114,6 +115,10 @@ class ClientDaemon:
 
     def _prepare(self, cfg: m.TrainConfig) -> None:
         """Load the data (once) and check that it fits the federation's model."""
+        if is_custom(cfg.model.name) and cfg.model.name not in self.options.allowed_models:
+            raise DataError(f"the server asks this client to build the model class {cfg.model.name!r}; importing "
+                            f"it runs its code, so start fl-client with --allow-model {cfg.model.name} if you "
+                            "trust it")
         if self.data is None:
             train_data, _ = load_dataset(cfg.dataset, self.options.data_root)
             self.data = client_share(train_data, client_index(self.client_id), cfg.num_clients, cfg.seed,

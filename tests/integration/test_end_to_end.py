@@ -154,3 +154,22 @@ def test_clients_evaluate_the_global_model_on_data_they_hold_out(federation):
     # The first round's clients evaluated the untrained model; later ones a trained one.
     assert metrics[0]["federated_evaluation"]["accuracy"] < 0.3 < metrics[-1]["federated_evaluation"]["accuracy"]
     assert server.stop() == 0
+
+
+def test_a_users_own_model_class_needs_each_clients_consent(federation, monkeypatch):
+    from tests.integration import conftest
+
+    # The federation's processes import the class from this repository's tests/models/tiny.py.
+    monkeypatch.setitem(conftest.ENV, "PYTHONPATH", str(Path(__file__).resolve().parents[2]))
+    name = "tests.models.tiny:TinyNet"
+    server = federation.start_server("--rounds", "2", "--num-clients", "2", "--clients-per-round", "2",
+                                     "--model-name", name)
+    wary = federation.start_client("0")
+    assert wary.wait(60) == 2
+    log = federation.client_log("0")
+    assert f"start fl-client with --allow-model {name}" in log and "Traceback" not in log
+    federation.start_client("0", "--allow-model", name)
+    federation.start_client("1", "--allow-model", name)
+    assert federation.wait_clients() == {"0": 0, "1": 0}
+    assert read_metrics(federation.out)[-1]["accuracy"] > 0.5
+    assert server.stop() == 0

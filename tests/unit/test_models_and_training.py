@@ -105,3 +105,29 @@ def test_autoencoder_trains_on_reconstruction_and_reports_its_error():
     after = evaluate(model, BatchLoader(test_data, 256), device)
     assert after.loss < 0.5 * before.loss  # mean squared reconstruction error per value
     assert after.accuracy != after.accuracy  # NaN: an autoencoder has no accuracy
+
+
+@pytest.mark.parametrize("name, shape, params", [
+    ("torchvision:mobilenet_v3_small", (3, 32, 32), 1_528_106),
+    ("torchvision:resnet18", (1, 28, 28), 11_181_642),  # grey images repeated to 3 channels
+    ("torchvision:squeezenet1_0", (2, 64, 64), 740_554 + 3 * 2 + 3),  # 2 channels mixed by a 1x1 conv
+    ("tests.models.tiny:TinyNet", (1, 8, 8), 64 * 32 + 32 + 32 * 10 + 10),
+])
+def test_torchvision_and_custom_models_by_name(name, shape, params):
+    model = build_model(ModelSpec(name, shape, 10), seed=0)
+    assert sum(p.numel() for p in model.parameters()) == params
+    model.eval()
+    assert model(torch.zeros(2, *shape)).shape == (2, 10)
+    again = build_model(ModelSpec(name, shape, 10), seed=0).state_dict()
+    assert all(torch.equal(again[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("name, message", [
+    ("tests.models.tiny:Missing", "cannot import model"),
+    ("no_such_package.models:Net", "cannot import model"),
+    ("tests.models.tiny:not_a_model", "not an nn.Module class"),
+    ("torchvision:not_a_model", "torchvision has no classifier"),
+])
+def test_bad_model_names_are_clear_errors(name, message):
+    with pytest.raises(ValueError, match=message):
+        build_model(ModelSpec(name, (1, 8, 8), 10))

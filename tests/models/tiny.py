@@ -1,0 +1,18 @@
+"""A user's own model, as `fl-server --model-name tests.models.tiny:TinyNet` would name it."""
+import math
+
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), 32), nn.ReLU(),
+                                 nn.Linear(32, num_classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def not_a_model(input_shape, num_classes):
+    return None
