@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common import codecs
+from common.datasets import DataError, check_dataset_name
 from common.models import check_model_name
 from common.partition import parse_scheme
 
@@ -36,7 +37,8 @@ class Config:
         "torchvision classifier, random weights), or package.module:ClassName (your nn.Module, built as "
         "ClassName(input_shape, num_classes); clients must allow it with --allow-model)"))
     dataset: str = field(default="digits", metadata=_help(
-        "data set: digits (built in, offline), mnist or cifar10 (read from --data-root)"))
+        "data set: digits (built in, offline); mnist, fashion-mnist, cifar10 or cifar100 (read from "
+        "--data-root); imagefolder:PATH (your images, PATH/CLASS_NAME/*.png|jpg, resized to 32x32)"))
     data_root: str = field(default="data", metadata=_help(
         "folder holding torchvision data sets (MNIST/raw/..., cifar-10-batches-py/); unused for digits"))
     num_clients: int = field(default=3, metadata=_help(
@@ -121,7 +123,6 @@ ALIASES = {
     "k": "clients_per_round",
     "lambda": "server_lr",
 }
-DATASETS = ("digits", "mnist", "cifar10")
 DATASET_ALIASES = {"cifar": "cifar10"}  # the seed calls CIFAR-10 "cifar"
 OPTIMIZERS = ("sgd", "adam")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
@@ -157,7 +158,10 @@ def validate(cfg: Config) -> None:
         check_model_name(cfg.model_name)
     except ValueError as e:
         raise ConfigError(f"config key 'model_name': {e}") from None
-    need(cfg.dataset in DATASETS, "dataset", f"must be one of {', '.join(DATASETS)}")
+    try:
+        check_dataset_name(cfg.dataset)
+    except DataError as e:
+        raise ConfigError(f"config key 'dataset': {e}") from None
     need(cfg.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
     try:
         codecs.parse(cfg.compression)

@@ -6,6 +6,7 @@ CIFAR-10 from torchvision's folder under a local root. A missing data set is one
 from __future__ import annotations
 
 import gzip
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -73,55 +74,147 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-def _find_idx(root: Path, stem: str) -> Path:
-    for folder in (root, root / "MNIST" / "raw", root / "raw"):
+# IDX data sets: torchvision's class (for download) and folder, and the usual normalization (mean and
+# standard deviation of the training images).
+IDX_SETS = {"mnist": ("MNIST", 0.1307, 0.3081), "fashion-mnist": ("FashionMNIST", 0.2860, 0.3530)}
+# CIFAR: torchvision's class and folder, classes, per-channel mean and standard deviation.
+CIFAR_SETS = {
+    "cifar10": ("CIFAR10", "cifar-10-batches-py", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ("CIFAR100", "cifar-100-python", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+DATASETS = ("digits", *IDX_SETS, *CIFAR_SETS)
+IMAGE_FOLDER = "imagefolder:"  # imagefolder:PATH, PATH/CLASS_NAME/*.png|jpg
+IMAGE_SIZE = 32  # image-folder pictures are resized to IMAGE_SIZE x IMAGE_SIZE
+IMAGE_FOLDER_TEST_FRACTION = 0.2
+
+
+def check_dataset_name(name: str) -> None:
+    if name not in DATASETS and not (name.startswith(IMAGE_FOLDER) and len(name) > len(IMAGE_FOLDER)):
+        raise DataError(f"unknown data set {name!r}; choose {', '.join(DATASETS)} or imagefolder:PATH")
+
+
+def _find_idx(root: Path, stem: str, folder_name: str = "MNIST") -> Path:
+    for folder in (root, root / folder_name / "raw", root / "raw"):
         for name in (stem, stem + ".gz"):
             if (folder / name).is_file():
                 return folder / name
-    raise DataError(f"MNIST file {stem} not found in {root}, {root}/MNIST/raw or {root}/raw; put the four "
-                    "IDX files (optionally .gz) there, e.g. from torchvision.datasets.MNIST(root, download=True)")
+    raise DataError(f"file {stem} not found in {root}, {root}/{folder_name}/raw or {root}/raw; put the four IDX "
+                    f"files (optionally .gz) there, or set download (fl-server --download) when online")
 
 
-def load_mnist(root: str | Path) -> tuple[ArrayData, ArrayData]:
+def load_mnist(root: str | Path, name: str = "mnist", download: bool = False) -> tuple[ArrayData, ArrayData]:
+    """MNIST or Fashion-MNIST from torchvision's raw IDX files, read without torchvision."""
     root = Path(root)
+    folder_name, mean, std = IDX_SETS[name]
+    if download:
+        import torchvision.datasets  # noqa: PLC0415 - only to fetch the files
+
+        for train in (True, False):
+            getattr(torchvision.datasets, folder_name)(str(root), train=train, download=True)
 
     def split(prefix: str) -> ArrayData:
-        images = _read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"))
-        labels = _read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte"))
-        # The usual MNIST normalization (mean 0.1307, std 0.3081 over the training set).
-        x = (torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1) - 0.1307) / 0.3081
+        images = _read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte", folder_name))
+        labels = _read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte", folder_name))
+        x = (torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1) - mean) / std
         return ArrayData(x, torch.from_numpy(labels.astype(np.int64)), 10)
 
     return split("train"), split("t10k")
 
 
-def load_cifar10(root: str | Path) -> tuple[ArrayData, ArrayData]:
-    from torchvision.datasets import CIFAR10
+def load_cifar(root: str | Path, name: str = "cifar10", download: bool = False) -> tuple[ArrayData, ArrayData]:
+    import torchvision.datasets  # noqa: PLC0415
 
-    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
-    std = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+    class_name, folder, classes, mean, std = CIFAR_SETS[name]
+    mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
 
     def split(train: bool) -> ArrayData:
         try:
-            ds = CIFAR10(str(root), train=train, download=False)
+            ds = getattr(torchvision.datasets, class_name)(str(root), train=train, download=download)
         except RuntimeError:
-            raise DataError(f"CIFAR-10 not found under {root} (expected {root}/cifar-10-batches-py); fetch it "
-                            "once with torchvision.datasets.CIFAR10(root, download=True)") from None
+            raise DataError(f"{name} not found under {root} (expected {root}/{folder}); set download "
+                            "(fl-server --download) when online, or copy it there") from None
         x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).float() / 255.0
-        return ArrayData((x - mean) / std, torch.tensor(ds.targets, dtype=torch.int64), 10)
+        return ArrayData((x - mean_t) / std_t, torch.tensor(ds.targets, dtype=torch.int64), classes)
 
     return split(True), split(False)
 
 
-def load_dataset(name: str, root: str | Path = "data") -> tuple[ArrayData, ArrayData]:
-    """(train, test) of a data set by name; the test split is what the server evaluates on."""
+def load_image_folder(path: str | Path, seed: int = 0) -> tuple[ArrayData, ArrayData]:
+    """A user's own images, PATH/CLASS_NAME/*.png|jpg: classes in name order, pictures resized to
+    IMAGE_SIZE square in RGB and normalized by the folder's own per-channel mean and deviation; a seeded
+    IMAGE_FOLDER_TEST_FRACTION of each class is the test split."""
+    from torchvision import transforms  # noqa: PLC0415
+    from torchvision.datasets import ImageFolder  # noqa: PLC0415
+
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"image folder {path} does not exist; give imagefolder:PATH with PATH/CLASS_NAME/*.png|jpg")
+    try:
+        ds = ImageFolder(str(path), transform=transforms.Compose([
+            transforms.Resize((IMAGE_SIZE, IMAGE_SIZE)), transforms.ToTensor()]))
+        images = [ds[i] for i in range(len(ds))]
+    except (FileNotFoundError, OSError) as e:
+        raise DataError(f"cannot read images under {path} ({e}); it needs one folder per class holding "
+                        ".png or .jpg files") from None
+    x = torch.stack([img.expand(3, -1, -1) if img.shape[0] == 1 else img[:3] for img, _ in images])
+    y = torch.tensor([label for _, label in images], dtype=torch.int64)
+    x = (x - x.mean(dim=(0, 2, 3), keepdim=True)) / x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    data = ArrayData(x, y, len(ds.classes))
+    generator = torch.Generator().manual_seed(seed)
+    test_idx = []
+    for label in range(len(ds.classes)):
+        members = torch.nonzero(y == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        test_idx.append(members[:int(len(members) * IMAGE_FOLDER_TEST_FRACTION)])
+    test = torch.cat(test_idx)
+    train = torch.tensor(sorted(set(range(len(y))) - set(test.tolist())), dtype=torch.long)
+    if len(train) == 0 or len(test) == 0:
+        raise DataError(f"image folder {path} has too few images to split into training and test parts "
+                        f"({len(y)} found); give each class at least 5")
+    return data.subset(train), data.subset(test)
+
+
+def load_dataset(name: str, root: str | Path = "data", download: bool = False) -> tuple[ArrayData, ArrayData]:
+    """(train, test) of a data set by name; the test split is what the server evaluates on. Nothing is
+    downloaded unless `download`."""
+    check_dataset_name(name)
     if name == "digits":
         return load_digits()
-    if name == "mnist":
-        return load_mnist(root)
-    if name == "cifar10":
-        return load_cifar10(root)
-    raise DataError(f"unknown data set {name!r}; choose digits, mnist or cifar10")
+    if name in IDX_SETS:
+        return load_mnist(root, name, download)
+    if name in CIFAR_SETS:
+        return load_cifar(root, name, download)
+    return load_image_folder(name[len(IMAGE_FOLDER):])
+
+
+def augmentation_for(dataset: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """CIFAR's usual training augmentation (random crop with 4 pixels of padding, horizontal flip), or
+    None. Evaluation never augments."""
+    if dataset not in CIFAR_SETS:
+        return None
+    _, _, _, mean, std = CIFAR_SETS[dataset]
+    black = torch.tensor([-m / s for m, s in zip(mean, std)])  # padding is black before normalization
+
+    def augment(x: torch.Tensor) -> torch.Tensor:
+        return random_crop_and_flip(x, 4, black.to(x.device))
+
+    return augment
+
+
+def random_crop_and_flip(x: torch.Tensor, padding: int, fill: torch.Tensor) -> torch.Tensor:
+    """Each image of the batch shifted by a random crop of its padded self, and flipped left-right with
+    probability 1/2: batched indexing, no per-sample Python."""
+    b, c, h, w = x.shape
+    padded = fill.view(1, c, 1, 1).expand(b, c, h + 2 * padding, w + 2 * padding).clone()
+    padded[:, :, padding:padding + h, padding:padding + w] = x
+    dy = torch.randint(0, 2 * padding + 1, (b,), device=x.device)
+    dx = torch.randint(0, 2 * padding + 1, (b,), device=x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))
+    flip = torch.rand(b, device=x.device) < 0.5
+    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
+    return padded[torch.arange(b, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None],
+                  rows, cols]
 
 
 def model_spec_for(model_name: str, data: ArrayData) -> ModelSpec:
@@ -136,7 +229,9 @@ class BatchLoader:
     """
 
     def __init__(self, data: ArrayData, batch_size: int, shuffle: bool = False, seed: int = 0,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", augment: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """`augment`: applied to each training batch (see augmentation_for)."""
+        self.augment = augment
         self.x = data.x.to(device)
         self.y = data.y.to(device)
         self.batch_size = batch_size
@@ -151,7 +246,8 @@ class BatchLoader:
         order = torch.randperm(n, generator=self.generator).to(self.x.device) if self.shuffle else None
         for start in range(0, n, self.batch_size):
             if order is None:
-                yield self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]
+                x, y = self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]
             else:
                 idx = order[start:start + self.batch_size]
-                yield self.x[idx], self.y[idx]
+                x, y = self.x[idx], self.y[idx]
+            yield (self.augment(x) if self.augment is not None else x), y

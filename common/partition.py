@@ -172,9 +172,9 @@ def read_shard(folder: str | Path) -> ArrayData:
 
 
 def partition(dataset: str, num_clients: int, out: Path, seed: int = 0, data_root: str = "data",
-              scheme: str = "iid") -> np.ndarray:
+              scheme: str = "iid", download: bool = False) -> np.ndarray:
     """Write `out/shard0 ...` and `out/histogram.txt` / `.json` / `.png`; return the label histogram."""
-    train, _ = load_dataset(dataset, data_root)
+    train, _ = load_dataset(dataset, data_root, download)
     labels = train.y.numpy()
     parts = split_indices(labels, num_clients, scheme, seed)
     for client, indices in enumerate(parts):
@@ -194,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Split a data set's training split into client shards.")
     parser.add_argument("--clients", type=int, required=True, help="number of shards to write")
     parser.add_argument("--out", type=Path, required=True, help="folder to write shard0 ... shardN-1 into")
-    parser.add_argument("--dataset", default="digits", help="digits (built in), mnist or cifar10")
+    parser.add_argument("--dataset", default="digits",
+                        help="digits (built in), mnist, fashion-mnist, cifar10, cifar100 or imagefolder:PATH")
+    parser.add_argument("--download", action="store_true", help="fetch a torchvision data set if missing")
     parser.add_argument("--data-root", default="data", help="where mnist / cifar10 files are")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split")
     parser.add_argument("--scheme", default="iid", choices=SCHEMES,
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     scheme = f"dirichlet:{args.alpha:g}" if args.scheme == "dirichlet" else args.scheme
     try:
-        histogram = partition(args.dataset, args.clients, args.out, args.seed, args.data_root, scheme)
+        histogram = partition(args.dataset, args.clients, args.out, args.seed, args.data_root, scheme, args.download)
     except (DataError, ValueError) as e:
         print(f"fl-partition: error: {e}", file=sys.stderr)
         return 2

@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--allow-model", action="append", default=[], metavar="PACKAGE.MODULE:CLASS",
                         help="let the server have this client build your own model class (the server names "
                              "the model, and importing a module runs its code: allow only what you trust)")
+    parser.add_argument("--download", action="store_true",
+                        help="fetch the federation's torchvision data set into --data-root if missing (needs the internet)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (there is none off a terminal anyway)")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     parser.add_argument("--log-file", help="also write the log to this file")
@@ -86,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         with ServerConnection(args.server, give_up_after=args.give_up_after, credentials=credentials,
                               token=token, client_certificate=args.tls_cert is not None) as connection:
             ClientDaemon(ClientOptions(client_id=args.id, device=device, data=data, data_root=args.data_root,
-                                       progress=not args.quiet, allowed_models=tuple(args.allow_model)),
+                                       progress=not args.quiet, allowed_models=tuple(args.allow_model),
+                                       download=args.download),
                          connection).run()
     except (DataError, ValueError) as e:  # TLSError and TokenError are ValueErrors
         return logs.fail("fl-client", str(e))

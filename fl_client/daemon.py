@@ -16,7 +16,7 @@ from tqdm import tqdm
 from common import codecs, tensors
 from common import messages as m
 from common.convert import payload_header_of
-from common.datasets import ArrayData, BatchLoader, DataError, load_dataset
+from common.datasets import ArrayData, BatchLoader, DataError, augmentation_for, load_dataset
 from common.models import build_model, is_custom
 from common.partition import client_share
 from common.training import TrainingStopped, evaluate, train
@@ -68,6 +68,7 @@ class ClientOptions:
     device: torch.device
     data: ArrayData | None = None  # the client's own shard; None = its share of the federation's data set
     data_root: str = "data"  # where the federation's data set lives, when `data` is None
+    download: bool = False  # fetch a torchvision data set into data_root when missing
     progress: bool = True  # a progress bar for the local epochs (only ever on a terminal)
     allowed_models: tuple[str, ...] = ()  # custom model classes (package.module:Class) the server may name
 
@@ -120,7 +121,7 @@ class ClientDaemon:
                             f"it runs its code, so start fl-client with --allow-model {cfg.model.name} if you "
                             "trust it")
         if self.data is None:
-            train_data, _ = load_dataset(cfg.dataset, self.options.data_root)
+            train_data, _ = load_dataset(cfg.dataset, self.options.data_root, self.options.download)
             self.data = client_share(train_data, client_index(self.client_id), cfg.num_clients, cfg.seed,
                                      cfg.partition)
             log.info("training on share %d of %d of %s (%s): %d samples", client_index(self.client_id),
@@ -139,7 +140,8 @@ class ClientDaemon:
             self._loader = None
             log.info("holding out %d samples to evaluate the global model, training on %d", cut, len(self.data))
         if self._loader is None or self._loader.batch_size != cfg.batch_size:
-            self._loader = BatchLoader(self.data, cfg.batch_size, shuffle=True, device=self.options.device)
+            self._loader = BatchLoader(self.data, cfg.batch_size, shuffle=True, device=self.options.device,
+                                       augment=augmentation_for(cfg.dataset))
 
     def train_round(self, decision: m.JoinDecision) -> m.SubmitResult:
         heartbeat_request = m.JoinRequest(client_id=self.client_id, num_samples=len(self.data),

@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fl-server", description="Federated-learning aggregation server.")
     config_module.add_arguments(parser)
     parser.add_argument("--device", default="cpu", help="where the server evaluates: auto, cpu, cuda, cuda:N")
+    parser.add_argument("--download", action="store_true",
+                        help="fetch a torchvision data set into --data-root if it is not there (needs the internet)")
     parser.add_argument("--allow-config-change", action="store_true",
                         help="resume from a checkpoint in --out even if it was made with other settings")
     parser.add_argument("--tls-cert", help="the server's certificate (PEM; make one with fl-certs)")
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         logs.configure(args.log_level, args.log_file)
         cfg = config_module.from_arguments(args)
         device = select_device(args.device)
-        train_data, test_data = load_dataset(cfg.dataset, cfg.data_root)
+        train_data, test_data = load_dataset(cfg.dataset, cfg.data_root, args.download)
         spec = model_spec_for(cfg.model_name, train_data)
         run = RunFolder(cfg.out)
         checkpoint = run.load_checkpoint()

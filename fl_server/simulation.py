@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 
 from common import tensors
-from common.datasets import ArrayData, BatchLoader, model_spec_for
+from common.datasets import ArrayData, BatchLoader, augmentation_for, model_spec_for
 from common.messages import Encoding, JoinRequest, PayloadHeader, TrainConfig, UpdateHeader
 from common.models import build_model
 from common.partition import client_share
@@ -52,7 +52,8 @@ def run(train_data: ArrayData, test_data: ArrayData, *, model: str = "mlp", clie
             # Seeded by (client, round), as fl-client does.
             seed_here = seed + i + 100_003 * (state.model_version + 1)
             torch.manual_seed(seed_here)
-            train(net, BatchLoader(shares[i], cfg.batch_size, shuffle=True, seed=seed_here), cfg, device)
+            train(net, BatchLoader(shares[i], cfg.batch_size, shuffle=True, seed=seed_here,
+                                   augment=augmentation_for(cfg.dataset)), cfg, device)
             diff = {k: v.detach() - start[k] for k, v in net.state_dict().items()}
             if tamper is not None:
                 diff = tamper(i, diff)

@@ -64,7 +64,7 @@ def test_unknown_key_is_named(tmp_path):
     ("local_epochs", True, "'local_epochs': expected a whole number"),
     ("model_name", "vgg", "'model_name': unknown model 'vgg'"),
     ("model_name", "torchvision:vgg99", "'model_name': torchvision has no classifier 'vgg99'"),
-    ("type", "imagenet", "'dataset': must be one of"),
+    ("type", "imagenet", "'dataset': unknown data set 'imagenet'"),
     ("optimizer", "rmsprop", "'optimizer': must be one of"),
     ("port", 70000, "'port': must be between"),
     ("dp_noise_multiplier", -1, "'dp_noise_multiplier': must be 0"),
