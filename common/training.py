@@ -58,7 +58,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def reconstructs(model: nn.Module) -> bool:
     """An autoencoder learns to reproduce its input (MSE); every other model classifies (cross-entropy)."""
-    return getattr(model, "reconstructs", False)
+    return getattr(getattr(model, "module", model), "reconstructs", False)  # through a DDP wrapper too
 
 
 def train(model: nn.Module, loader: Iterable, cfg: TrainConfig, device: torch.device,

@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                        "i trains on the i-th IID share of the federation's data set")
     parser.add_argument("--server", default="127.0.0.1:50051", help="the server's HOST:PORT")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--devices", help="train each round data-parallel across these, e.g. cuda:0,cuda:1 (DDP over "
+                                          "NCCL; cpu,cpu runs the same path with gloo)")
     parser.add_argument("--data-root", default="data", help="where mnist / cifar10 live, when training without "
                                                              "--data on such a federation")
     parser.add_argument("--give-up-after", type=float, default=None, metavar="SECONDS",
@@ -81,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     allocator.keep_freed_memory()
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        device = select_device(args.device)
+        devices = tuple(d.strip() for d in args.devices.split(",")) if args.devices else ()
+        for name in devices:
+            select_device(name)  # a clear error for a device this machine does not have
+        device = select_device(devices[0] if devices else args.device)
         data = read_shard(args.data) if args.data else None
         credentials = transport_credentials(args)
         token = tokens.read_secret(args.token_file) if args.token_file else None
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                               token=token, client_certificate=args.tls_cert is not None) as connection:
             ClientDaemon(ClientOptions(client_id=args.id, device=device, data=data, data_root=args.data_root,
                                        progress=not args.quiet, allowed_models=tuple(args.allow_model),
-                                       download=args.download),
+                                       download=args.download, devices=devices),
                          connection).run()
     except (DataError, ValueError) as e:  # TLSError and TokenError are ValueErrors
         return logs.fail("fl-client", str(e))

@@ -18,6 +18,7 @@ from common import messages as m
 from common.convert import payload_header_of
 from common.datasets import ArrayData, BatchLoader, DataError, augmentation_for, load_dataset
 from common.models import build_model, is_custom
+from common.parallel import train_data_parallel
 from common.partition import client_share
 from common.training import TrainingStopped, evaluate, train
 from fl_client.connection import RequestRefusedError, ServerConnection
@@ -70,6 +71,7 @@ class ClientOptions:
     data_root: str = "data"  # where the federation's data set lives, when `data` is None
     download: bool = False  # fetch a torchvision data set into data_root when missing
     progress: bool = True  # a progress bar for the local epochs (only ever on a terminal)
+    devices: tuple[str, ...] = ()  # two or more: train data-parallel across them (common.parallel)
     allowed_models: tuple[str, ...] = ()  # custom model classes (package.module:Class) the server may name
 
 
@@ -171,16 +173,22 @@ class ClientDaemon:
         torch.manual_seed(seed)
         self._loader.generator.manual_seed(seed)
         log.info("round %d: training on %d samples", decision.round, len(self.data))
-        with tqdm(total=cfg.local_epochs, desc=f"round {decision.round}", unit="epoch", leave=False,
-                  disable=not (self.options.progress and sys.stderr.isatty())) as bar:
-            def on_epoch(_epoch: int, loss: float) -> None:
-                bar.set_postfix(loss=f"{loss:.4f}")
-                bar.update(1)
+        if len(self.options.devices) > 1:
+            # One process per device for the round's epochs; they cannot be interrupted half-way, so a
+            # round that ends meanwhile is noticed once they are done.
+            local, result = train_data_parallel(global_state, self.data, cfg, self.options.devices, seed)
+        else:
+            with tqdm(total=cfg.local_epochs, desc=f"round {decision.round}", unit="epoch", leave=False,
+                      disable=not (self.options.progress and sys.stderr.isatty())) as bar:
+                def on_epoch(_epoch: int, loss: float) -> None:
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                    bar.update(1)
 
-            result = train(model, self._loader, cfg, self.options.device, should_stop=round_over, on_epoch=on_epoch)
+                result = train(model, self._loader, cfg, self.options.device, should_stop=round_over,
+                               on_epoch=on_epoch)
+            local = {name: t.detach().cpu() for name, t in model.state_dict().items()}
         if round_over():
             raise TrainingStopped
-        local = {name: t.detach().cpu() for name, t in model.state_dict().items()}
         diff = {name: local[name] - global_state[name] for name in global_state}
         codec = codecs.parse(cfg.compression)
         # The error-feedback memory moves on only once the server has taken this update: a refused or

@@ -173,3 +173,14 @@ def test_a_users_own_model_class_needs_each_clients_consent(federation, monkeypa
     assert federation.wait_clients() == {"0": 0, "1": 0}
     assert read_metrics(federation.out)[-1]["accuracy"] > 0.5
     assert server.stop() == 0
+
+
+def test_a_client_trains_data_parallel_across_two_devices(federation):
+    federation.start_server("--rounds", "2", "--num-clients", "2", "--clients-per-round", "2", "--model-name", "mlp")
+    federation.start_client("0", "--devices", "cpu,cpu")  # DDP with gloo: the path NCCL takes on GPUs
+    federation.start_client("1")
+    assert federation.wait_clients() == {"0": 0, "1": 0}, federation.client_log("0")
+    metrics = read_metrics(federation.out)
+    assert len(metrics) == 2 and metrics[-1]["accuracy"] > 0.8
+    assert metrics[-1]["client_metrics"]["0"]["train_loss"] > 0
+    assert federation.server.stop() == 0

@@ -1,0 +1,87 @@
+"""A client's local epochs, data-parallel across several devices (torch.distributed).
+
+One process per device, started for the round: each builds the model from the round's global state,
+wraps it in DistributedDataParallel (NCCL on GPUs, gloo on CPUs) and trains on its slice of every
+batch; DDP averages the gradients, so the step is the one a single process would take on the whole
+batch. Rank 0 hands back the trained state. The batch size stays the federation's: each of N devices
+takes batch_size / N samples of each batch.
+"""
+from __future__ import annotations
+
+import socket
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from common.datasets import ArrayData, BatchLoader, augmentation_for
+from common.messages import TrainConfig
+from common.models import build_model
+from common.training import TrainResult, train
+
+
+class RankSlices:
+    """Rank `rank`'s share of each batch of `loader` (every world-th sample). Batches with fewer samples
+    than ranks are skipped, so that no rank ever steps on nothing."""
+
+    def __init__(self, loader: BatchLoader, rank: int, world: int):
+        self.loader, self.rank, self.world = loader, rank, world
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in self.loader:
+            if len(y) >= self.world:
+                yield x[self.rank::self.world], y[self.rank::self.world]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, backend: str, devices: Sequence[str], state: dict[str, torch.Tensor],
+            data: ArrayData, cfg: TrainConfig, seed: int, out: str) -> None:
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", world_size=world, rank=rank)
+    try:
+        device = torch.device(devices[rank])
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        else:
+            torch.set_num_threads(1)  # one core per process
+        torch.manual_seed(seed)
+        model = build_model(cfg.model)
+        model.load_state_dict(state)
+        model.to(device)
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # Every rank shuffles with the same seed, so all see the same batches and take their own slices.
+        loader = BatchLoader(data, cfg.batch_size, shuffle=True, seed=seed, device=device,
+                             augment=augmentation_for(cfg.dataset))
+        result = train(ddp, RankSlices(loader, rank, world), cfg, device)
+        totals = torch.tensor([result.loss * result.num_samples, float(result.num_samples)], device=device)
+        dist.all_reduce(totals)
+        if rank == 0:
+            local = {name: t.detach().cpu() for name, t in model.state_dict().items()}
+            torch.save({"state": local, "loss": float(totals[0] / totals[1]), "num_samples": int(totals[1]),
+                        "seconds": result.seconds}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def train_data_parallel(state: dict[str, torch.Tensor], data: ArrayData, cfg: TrainConfig,
+                        devices: Sequence[torch.device | str], seed: int) -> tuple[dict[str, torch.Tensor], TrainResult]:
+    """Train from `state` for cfg.local_epochs on `data` across `devices` (one process each); returns the
+    trained state and the training result (mean loss and samples over all devices)."""
+    names = [str(d) for d in devices]
+    if len(names) < 2:
+        raise ValueError("data-parallel training needs at least 2 devices")
+    backend = "nccl" if all(n.startswith("cuda") for n in names) else "gloo"
+    with tempfile.TemporaryDirectory(prefix="fl-ddp-") as tmp:
+        out = str(Path(tmp) / "trained.pt")
+        torch.multiprocessing.spawn(_worker, args=(len(names), _free_port(), backend, names, state, data, cfg, seed,
+                                                   out), nprocs=len(names), join=True)
+        trained = torch.load(out, weights_only=True)
+    return trained["state"], TrainResult(loss=trained["loss"], num_samples=trained["num_samples"],
+                                         seconds=trained["seconds"])
