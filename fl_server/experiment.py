@@ -109,12 +109,12 @@ TITLES = {
 def table(key: str, runs: list[Run]) -> str:
     reference = runs[0]
     lines = [f"### {TITLES[key]}", "",
-             f"| run | final accuracy | best | first round >= {TARGET:.0%} | final loss | vs {reference.name} |",
-             "|---|---|---|---|---|---|"]
+             f"| run | round 1 | final accuracy | best | first round >= {TARGET:.0%} | final loss | "
+             f"vs {reference.name} |", "|---|---|---|---|---|---|---|"]
     for r in runs:
         reached = r.first_round_reaching(TARGET)
-        lines.append(f"| {r.name} | {r.final:.2%} | {max(r.accuracy):.2%} | {reached or 'not reached'} | "
-                     f"{r.loss[-1]:.3f} | {(r.final - reference.final) * 100:+.1f} points |")
+        lines.append(f"| {r.name} | {r.accuracy[0]:.2%} | {r.final:.2%} | {max(r.accuracy):.2%} | "
+                     f"{reached or 'not reached'} | {r.loss[-1]:.3f} | {(r.final - reference.final) * 100:+.1f} points |")
     return "\n".join(lines) + "\n"
 
 
