@@ -98,8 +98,8 @@ def _find_idx(root: Path, stem: str, folder_name: str = "MNIST") -> Path:
         for name in (stem, stem + ".gz"):
             if (folder / name).is_file():
                 return folder / name
-    raise DataError(f"file {stem} not found in {root}, {root}/{folder_name}/raw or {root}/raw; put the four IDX "
-                    f"files (optionally .gz) there, or set download (fl-server --download) when online")
+    raise DataError(f"{folder_name} file {stem} not found in {root}, {root}/{folder_name}/raw or {root}/raw; put "
+                    "the four IDX files (optionally .gz) there, or pass --download when online")
 
 
 def load_mnist(root: str | Path, name: str = "mnist", download: bool = False) -> tuple[ArrayData, ArrayData]:
@@ -131,8 +131,8 @@ def load_cifar(root: str | Path, name: str = "cifar10", download: bool = False) 
         try:
             ds = getattr(torchvision.datasets, class_name)(str(root), train=train, download=download)
         except RuntimeError:
-            raise DataError(f"{name} not found under {root} (expected {root}/{folder}); set download "
-                            "(fl-server --download) when online, or copy it there") from None
+            raise DataError(f"{name} not found under {root} (expected {root}/{folder}); copy it there, or pass "
+                            "--download when online") from None
         x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).float() / 255.0
         return ArrayData((x - mean_t) / std_t, torch.tensor(ds.targets, dtype=torch.int64), classes)
 
