@@ -15,12 +15,17 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.multiprocessing.spawn import ProcessException  # the module, not torch.multiprocessing.spawn()
 from torch.nn.parallel import DistributedDataParallel
 
 from common.datasets import ArrayData, BatchLoader, augmentation_for
 from common.messages import TrainConfig
 from common.models import build_model
 from common.training import TrainResult, train
+
+
+class DataParallelError(RuntimeError):
+    """A training process failed; the client reports it in one line."""
 
 
 class RankSlices:
@@ -66,6 +71,9 @@ def _worker(rank: int, world: int, port: int, backend: str, devices: Sequence[st
             local = {name: t.detach().cpu() for name, t in model.state_dict().items()}
             torch.save({"state": local, "loss": float(totals[0] / totals[1]), "num_samples": int(totals[1]),
                         "seconds": result.seconds}, out)
+        # Leave together: a rank that tears its process group down while a peer still talks to it can
+        # abort gloo's transport threads ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -80,8 +88,13 @@ def train_data_parallel(state: dict[str, torch.Tensor], data: ArrayData, cfg: Tr
     backend = "nccl" if all(n.startswith("cuda") for n in names) else "gloo"
     with tempfile.TemporaryDirectory(prefix="fl-ddp-") as tmp:
         out = str(Path(tmp) / "trained.pt")
-        torch.multiprocessing.spawn(_worker, args=(len(names), _free_port(), backend, names, state, data, cfg, seed,
-                                                   out), nprocs=len(names), join=True)
-        trained = torch.load(out, weights_only=True)
+        try:
+            torch.multiprocessing.spawn(_worker, args=(len(names), _free_port(), backend, names, state, data, cfg,
+                                                       seed, out), nprocs=len(names), join=True)
+            trained = torch.load(out, weights_only=True)
+        except (ProcessException, OSError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
+            raise DataParallelError(f"data-parallel training across {', '.join(names)} failed ({reason}); "
+                                    "check the devices, or train on one with --device") from None
     return trained["state"], TrainResult(loss=trained["loss"], num_samples=trained["num_samples"],
                                          seconds=trained["seconds"])

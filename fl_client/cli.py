@@ -16,6 +16,7 @@ import grpc  # noqa: E402
 from common import allocator, logs, tls, tokens
 from common.datasets import DataError
 from common.partition import read_shard
+from common.parallel import DataParallelError
 from common.training import select_device
 from fl_client.connection import RequestRefusedError, ServerConnection, ServerUnreachableError
 from fl_client.daemon import ClientDaemon, ClientOptions
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                                        progress=not args.quiet, allowed_models=tuple(args.allow_model),
                                        download=args.download, devices=devices),
                          connection).run()
-    except (DataError, ValueError) as e:  # TLSError and TokenError are ValueErrors
+    except (DataError, ValueError, DataParallelError) as e:  # TLSError and TokenError are ValueErrors
         return logs.fail("fl-client", str(e))
     except ServerUnreachableError as e:
         return logs.fail("fl-client", str(e), code=3)

@@ -33,7 +33,8 @@ def read_metrics(out: Path) -> list[dict[str, Any]]:
 
 
 def report_data(records: list[dict[str, Any]]) -> dict[str, Any]:
-    done = [r for r in records if r.get("aggregated", True) and r.get("accuracy") is not None]
+    # Evaluated rounds; an autoencoder's have a loss (its reconstruction error) and no accuracy.
+    done = [r for r in records if r.get("aggregated", True) and r.get("loss") is not None]
     clients = sorted({c for r in records for c in r.get("selected", r["clients"])}, key=lambda c: (len(c), c))
     return {
         "rounds": [r["round"] for r in done],
@@ -69,7 +70,8 @@ def write_report(out: str | Path) -> list[Path]:
         plt.close(fig)
         written.append(out / f"{name}.png")
 
-    line_plot("accuracy", "accuracy")
+    if any(a is not None for a in data["accuracy"]):
+        line_plot("accuracy", "accuracy")
     line_plot("loss", "loss")
     fig, ax = plt.subplots(figsize=(6, max(2.5, 0.3 * len(data["clients"]) + 1)), dpi=100)
     if data["participation"] and data["rounds"]:
@@ -94,7 +96,11 @@ def summary(records: list[dict[str, Any]], data: dict[str, Any]) -> str:
     done = [r for r in records if r.get("aggregated", True)]
     reruns = len(records) - len(done)
     lines = ["# Run report", ""]
-    if data["accuracy"]:
+    if data["accuracy"] and None in data["accuracy"]:  # an autoencoder: reconstruction error only
+        lines += [f"- rounds aggregated: {len(done)} (re-run for lack of updates: {reruns})",
+                  f"- final reconstruction error (MSE): {data['loss'][-1]:.4f} after round {data['rounds'][-1]}",
+                  f"- best: {min(data['loss']):.4f}", ""]
+    elif data["accuracy"]:
         best = max(range(len(data["accuracy"])), key=data["accuracy"].__getitem__)
         lines += [f"- rounds aggregated: {len(done)} (re-run for lack of updates: {reruns})",
                   f"- final accuracy: {data['accuracy'][-1]:.4f} (loss {data['loss'][-1]:.4f}) after round "
@@ -103,7 +109,8 @@ def summary(records: list[dict[str, Any]], data: dict[str, Any]) -> str:
                   f"- time in rounds: {sum(r['seconds'] for r in done):.1f} s; update bytes received: "
                   f"{sum(r.get('bytes_in', 0) for r in done) / 1e6:.1f} MB",
                   f"- clients: {len(data['clients'])}; dropped selections: {sum(len(r['dropped']) for r in records)}", ""]
-    lines += ["![accuracy](accuracy.png) ![loss](loss.png)", "", "![participation](participation.png)", "",
+    plots = "![accuracy](accuracy.png) ![loss](loss.png)" if None not in data["accuracy"] else "![loss](loss.png)"
+    lines += [plots, "", "![participation](participation.png)", "",
               "| round | accuracy | loss | clients | seconds |", "|---|---|---|---|---|"]
     for r in done:
         accuracy = "-" if r.get("accuracy") is None else f"{r['accuracy']:.4f}"

@@ -135,6 +135,12 @@ def test_an_autoencoder_federation_then_anomaly_scores_from_its_final_model(fede
     assert done.returncode == 0, done.stderr
     assert "360 samples scored" in done.stdout
     assert len(scores.read_text().splitlines()) == 361
+    # fl-report plots the reconstruction error, there being no accuracy.
+    done = subprocess.run([str(Path(sys.executable).parent / "fl-report"), str(federation.out)],
+                          capture_output=True, text=True, env=ENV, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (federation.out / "loss.png").is_file() and not (federation.out / "accuracy.png").exists()
+    assert "final reconstruction error (MSE)" in (federation.out / "report.md").read_text()
 
 
 def test_clients_evaluate_the_global_model_on_data_they_hold_out(federation):
