@@ -8,6 +8,8 @@ takes batch_size / N samples of each batch.
 """
 from __future__ import annotations
 
+import logging
+import os
 import socket
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -22,6 +24,9 @@ from common.datasets import ArrayData, BatchLoader, augmentation_for
 from common.messages import TrainConfig
 from common.models import build_model
 from common.training import TrainResult, train
+
+
+log = logging.getLogger("common.parallel")
 
 
 class DataParallelError(RuntimeError):
@@ -70,7 +75,8 @@ def _worker(rank: int, world: int, port: int, backend: str, devices: Sequence[st
         if rank == 0:
             local = {name: t.detach().cpu() for name, t in model.state_dict().items()}
             torch.save({"state": local, "loss": float(totals[0] / totals[1]), "num_samples": int(totals[1]),
-                        "seconds": result.seconds}, out)
+                        "seconds": result.seconds}, out + ".tmp")
+            os.replace(out + ".tmp", out)  # whole or absent
         # Leave together: a rank that tears its process group down while a peer still talks to it can
         # abort gloo's transport threads ("terminate called without an active exception").
         dist.barrier()
@@ -91,10 +97,14 @@ def train_data_parallel(state: dict[str, torch.Tensor], data: ArrayData, cfg: Tr
         try:
             torch.multiprocessing.spawn(_worker, args=(len(names), _free_port(), backend, names, state, data, cfg,
                                                        seed, out), nprocs=len(names), join=True)
-            trained = torch.load(out, weights_only=True)
-        except (ProcessException, OSError) as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
-            raise DataParallelError(f"data-parallel training across {', '.join(names)} failed ({reason}); "
-                                    "check the devices, or train on one with --device") from None
+        except ProcessException as e:
+            # gloo can abort a process as it exits, after the work is done and saved; only a missing result
+            # is a failure.
+            if not os.path.exists(out):
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
+                raise DataParallelError(f"data-parallel training across {', '.join(names)} failed ({reason}); "
+                                        "check the devices, or train on one with --device") from None
+            log.warning("a training process ended abnormally after saving the round's result (%s); using it", e)
+        trained = torch.load(out, weights_only=True)
     return trained["state"], TrainResult(loss=trained["loss"], num_samples=trained["num_samples"],
                                          seconds=trained["seconds"])
