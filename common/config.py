@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common import codecs
-from common.datasets import DataError, check_dataset_name
+from common.datasets import check_dataset_name
 from common.models import check_model_name
 from common.partition import parse_scheme
 
@@ -154,29 +154,16 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(f"config key {key!r}: {what}, got {getattr(cfg, key)!r}")
 
-    try:
-        check_model_name(cfg.model_name)
-    except ValueError as e:
-        raise ConfigError(f"config key 'model_name': {e}") from None
-    try:
-        check_dataset_name(cfg.dataset)
-    except DataError as e:
-        raise ConfigError(f"config key 'dataset': {e}") from None
-    need(cfg.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
-    try:
-        codecs.parse(cfg.compression)
-    except ValueError as e:
-        raise ConfigError(f"config key 'compression': {e}") from None
-    try:
-        from fl_server.aggregation import parse_aggregator  # noqa: PLC0415 - the server's, imported late
+    from fl_server.aggregation import parse_aggregator  # noqa: PLC0415 - the server's, imported late
 
-        parse_aggregator(cfg.aggregator)
-    except ValueError as e:
-        raise ConfigError(f"config key 'aggregator': {e}") from None
-    try:
-        parse_scheme(cfg.partition)
-    except ValueError as e:
-        raise ConfigError(f"config key 'partition': {e}") from None
+    # Keys whose own parser knows what is wrong with a value (each raises a ValueError saying it).
+    for key, parse in (("model_name", check_model_name), ("dataset", check_dataset_name),
+                       ("compression", codecs.parse), ("aggregator", parse_aggregator), ("partition", parse_scheme)):
+        try:
+            parse(getattr(cfg, key))
+        except ValueError as e:
+            raise ConfigError(f"config key {key!r}: {e}") from None
+    need(cfg.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
     need(cfg.max_uploads >= 0, "max_uploads", "must be 0 (automatic) or more")
     for key in ("num_clients", "rounds", "clients_per_round", "local_epochs", "batch_size", "max_downloads"):
         need(getattr(cfg, key) >= 1, key, "must be at least 1")

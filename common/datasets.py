@@ -167,7 +167,9 @@ def load_image_folder(path: str | Path, seed: int = 0) -> tuple[ArrayData, Array
         members = members[torch.randperm(len(members), generator=generator)]
         test_idx.append(members[:int(len(members) * IMAGE_FOLDER_TEST_FRACTION)])
     test = torch.cat(test_idx)
-    train = torch.tensor(sorted(set(range(len(y))) - set(test.tolist())), dtype=torch.long)
+    in_train = torch.ones(len(y), dtype=torch.bool)
+    in_train[test] = False
+    train = torch.nonzero(in_train).flatten()
     if len(train) == 0 or len(test) == 0:
         raise DataError(f"image folder {path} has too few images to split into training and test parts "
                         f"({len(y)} found); give each class at least 5")

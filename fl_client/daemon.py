@@ -82,7 +82,7 @@ class ClientDaemon:
         self.client_id = options.client_id
         self.data = options.data
         self._loader: BatchLoader | None = None
-        self.held_out: ArrayData | None = None  # federated evaluation's part of the data (eval_fraction)
+        self.held_out: BatchLoader | None = None  # federated evaluation's part of the data (eval_fraction)
         self._model: torch.nn.Module | None = None
         # Top-k compression's error feedback: what this client has not sent yet, added to its next diff.
         self._residual: dict[str, torch.Tensor] = {}
@@ -138,7 +138,8 @@ class ClientDaemon:
             order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(
                 cfg.seed + client_index(self.client_id)))
             cut = min(len(self.data) - 1, max(1, round(cfg.eval_fraction * len(self.data))))
-            self.held_out, self.data = self.data.subset(order[:cut]), self.data.subset(order[cut:])
+            self.held_out = BatchLoader(self.data.subset(order[:cut]), 256, device=self.options.device)
+            self.data = self.data.subset(order[cut:])
             self._loader = None
             log.info("holding out %d samples to evaluate the global model, training on %d", cut, len(self.data))
         if self._loader is None or self._loader.batch_size != cfg.batch_size:
@@ -163,7 +164,7 @@ class ClientDaemon:
         # trains on. Before training, so that it measures the global model, not the local one.
         held_out = {}
         if self.held_out is not None:
-            quality = evaluate(model, BatchLoader(self.held_out, 256, device=self.options.device), self.options.device)
+            quality = evaluate(model, self.held_out, self.options.device)
             held_out = {"eval_loss": quality.loss, "eval_samples": float(quality.num_samples)}
             if quality.accuracy == quality.accuracy:  # not NaN (an autoencoder has none)
                 held_out["eval_accuracy"] = quality.accuracy

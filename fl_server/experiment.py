@@ -16,6 +16,7 @@ per comparison (accuracy and loss per round) into --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -56,6 +57,7 @@ class Settings:
     clients: int
     local_epochs: int
     seed: int
+    dataset: str = "digits"  # its name: CIFAR's training augmentation depends on it
 
 
 def federated(name: str, s: Settings, per_round: int, partition: str = "iid", mu: float = 0.0,
@@ -68,7 +70,7 @@ def federated(name: str, s: Settings, per_round: int, partition: str = "iid", mu
 
     simulation.run(train or s.train, s.test, model=s.model, clients=clients or s.clients, rounds=s.rounds,
                    local_epochs=s.local_epochs, seed=s.seed, clients_per_round=per_round, partition=partition,
-                   mu=mu, on_round=record)
+                   mu=mu, on_round=record, dataset=s.dataset)
     return run
 
 
@@ -87,14 +89,14 @@ def comparisons(s: Settings) -> dict[str, list[Run]]:
     fedavg_iid = federated(f"federated, {k} of {s.clients} per round", s, k)
     out = {"a": [fedavg_iid, federated("centralized (all data, one client)", s, 1, clients=1),
                  single_clients(s)]}
-    out["b"] = [federated(f"k = {kk} of {s.clients}", s, kk) if kk != k else Run(f"k = {k} of {s.clients}",
-                                                                                   fedavg_iid.accuracy, fedavg_iid.loss)
+    out["b"] = [federated(f"k = {kk} of {s.clients}", s, kk) if kk != k
+                else dataclasses.replace(fedavg_iid, name=f"k = {k} of {s.clients}")
                 for kk in (max(1, (3 * s.clients) // 10), k, max(1, (6 * s.clients) // 10))]
     out["c"] = []
     for partition in ("iid", "dirichlet:0.5", "shards"):
         for algorithm, mu in (("FedAvg", 0.0), ("FedProx mu=0.1", 0.1)):
             name = f"{partition}, {algorithm}"
-            out["c"].append(Run(name, fedavg_iid.accuracy, fedavg_iid.loss) if (partition, mu) == ("iid", 0.0)
+            out["c"].append(dataclasses.replace(fedavg_iid, name=name) if (partition, mu) == ("iid", 0.0)
                             else federated(name, s, k, partition=partition, mu=mu))
     return out
 
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         return logs.fail("fl-experiment", str(e))
     torch.set_num_threads(1)
     started = time.perf_counter()
-    s = Settings(train, test, args.model, args.rounds, args.clients, args.local_epochs, args.seed)
+    s = Settings(train, test, args.model, args.rounds, args.clients, args.local_epochs, args.seed, args.dataset)
     results = comparisons(s)
     args.out.mkdir(parents=True, exist_ok=True)
     header = (f"{args.dataset} ({len(train)} training, {len(test)} test samples), {args.model}, {args.clients} "

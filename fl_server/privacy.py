@@ -45,8 +45,9 @@ class DPFedAvg(FedAvg):
 
     def fold(self, diff: Mapping[str, torch.Tensor], weight: int) -> None:
         floats = [t for t in diff.values() if t.is_floating_point()]
-        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.double()) for t in floats]))) \
-            if floats else 0.0
+        # Accumulated in float64 without copying the tensors to it.
+        norm = float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(t, dtype=torch.float64) for t in floats]))) if floats else 0.0
         scale = min(1.0, self.clip / norm) if norm > 0 else 1.0
         if not self._sums:
             self._sums = self.empty_sums()

@@ -168,12 +168,12 @@ class RoundState:
         # uploads being received at once, and so the server's memory, whatever the number of clients:
         # other uploads wait, sending nothing, until a buffer is free (see submit's `on_admitted`).
         # 0 = as many as fit in UPLOAD_MEMORY: one for a large model, many for a small one.
+        upload_bytes = sum(spec.nbytes for spec in self._wire_specs)
         if max_concurrent_uploads <= 0:
-            model_bytes = max(1, sum(spec.nbytes for spec in self._wire_specs))
-            max_concurrent_uploads = max(1, min(MAX_AUTO_UPLOADS, UPLOAD_MEMORY // model_bytes))
+            max_concurrent_uploads = max(1, min(MAX_AUTO_UPLOADS, UPLOAD_MEMORY // max(1, upload_bytes)))
         self.max_concurrent_uploads = max_concurrent_uploads
         log.info("receiving up to %d upload(s) at once, %.1f MB of buffers each", max_concurrent_uploads,
-                 sum(spec.nbytes for spec in self._wire_specs) / 1e6)
+                 upload_bytes / 1e6)
         self._upload_buffers: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
         for _ in range(max_concurrent_uploads):
             self._upload_buffers.put(None)  # allocated on first use

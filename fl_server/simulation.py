@@ -23,15 +23,16 @@ def run(train_data: ArrayData, test_data: ArrayData, *, model: str = "mlp", clie
         local_epochs: int = 2, aggregator: str = "fedavg", seed: int = 0, tamper: Tamper | None = None,
         on_round: Callable[[int, EvalResult], None] | None = None, clients_per_round: int | None = None,
         dp_noise_multiplier: float = 0.0, dp_clip: float = 1.0, partition: str = "iid", mu: float = 0.0,
-        lr: float = 0.05, optimizer: str = "sgd",
+        lr: float = 0.05, optimizer: str = "sgd", dataset: str = "",
         on_final: Callable[[dict[str, torch.Tensor]], None] | None = None) -> float:
     """Train `rounds` rounds of `clients_per_round` sampled clients (all by default) on shares of
     `train_data` split by `partition`; return the final test accuracy, and give `on_round` the test
     result of every round. `tamper` may change what a client sends (an attack); updates the server
-    refuses are skipped. `mu` > 0 is FedProx. `on_final` is given the final global model."""
+    refuses are skipped. `mu` > 0 is FedProx. `on_final` is given the final global model. `dataset`
+    names the data set, for its training augmentation (CIFAR's)."""
     per_round = clients_per_round or clients
     spec = model_spec_for(model, train_data)
-    cfg = TrainConfig(model=spec, dataset="", num_clients=clients, seed=seed, local_epochs=local_epochs,
+    cfg = TrainConfig(model=spec, dataset=dataset, num_clients=clients, seed=seed, local_epochs=local_epochs,
                       batch_size=32, lr=lr, momentum=0.9, weight_decay=0.0, optimizer=optimizer, mu=mu,
                       partition=partition)
     state = RoundState(global_state=build_model(spec, seed=seed).state_dict(), train_config=cfg,
