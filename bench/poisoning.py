@@ -16,7 +16,7 @@ import torch
 from fl_server import simulation
 from common.datasets import load_digits
 
-AGGREGATORS = ("fedavg", "median", "trimmed_mean:0.2", "krum:2", "multikrum:2:6")
+AGGREGATORS = ("fedavg", "median", "trimmed_mean:0.2", "trimmed_mean:0.3", "krum:2", "multikrum:2:6")
 ATTACKS = ("none", "scale:-10", "noise")
 
 

@@ -15,6 +15,7 @@ import os
 import platform
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -26,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from bench import loadgen
+from bench import bare_grpc, loadgen
 from common import allocator, convert, tensors
 from common import messages as m
 from common.datasets import BatchLoader, load_digits, load_mnist, model_spec_for
@@ -82,6 +83,19 @@ def raw_tcp_seconds(nbytes: int) -> float:
     thread.join()
     listener.close()
     return elapsed
+
+
+def bare_grpc_upload_seconds(nbytes: int, repeats: int) -> float:
+    """Median seconds for plain gRPC Python to stream `nbytes` to another process (bench/bare_grpc.py)."""
+    proc = subprocess.Popen([sys.executable, "-m", "bench.bare_grpc"], stdout=subprocess.PIPE, text=True, env=ENV,
+                            cwd=ROOT)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        return bare_grpc.upload_seconds(f"127.0.0.1:{port}", nbytes, repeats)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def server(out: Path, *args: str) -> ServerProcess:
@@ -156,11 +170,15 @@ class Bench:
         finally:
             srv.stop()
         raw = median_of(lambda: raw_tcp_seconds(nbytes), self.repeats)
+        bare = bare_grpc_upload_seconds(nbytes, self.repeats)
         mb = nbytes / 1e6
         for direction, seconds in (("GetGlobalModel", down), ("SubmitUpdate", up)):
             ratio = raw / seconds
             self.add(1, f"model transfer through {direction} / raw TCP", ratio, "x", ">= 0.6", ratio >= 0.6,
                      f"({mb:.1f} MB: {nbytes / seconds / 1e9:.2f} GB/s vs raw TCP {nbytes / raw / 1e9:.2f} GB/s)")
+        # Context for SubmitUpdate's figure: the same bytes through gRPC Python alone (bench/bare_grpc.py).
+        self.add(1, "reference: bare gRPC Python client stream of the same bytes / raw TCP", raw / bare, "x",
+                 "reported", None, f"({nbytes / bare / 1e9:.2f} GB/s; SubmitUpdate reaches {bare / up:.2f} of it)")
 
     # 2 -------------------------------------------------------------------------------------------------
     def serialization(self) -> None:

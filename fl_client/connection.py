@@ -57,6 +57,24 @@ class Backoff:
         self.attempt = 0
 
 
+# The client's gRPC channel arguments; bench/bare_grpc.py measures plain gRPC with the same ones.
+CHANNEL_OPTIONS = [
+    # Models arrive in 1 MiB chunks, but a large model's header (every tensor's name and shape)
+    # can exceed gRPC's 4 MiB default.
+    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+    # Reconnect promptly after a server restart rather than after gRPC's default 20 s+ backoff;
+    # our own retry loop adds the jitter.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 5000),
+    # A link that dies silently (cable pulled, NAT entry dropped) sends no RST; without pings a
+    # call on it would hang until its deadline. Ping every 10 s, give up after 5 s of silence.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
 class ServerConnection:
     def __init__(self, address: str, give_up_after: float | None = None,
                  sleep: Callable[[float], None] = time.sleep, credentials: grpc.ChannelCredentials | None = None,
@@ -68,23 +86,8 @@ class ServerConnection:
         self.client_certificate = client_certificate  # mutual TLS: named in the unreachable message
         self.give_up_after = give_up_after  # seconds of failing in a row; None = keep trying forever
         self.sleep = sleep
-        options = [
-            # Models arrive in 1 MiB chunks, but a large model's header (every tensor's name and shape)
-            # can exceed gRPC's 4 MiB default.
-            ("grpc.max_receive_message_length", 8 * 1024 * 1024),
-            # Reconnect promptly after a server restart rather than after gRPC's default 20 s+ backoff;
-            # our own retry loop adds the jitter.
-            ("grpc.initial_reconnect_backoff_ms", 200),
-            ("grpc.max_reconnect_backoff_ms", 5000),
-            # A link that dies silently (cable pulled, NAT entry dropped) sends no RST; without pings a
-            # call on it would hang until its deadline. Ping every 10 s, give up after 5 s of silence.
-            ("grpc.keepalive_time_ms", 10_000),
-            ("grpc.keepalive_timeout_ms", 5_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.max_pings_without_data", 0),
-        ]
-        self.channel = (grpc.secure_channel(address, credentials, options=options) if credentials is not None
-                        else grpc.insecure_channel(address, options=options))
+        self.channel = (grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS) if credentials is not None
+                        else grpc.insecure_channel(address, options=CHANNEL_OPTIONS))
         # The streaming calls take and give serialized messages (see common.convert).
         self._join_round = self.channel.unary_unary(
             convert.JOIN_ROUND, request_serializer=pb.JoinRequest.SerializeToString,

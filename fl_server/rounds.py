@@ -298,8 +298,8 @@ class RoundState:
         started = time.perf_counter()
         try:
             # Outside the lock: uploads from different clients stream in parallel.
-            # Uncompressed, the received tensors are the diff: scan each for NaN, Inf and its largest
-            # value the moment its bytes are in, while later ones are still streaming.
+            # Uncompressed, the received tensors are the diff: scan the values for NaN, Inf and the
+            # largest magnitude as each chunk lands, while later ones are still streaming.
             largest = 0.0 if self.codec.name == "none" else None
 
             def scan(name: str, tensor: torch.Tensor) -> None:
@@ -307,7 +307,7 @@ class RoundState:
                 largest = max(largest, largest_magnitude(name, tensor))
 
             receiver = tensors.PayloadReceiver(header.payload.specs, header.payload.checksum, buffer,
-                                               on_tensor=scan if largest is not None else None)
+                                               on_values=scan if largest is not None else None)
             received_chunks = 0
             for chunk in chunks:
                 receiver.add(chunk)

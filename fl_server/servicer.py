@@ -150,6 +150,29 @@ class PortInUseError(OSError):
     pass
 
 
+# The server's gRPC channel arguments; bench/bare_grpc.py measures plain gRPC with the same ones.
+SERVER_OPTIONS = [
+    # Chunks are 1 MiB; headers list every tensor's name and shape. 8 MiB leaves room for a
+    # large model's header without letting one message balloon.
+    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+    # A second server on the same port would silently share its traffic: refuse instead.
+    ("grpc.so_reuseport", 0),
+    # Let clients send a 1 MiB chunk in one HTTP/2 frame rather than 64 of 16 KiB.
+    ("grpc.http2.max_frame_size", CHUNK_SIZE),
+    # A fixed per-stream receive window of 4 chunks rather than one sized by BDP probing: it keeps
+    # an upload streaming while its previous chunk is being checked (with one chunk of window,
+    # uploads ran at 0.55 of raw TCP instead of 0.65-0.75), and bounds what a client that
+    # ignores upload admission (SubmitUpdate) can make the server buffer. With BDP windows, waiting
+    # uploads were read whole into gRPC's memory (2.3 GB for 50 clients of a 45 MB model).
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", 4 * CHUNK_SIZE),
+    # Clients ping every 10 s to notice dead links (fl_client.connection); by default the server
+    # would answer such pings on idle connections with GOAWAY "too_many_pings".
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+]
+
+
 def create_server(servicer: FederationServicer, host: str, port: int, max_workers: int = 1024,
                   health: HealthServicer | None = None,
                   credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.Server, int]:
@@ -160,26 +183,7 @@ def create_server(servicer: FederationServicer, host: str, port: int, max_worker
         # pool must exceed the number of clients, or unselected pollers would starve selected ones.
         # Threads are created only as needed.
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-        options=[
-            # Chunks are 1 MiB; headers list every tensor's name and shape. 8 MiB leaves room for a
-            # large model's header without letting one message balloon.
-            ("grpc.max_receive_message_length", 8 * 1024 * 1024),
-            # A second server on the same port would silently share its traffic: refuse instead.
-            ("grpc.so_reuseport", 0),
-            # Let clients send a 1 MiB chunk in one HTTP/2 frame rather than 64 of 16 KiB.
-            ("grpc.http2.max_frame_size", CHUNK_SIZE),
-            # A fixed per-stream receive window of 4 chunks rather than one sized by BDP probing: it keeps
-            # an upload streaming while its previous chunk is being checked (with one chunk of window,
-            # uploads ran at 0.55 of raw TCP instead of 0.65-0.75), and bounds what a client that
-            # ignores upload admission (SubmitUpdate) can make the server buffer. With BDP windows, waiting
-            # uploads were read whole into gRPC's memory (2.3 GB for 50 clients of a 45 MB model).
-            ("grpc.http2.bdp_probe", 0),
-            ("grpc.http2.lookahead_bytes", 4 * CHUNK_SIZE),
-            # Clients ping every 10 s to notice dead links (fl_client.connection); by default the server
-            # would answer such pings on idle connections with GOAWAY "too_many_pings".
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-        ])
+        options=SERVER_OPTIONS)
     server.add_generic_rpc_handlers((_handlers(servicer),))
     if health is not None:
         health_pb2_grpc.add_HealthServicer_to_server(health, server)

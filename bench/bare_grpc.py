@@ -1,0 +1,64 @@
+"""A reference for SubmitUpdate: plain gRPC Python moving the same bytes with the same channel arguments.
+
+    python -m bench.bare_grpc     # serves on a free loopback port and prints it; bench.run uses it
+
+A client-streaming call whose handler only copies each message into a preallocated buffer (the one
+copy a receiver cannot avoid), fed by a client that sends 1 MiB messages built beforehand: no header,
+admission, checksum, value checks or fold. It shows what a straightforward gRPC Python upload achieves
+on this machine, as against raw TCP and SubmitUpdate, in the same run.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+
+from common.tensors import CHUNK_SIZE
+from fl_client.connection import CHANNEL_OPTIONS
+from fl_server.servicer import SERVER_OPTIONS
+
+METHOD = "/bench.Bare/Upload"
+
+
+def _drain(messages: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+    buffer = memoryview(bytearray(64 << 20))
+    received = 0
+    for message in messages:
+        buffer[received:received + len(message)] = message
+        received += len(message)
+    return received.to_bytes(8, "little")
+
+
+def serve() -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Bare", {
+        "Upload": grpc.stream_unary_rpc_method_handler(_drain)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(port, flush=True)
+    server.wait_for_termination()
+
+
+def upload_seconds(address: str, nbytes: int, repeats: int) -> float:
+    """Median seconds to stream `nbytes` (at most 64 MiB) to a `serve()`ing process, after 2 warm-up calls."""
+    full, rest = divmod(nbytes, CHUNK_SIZE)
+    messages = [bytes(CHUNK_SIZE)] * full + ([bytes(rest)] if rest else [])
+    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        upload = channel.stream_unary(METHOD)
+        times = []
+        for i in range(repeats + 2):
+            start = time.perf_counter()
+            got = int.from_bytes(upload(iter(messages), timeout=60), "little")
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+            assert got == nbytes, (got, nbytes)
+    return statistics.median(times)
+
+
+if __name__ == "__main__":
+    serve()
+    sys.exit(0)
