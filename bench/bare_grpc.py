@@ -16,7 +16,9 @@ from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
+import numpy as np
 
+from common import allocator
 from common.tensors import CHUNK_SIZE
 from fl_client.connection import CHANNEL_OPTIONS
 from fl_server.servicer import SERVER_OPTIONS
@@ -24,8 +26,13 @@ from fl_server.servicer import SERVER_OPTIONS
 METHOD = "/bench.Bare/Upload"
 
 
+# Reused by every call, as fl-server reuses its receive buffers (the warm-up calls fault its pages in):
+# fresh memory would add a page fault per 4 KiB to each upload.
+_BUFFER = memoryview(bytearray(64 << 20))
+
+
 def _drain(messages: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
-    buffer = memoryview(bytearray(64 << 20))
+    buffer = _BUFFER  # calls come one at a time (upload_seconds)
     received = 0
     for message in messages:
         buffer[received:received + len(message)] = message
@@ -34,6 +41,7 @@ def _drain(messages: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
 
 
 def serve() -> None:
+    allocator.keep_freed_memory(arenas=1)  # as fl-server
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Bare", {
         "Upload": grpc.stream_unary_rpc_method_handler(_drain)}),))
@@ -45,8 +53,9 @@ def serve() -> None:
 
 def upload_seconds(address: str, nbytes: int, repeats: int) -> float:
     """Median seconds to stream `nbytes` (at most 64 MiB) to a `serve()`ing process, after 2 warm-up calls."""
-    full, rest = divmod(nbytes, CHUNK_SIZE)
-    messages = [bytes(CHUNK_SIZE)] * full + ([bytes(rest)] if rest else [])
+    # Written, distinct messages: bytes(n) would be untouched zero pages, which read faster than memory.
+    data = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8).tobytes()
+    messages = [data[start:start + CHUNK_SIZE] for start in range(0, nbytes, CHUNK_SIZE)]
     with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         upload = channel.stream_unary(METHOD)
         times = []
