@@ -41,11 +41,8 @@ def tiny_change(specs: list[tensors.TensorSpec], seed: int = 0) -> tensors.Paylo
 
 
 class SimulatedClient:
-    def __init__(self, client_id: str, address: str, stats: LoadStats, num_samples: int = 100,
-                 rounds: int | None = None):
-        """`rounds`: leave after training this many rounds (None: until the server says FINISHED)."""
+    def __init__(self, client_id: str, address: str, stats: LoadStats, num_samples: int = 100):
         self.client_id = client_id
-        self.rounds_left = rounds
         self.stats = stats
         self.num_samples = num_samples
         self.channel = grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 8 << 20)])
@@ -69,10 +66,6 @@ class SimulatedClient:
                 if decision.action is m.Action.TRAIN:
                     self.stats.train_received.setdefault(decision.round, []).append(time.time())
                     await self.one_round(decision)
-                    if self.rounds_left is not None:
-                        self.rounds_left -= 1
-                        if self.rounds_left <= 0:
-                            return
         except grpc.aio.AioRpcError as e:
             self.stats.errors.append(f"{self.client_id}: {e.code().name} {e.details()}")
         finally:
@@ -123,12 +116,12 @@ def _shared_change(specs: list[tensors.TensorSpec]) -> tuple[tensors.Payload, li
     return _SHARED[key]
 
 
-async def run_clients(address: str, count: int, prefix: str = "sim", rounds: int | None = None) -> LoadStats:
+async def run_clients(address: str, count: int, prefix: str = "sim") -> LoadStats:
     stats = LoadStats()
-    clients = [SimulatedClient(f"{prefix}{i}", address, stats, rounds=rounds) for i in range(count)]
+    clients = [SimulatedClient(f"{prefix}{i}", address, stats) for i in range(count)]
     await asyncio.gather(*(c.run() for c in clients))
     return stats
 
 
-def run(address: str, count: int, prefix: str = "sim", rounds: int | None = None) -> LoadStats:
-    return asyncio.run(run_clients(address, count, prefix, rounds))
+def run(address: str, count: int, prefix: str = "sim") -> LoadStats:
+    return asyncio.run(run_clients(address, count, prefix))

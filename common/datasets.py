@@ -93,7 +93,7 @@ def check_dataset_name(name: str) -> None:
         raise DataError(f"unknown data set {name!r}; choose {', '.join(DATASETS)} or imagefolder:PATH")
 
 
-def _find_idx(root: Path, stem: str, folder_name: str = "MNIST") -> Path:
+def _find_idx(root: Path, stem: str, folder_name: str) -> Path:
     for folder in (root, root / folder_name / "raw", root / "raw"):
         for name in (stem, stem + ".gz"):
             if (folder / name).is_file():
@@ -109,8 +109,8 @@ def load_mnist(root: str | Path, name: str = "mnist", download: bool = False) ->
     if download:
         import torchvision.datasets  # noqa: PLC0415 - only to fetch the files
 
-        for train in (True, False):
-            getattr(torchvision.datasets, folder_name)(str(root), train=train, download=True)
+        # One construction fetches all four files (train and test); its parsed copy is not used.
+        getattr(torchvision.datasets, folder_name)(str(root), download=True)
 
     def split(prefix: str) -> ArrayData:
         images = _read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte", folder_name))
@@ -195,10 +195,12 @@ def augmentation_for(dataset: str) -> Callable[[torch.Tensor], torch.Tensor] | N
     if dataset not in CIFAR_SETS:
         return None
     _, _, _, mean, std = CIFAR_SETS[dataset]
-    black = torch.tensor([-m / s for m, s in zip(mean, std)])  # padding is black before normalization
+    black = {torch.device("cpu"): torch.tensor([-m / s for m, s in zip(mean, std)])}  # black before normalization
 
     def augment(x: torch.Tensor) -> torch.Tensor:
-        return random_crop_and_flip(x, 4, black.to(x.device))
+        if x.device not in black:  # moved once, not on every batch
+            black[x.device] = black[torch.device("cpu")].to(x.device)
+        return random_crop_and_flip(x, 4, black[x.device])
 
     return augment
 

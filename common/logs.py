@@ -23,3 +23,9 @@ def fail(program: str, message: str, code: int = 2) -> int:
     """Print the one sentence a user needs (what is wrong, what to do) and return the exit code."""
     print(f"{program}: error: {message}", file=sys.stderr, flush=True)
     return code
+
+
+def brief(error: BaseException, line: int = 0, limit: int = 200) -> str:
+    """One line of an exception's message, for an error sentence: its first (or, with line=-1, its last)
+    line, cut to `limit` characters; the exception's type when it has no message."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[line][:limit]

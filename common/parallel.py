@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.multiprocessing.spawn import ProcessException  # the module, not torch.multiprocessing.spawn()
 from torch.nn.parallel import DistributedDataParallel
 
+from common import logs
 from common.datasets import ArrayData, BatchLoader, augmentation_for
 from common.messages import TrainConfig
 from common.models import build_model
@@ -101,7 +102,7 @@ def train_data_parallel(state: dict[str, torch.Tensor], data: ArrayData, cfg: Tr
             # gloo can abort a process as it exits, after the work is done and saved; only a missing result
             # is a failure.
             if not os.path.exists(out):
-                reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
+                reason = logs.brief(e, line=-1, limit=300)
                 raise DataParallelError(f"data-parallel training across {', '.join(names)} failed ({reason}); "
                                         "check the devices, or train on one with --device") from None
             log.warning("a training process ended abnormally after saving the round's result (%s); using it", e)

@@ -162,9 +162,8 @@ class PayloadReceiver:
         `on_values(name, values)` is given the elements of each tensor as soon as a chunk completes
         them, as a flat view (so a large tensor comes in several consecutive pieces), before the
         checksum is known: checks of the values then run while the rest is still streaming, on bytes
-        that are still in the CPU's cache. Scanning each whole tensor once it was in took 7.4 ms for
-        a 45 MB model; scanning each chunk's share as it lands takes about 1 ms. It may raise to
-        refuse the payload early."""
+        that are still in the CPU's cache (for a 45 MB model, about 4 ms of scanning instead of 7.4 ms
+        for whole tensors once they were in). It may raise to refuse the payload early."""
         self.specs = specs
         self.expected_checksum = expected_checksum
         self.total_bytes = sum(s.nbytes for s in specs)

@@ -85,9 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         devices = tuple(d.strip() for d in args.devices.split(",")) if args.devices else ()
-        for name in devices:
-            select_device(name)  # a clear error for a device this machine does not have
-        device = select_device(devices[0] if devices else args.device)
+        # Each checked up front: a clear error for a device this machine does not have.
+        device = [select_device(name) for name in devices][0] if devices else select_device(args.device)
         data = read_shard(args.data) if args.data else None
         credentials = transport_credentials(args)
         token = tokens.read_secret(args.token_file) if args.token_file else None

@@ -142,9 +142,15 @@ class ClientDaemon:
             self.data = self.data.subset(order[cut:])
             self._loader = None
             log.info("holding out %d samples to evaluate the global model, training on %d", cut, len(self.data))
-        if self._loader is None or self._loader.batch_size != cfg.batch_size:
+        # Data-parallel rounds give each worker process its own loader (common.parallel); this one would
+        # only hold a second copy of the data on the first device.
+        if not self._data_parallel and (self._loader is None or self._loader.batch_size != cfg.batch_size):
             self._loader = BatchLoader(self.data, cfg.batch_size, shuffle=True, device=self.options.device,
                                        augment=augmentation_for(cfg.dataset))
+
+    @property
+    def _data_parallel(self) -> bool:
+        return len(self.options.devices) > 1
 
     def train_round(self, decision: m.JoinDecision) -> m.SubmitResult:
         heartbeat_request = m.JoinRequest(client_id=self.client_id, num_samples=len(self.data),
@@ -159,7 +165,7 @@ class ClientDaemon:
         if self._model is None:
             self._model = build_model(cfg.model)
         model = self._model
-        model.load_state_dict(global_state)
+        model.load_state_dict(global_state)  # data-parallel rounds use it only for the held-out evaluation
         # Federated evaluation: how the model this round starts from does on data this client never
         # trains on. Before training, so that it measures the global model, not the local one.
         held_out = {}
@@ -172,13 +178,15 @@ class ClientDaemon:
         # re-run after a server restart trains exactly as the first attempt did.
         seed = cfg.seed + client_index(self.client_id) + 100_003 * decision.round
         torch.manual_seed(seed)
-        self._loader.generator.manual_seed(seed)
-        log.info("round %d: training on %d samples", decision.round, len(self.data))
-        if len(self.options.devices) > 1:
+        if self._data_parallel:
+            log.info("round %d: training on %d samples, data-parallel across %s", decision.round, len(self.data),
+                     ", ".join(self.options.devices))
             # One process per device for the round's epochs; they cannot be interrupted half-way, so a
             # round that ends meanwhile is noticed once they are done.
             local, result = train_data_parallel(global_state, self.data, cfg, self.options.devices, seed)
         else:
+            log.info("round %d: training on %d samples", decision.round, len(self.data))
+            self._loader.generator.manual_seed(seed)
             with tqdm(total=cfg.local_epochs, desc=f"round {decision.round}", unit="epoch", leave=False,
                       disable=not (self.options.progress and sys.stderr.isatty())) as bar:
                 def on_epoch(_epoch: int, loss: float) -> None:

@@ -99,7 +99,7 @@ def _load(path: Path, data: ArrayData) -> nn.Module:
     try:
         model.load_state_dict(torch.load(path, weights_only=True))
     except (OSError, RuntimeError, KeyError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        reason = logs.brief(e)
         raise DataError(f"cannot load an autoencoder for {data.input_shape} inputs from {path} ({reason}); "
                         "give the final_model.pt of a federation run with --model-name autoencoder") from None
     return model

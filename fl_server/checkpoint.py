@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from common import logs
 from common.config import Config
 
 CHECKPOINT = "checkpoint.pt"
@@ -78,7 +79,7 @@ class RunFolder:
             # weights_only: a checkpoint is data; never let a file in the output folder run code.
             return torch.load(path, weights_only=True)
         except Exception as e:  # torch raises many kinds for a damaged or foreign file; all mean the same here
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            reason = logs.brief(e)
             raise CheckpointError(f"checkpoint {path} is unreadable ({reason}); move it away to start afresh, "
                                   "or point --out elsewhere") from None
 

@@ -150,7 +150,8 @@ class Coordinator:
 
     def _finish_pending_evaluation(self) -> None:
         """After a restart: the checkpoint's newest round may not have been evaluated before the crash."""
-        pending = [r for r in self.metrics if r.get("aggregated", True) and r.get("accuracy") is None]
+        # Loss, not accuracy: an autoencoder's evaluated rounds have no accuracy either.
+        pending = [r for r in self.metrics if r.get("aggregated", True) and r.get("loss") is None]
         if pending:
             result = self.evaluate(self.state.global_state)
             with self._metrics_lock:

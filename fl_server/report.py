@@ -70,7 +70,7 @@ def write_report(out: str | Path) -> list[Path]:
         plt.close(fig)
         written.append(out / f"{name}.png")
 
-    if any(a is not None for a in data["accuracy"]):
+    if has_accuracy(data):
         line_plot("accuracy", "accuracy")
     line_plot("loss", "loss")
     fig, ax = plt.subplots(figsize=(6, max(2.5, 0.3 * len(data["clients"]) + 1)), dpi=100)
@@ -92,11 +92,16 @@ def write_report(out: str | Path) -> list[Path]:
     return written
 
 
+def has_accuracy(data: dict[str, Any]) -> bool:
+    """False for an autoencoder's run, whose rounds have a reconstruction error and no accuracy."""
+    return any(a is not None for a in data["accuracy"])
+
+
 def summary(records: list[dict[str, Any]], data: dict[str, Any]) -> str:
     done = [r for r in records if r.get("aggregated", True)]
     reruns = len(records) - len(done)
     lines = ["# Run report", ""]
-    if data["accuracy"] and None in data["accuracy"]:  # an autoencoder: reconstruction error only
+    if data["accuracy"] and not has_accuracy(data):  # an autoencoder: reconstruction error only
         lines += [f"- rounds aggregated: {len(done)} (re-run for lack of updates: {reruns})",
                   f"- final reconstruction error (MSE): {data['loss'][-1]:.4f} after round {data['rounds'][-1]}",
                   f"- best: {min(data['loss']):.4f}", ""]
@@ -109,7 +114,7 @@ def summary(records: list[dict[str, Any]], data: dict[str, Any]) -> str:
                   f"- time in rounds: {sum(r['seconds'] for r in done):.1f} s; update bytes received: "
                   f"{sum(r.get('bytes_in', 0) for r in done) / 1e6:.1f} MB",
                   f"- clients: {len(data['clients'])}; dropped selections: {sum(len(r['dropped']) for r in records)}", ""]
-    plots = "![accuracy](accuracy.png) ![loss](loss.png)" if None not in data["accuracy"] else "![loss](loss.png)"
+    plots = "![accuracy](accuracy.png) ![loss](loss.png)" if has_accuracy(data) else "![loss](loss.png)"
     lines += [plots, "", "![participation](participation.png)", "",
               "| round | accuracy | loss | clients | seconds |", "|---|---|---|---|---|"]
     for r in done:

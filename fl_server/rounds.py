@@ -153,12 +153,8 @@ class RoundState:
         self._retired: dict[str, torch.Tensor] | None = None  # a replaced global state, to reuse as sums
         self._specs = tensors.specs_of(self._global)
         self.server_optimizer = server_optimizer or ServerOptimizer("fedavg", server_lr)
-        self._aggregator = make_aggregator(self._specs, aggregator, clients_per_round, self.server_optimizer)
-        if dp_noise_multiplier > 0:
-            from fl_server.privacy import DPFedAvg  # noqa: PLC0415 - only DP runs need it
-
-            self._aggregator = DPFedAvg(self._specs, dp_noise_multiplier, dp_clip, clients_per_round,
-                                        self.server_optimizer)
+        self._aggregator = make_aggregator(self._specs, aggregator, clients_per_round, self.server_optimizer,
+                                           dp_noise_multiplier, dp_clip)
         self._publish: Callable[[ModelSnapshot], Any] = lambda snapshot: None
         self._snapshot = ModelSnapshot(model_version, model_version + 1, tensors.encode(self._global))
         self.codec = codecs.parse(train_config.compression)
@@ -352,7 +348,6 @@ class RoundState:
                 r.submitted.pop(client_id, None)
                 r.silent[client_id] = f"its update could not be folded in ({e})"
         finally:
-            del diff  # views of `buffer`
             self._upload_buffers.put(buffer)
             with self._cond:
                 r.folding -= 1

@@ -160,8 +160,8 @@ SERVER_OPTIONS = [
     # Let clients send a 1 MiB chunk in one HTTP/2 frame rather than 64 of 16 KiB.
     ("grpc.http2.max_frame_size", CHUNK_SIZE),
     # A fixed per-stream receive window of 4 chunks rather than one sized by BDP probing: it keeps
-    # an upload streaming while its previous chunk is being checked (with one chunk of window,
-    # uploads ran at 0.55 of raw TCP instead of 0.65-0.75), and bounds what a client that
+    # an upload streaming while its previous chunk is being checked (with one chunk of window, uploads
+    # ran slower in the experiment that chose it: 0.55 of raw TCP), and bounds what a client that
     # ignores upload admission (SubmitUpdate) can make the server buffer. With BDP windows, waiting
     # uploads were read whole into gRPC's memory (2.3 GB for 50 clients of a 45 MB model).
     ("grpc.http2.bdp_probe", 0),

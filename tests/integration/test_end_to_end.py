@@ -189,4 +189,5 @@ def test_a_client_trains_data_parallel_across_two_devices(federation):
     metrics = read_metrics(federation.out)
     assert len(metrics) == 2 and metrics[-1]["accuracy"] > 0.8
     assert metrics[-1]["client_metrics"]["0"]["train_loss"] > 0
+    assert federation.client_log("0").count("data-parallel across cpu, cpu") == 2  # both rounds took the DDP path
     assert federation.server.stop() == 0

@@ -4,7 +4,7 @@ import torch
 from dp_accounting.rdp import RdpAccountant
 
 from common.tensors import specs_of
-from fl_server.aggregation import UpdateRejected
+from fl_server.aggregation import UpdateRejected, make_aggregator
 from fl_server.privacy import DPFedAvg, epsilon
 
 GLOBAL = {"w": torch.zeros(20_000), "n": torch.tensor(3)}
@@ -52,3 +52,20 @@ def test_epsilon_is_what_the_accountant_says_and_grows_with_rounds():
     spent = [epsilon(1.0, [(1000, 100)] * r, 1e-5) for r in (1, 5, 20)]
     assert spent == sorted(spent) and spent[0] > 0
     assert epsilon(2.0, [(1000, 100)] * 5, 1e-5) < spent[1]  # more noise, less spent
+
+
+def test_the_aggregator_factory_makes_dp_fedavg_and_refuses_it_with_a_robust_rule():
+    specs = specs_of({"w": torch.zeros(3)})
+    assert isinstance(make_aggregator(specs, "fedavg", 5, dp_noise_multiplier=1.0, dp_clip=0.5), DPFedAvg)
+    assert not isinstance(make_aggregator(specs, "fedavg", 5), DPFedAvg)
+    with pytest.raises(ValueError, match="fedavg"):
+        make_aggregator(specs, "median", 5, dp_noise_multiplier=1.0)
+
+
+def test_epsilon_of_repeated_rounds_is_their_composition():
+    rounds = [(100, 10)] * 3 + [(80, 10)] * 2
+    accountant = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    for population, sampled in rounds:  # one event at a time, as the accountant is usually driven
+        accountant.compose(dp_accounting.SampledWithoutReplacementDpEvent(
+            population, sampled, dp_accounting.GaussianDpEvent(0.5)))
+    assert epsilon(1.0, rounds, 1e-5) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)

@@ -155,12 +155,20 @@ def test_receiver_hands_over_the_values_of_each_chunk_as_soon_as_they_are_in(chu
 
 
 def test_receiver_stops_at_a_tensor_the_callback_refuses():
-    payload = tensors.encode({"a": torch.ones(2), "b": torch.ones(2)})
+    payload = tensors.encode({"a": torch.ones(2), "b": torch.ones(2), "c": torch.ones(2)})
+    seen, added = [], 0
 
-    def refuse(name, tensor):
-        raise ValueError(f"no {name}")
+    def refuse_b(name, tensor):
+        seen.append(name)
+        if name == "b":
+            raise ValueError(f"no {name}")
 
-    receiver = PayloadReceiver(payload.specs, payload.checksum, on_values=refuse)
-    with pytest.raises(ValueError, match="no a"):
+    receiver = PayloadReceiver(payload.specs, payload.checksum, on_values=refuse_b)
+    with pytest.raises(ValueError, match="no b"):
         for chunk in payload.chunks(4):
             receiver.add(chunk)
+            added += 1
+    # Both 4-byte halves of "a" passed; the first piece of "b" raised, and nothing after it was read.
+    assert seen == ["a", "a", "b"] and added == 2
+    with pytest.raises(PayloadError, match="ended after"):
+        receiver.finish()
