@@ -9,9 +9,10 @@ from __future__ import annotations
 import itertools
 import math
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import xxhash
 
@@ -147,6 +148,65 @@ def split(data: bytes, chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
         yield view[start:start + chunk_size]
 
 
+def value_range(values: torch.Tensor | np.ndarray) -> tuple[float, float]:
+    """(min, max) of floating-point values, in passes that allocate nothing. NaN shows in both and
+    +-Inf in one, so both are finite exactly when every value is: 14x faster than
+    torch.isfinite(values).all() on a 44 MB model. On a chunk's worth of values still in cache,
+    numpy's min and max ran 2.4x faster than torch.aminmax; numpy has no bfloat16, which stays with torch."""
+    if isinstance(values, torch.Tensor):
+        if values.dtype == torch.bfloat16:
+            low, high = torch.aminmax(values)
+            return float(low), float(high)
+        values = values.numpy()
+    return float(values.min()), float(values.max())
+
+
+@dataclass(frozen=True)
+class _FloatRun:
+    """Consecutive tensors of one floating-point dtype in a payload: their values are checked as one
+    flat array, a few calls per chunk instead of one per tensor and chunk (a ResNet-18 has 122 tensors)."""
+
+    start: int  # byte offset of the first element in the payload
+    itemsize: int
+    # The run's elements, a flat view of the receive buffer: numpy where it has the dtype. Slicing a
+    # torch tensor releases the GIL, and in fl-server each release let another thread in: checking
+    # through torch views cost 8 ms of a 45 MB upload's 44, through numpy views 2.
+    values: np.ndarray | torch.Tensor
+    names: list[str]
+    ends: list[int]  # where each tensor ends, in elements from the run's start
+
+    def name_at(self, element: int) -> str:
+        return self.names[next(i for i, end in enumerate(self.ends) if element < end)]
+
+
+def _float_runs(specs: list[TensorSpec], data: memoryview) -> list[_FloatRun]:
+    """The runs of floating-point tensors in a payload held by `data` (writable)."""
+    runs: list[_FloatRun] = []
+    group: list[TensorSpec] = []
+    offset = group_start = 0
+
+    def close() -> None:
+        if group:
+            dtype, count = DTYPES[group[0].dtype], sum(s.numel for s in group)
+            values = torch.frombuffer(data, dtype=dtype, offset=group_start, count=count)
+            runs.append(_FloatRun(group_start, dtype.itemsize, values if dtype == torch.bfloat16 else values.numpy(),
+                                  [s.name for s in group], list(itertools.accumulate(s.numel for s in group))))
+            group.clear()
+
+    for spec in specs:
+        if spec.numel and DTYPES[spec.dtype].is_floating_point:
+            if group and group[-1].dtype != spec.dtype:
+                close()
+            if not group:
+                group_start = offset
+            group.append(spec)
+        elif spec.numel:  # empty tensors take no bytes and break no run
+            close()
+        offset += spec.nbytes
+    close()
+    return runs
+
+
 class PayloadReceiver:
     """Reassembles a streamed payload into one buffer allocated up front from the expected specs.
 
@@ -155,15 +215,15 @@ class PayloadReceiver:
     """
 
     def __init__(self, specs: list[TensorSpec], expected_checksum: int, buffer: bytearray | None = None,
-                 on_values: Callable[[str, torch.Tensor], None] | None = None):
+                 check_values: bool = False):
         """`buffer`, when given, is reused instead of allocating: writing into fresh memory costs page
         faults that halve the receive rate of a large model.
 
-        `on_values(name, values)` is given the elements of each tensor as soon as a chunk completes
-        them, as a flat view (so a large tensor comes in several consecutive pieces), before the
-        checksum is known: checks of the values then run while the rest is still streaming, on bytes
-        that are still in the CPU's cache (for a 45 MB model, about 4 ms of scanning instead of 7.4 ms
-        for whole tensors once they were in). It may raise to refuse the payload early."""
+        `check_values`: refuse NaN and Inf and find the largest magnitude (`largest`) among the
+        floating-point values as each chunk lands, while later ones are still streaming and these
+        bytes are still in the CPU's cache (for a 45 MB model, about 4 ms of scanning instead of 7.4
+        ms for whole tensors once they were in). `add` raises a PayloadError at the first chunk that
+        completes a NaN or Inf."""
         self.specs = specs
         self.expected_checksum = expected_checksum
         self.total_bytes = sum(s.nbytes for s in specs)
@@ -174,10 +234,10 @@ class PayloadReceiver:
         self._received = 0
         self._hash = xxhash.xxh3_64()
         self._tensors = decode(specs, self._view[:self.total_bytes])  # views, filled in as bytes arrive
-        self._on_values = on_values
-        self._starts = [0, *itertools.accumulate(s.nbytes for s in specs)]
-        self._current = 0  # the first tensor not yet wholly given to on_values
-        self._given = 0  # how many of its elements were
+        self.largest: float | None = 0.0 if check_values else None
+        self._runs = _float_runs(specs, self._view) if check_values and self.total_bytes else []
+        self._run = 0  # the first run not yet wholly checked
+        self._checked = 0  # how many of its elements are
 
     def add(self, chunk: bytes | memoryview) -> None:
         end = self._received + len(chunk)
@@ -187,21 +247,26 @@ class PayloadReceiver:
         written[:] = chunk
         self._hash.update(written)  # the copy just left these bytes in the cache: 15% faster than the source
         self._received = end
-        if self._on_values is not None:
-            self._give_values(end)
+        if self._run < len(self._runs):
+            self._check_values(end)
 
-    def _give_values(self, end: int) -> None:
-        """Hand on_values every whole element that lies below byte `end` and was not handed on yet."""
-        while self._current < len(self.specs):
-            spec = self.specs[self._current]
-            start, itemsize = self._starts[self._current], DTYPES[spec.dtype].itemsize
-            complete = min(end - start, spec.nbytes) // itemsize  # elements wholly in (a chunk may split one)
-            if complete > self._given:
-                self._on_values(spec.name, self._tensors[spec.name].reshape(-1)[self._given:complete])
-                self._given = complete
-            if complete < spec.numel:
+    def _check_values(self, end: int) -> None:
+        """Check every whole element below byte `end` that was not checked yet."""
+        while self._run < len(self._runs):
+            run = self._runs[self._run]
+            complete = min(max(end - run.start, 0) // run.itemsize, len(run.values))
+            if complete > self._checked:  # whole elements only: a chunk may end inside one
+                values = run.values[self._checked:complete]
+                low, high = value_range(values)
+                if not (math.isfinite(low) and math.isfinite(high)):
+                    finite = torch.isfinite(torch.as_tensor(values))
+                    raise PayloadError(f"tensor {run.name_at(self._checked + int(finite.logical_not().nonzero()[0]))!r} "
+                                       "holds NaN or Inf")
+                self.largest = max(self.largest, abs(low), abs(high))
+                self._checked = complete
+            if complete < len(run.values):
                 return
-            self._current, self._given = self._current + 1, 0
+            self._run, self._checked = self._run + 1, 0
 
     def finish(self) -> dict[str, torch.Tensor]:
         if self._received != self.total_bytes:

@@ -26,7 +26,7 @@ from common.messages import (
     UpdateHeader,
 )
 from fl_server.aggregation import (
-    ServerOptimizer, UpdateRejected, largest_magnitude, make_aggregator, spec_mismatch,
+    ServerOptimizer, UpdateRejected, make_aggregator, spec_mismatch,
 )
 
 log = logging.getLogger("fl_server.rounds")
@@ -294,16 +294,10 @@ class RoundState:
         started = time.perf_counter()
         try:
             # Outside the lock: uploads from different clients stream in parallel.
-            # Uncompressed, the received tensors are the diff: scan the values for NaN, Inf and the
-            # largest magnitude as each chunk lands, while later ones are still streaming.
-            largest = 0.0 if self.codec.name == "none" else None
-
-            def scan(name: str, tensor: torch.Tensor) -> None:
-                nonlocal largest
-                largest = max(largest, largest_magnitude(name, tensor))
-
+            # Uncompressed, the received tensors are the diff: the receiver checks the values for NaN
+            # and Inf, and finds the largest magnitude, as each chunk lands, while later ones stream.
             receiver = tensors.PayloadReceiver(header.payload.specs, header.payload.checksum, buffer,
-                                               on_values=scan if largest is not None else None)
+                                               check_values=self.codec.name == "none")
             received_chunks = 0
             for chunk in chunks:
                 receiver.add(chunk)
@@ -314,7 +308,7 @@ class RoundState:
                                          f"{received_chunks}")
             diff = codecs.decode(wire, self._specs, self.codec)
             received = time.perf_counter()
-            self._aggregator.check(diff, header.num_samples, largest)
+            self._aggregator.check(diff, header.num_samples, receiver.largest)
         except (tensors.PayloadError, codecs.CodecError, UpdateRejected) as e:
             raise InvalidUpdateError(str(e)) from None
         with self._cond:

@@ -127,48 +127,37 @@ def test_encoding_does_not_copy_contiguous_cpu_tensors():
     assert payload.data[:4] == torch.tensor([1.0]).numpy().tobytes()
 
 
+def _mixed_state():
+    # One-byte flags first, so that chunk boundaries split the float32 and int64 elements; float32
+    # tensors around an empty one make one run, the int64 between them ends it, float16 starts another.
+    return {"flags": torch.tensor([True, False, True]), "a": torch.tensor([1.0, -7.5, 2.0]), "empty": torch.zeros(0),
+            "b": torch.tensor([3.0, 0.5]), "count": torch.arange(5, dtype=torch.int64),
+            "c": torch.tensor([-4.0, 6.0]), "d": torch.tensor([1.0, -9.0], dtype=torch.float16),
+            "e": torch.tensor([2.0, -3.0], dtype=torch.bfloat16)}
+
+
 @pytest.mark.parametrize("chunk_size", [1, 3, 8, 1000])
-def test_receiver_hands_over_the_values_of_each_chunk_as_soon_as_they_are_in(chunk_size):
-    # 3 one-byte flags first, so that chunk boundaries split the float32 and int64 elements.
-    state = {"flags": torch.tensor([True, False, True]), "a": torch.arange(3.0), "empty": torch.zeros(0),
-             "b": torch.arange(5, dtype=torch.int64)}
-    payload = tensors.encode(state)
-    starts = {"flags": 0, "a": 3, "empty": 15, "b": 15}
-    pieces = {name: [] for name in state}
-
-    def on_values(name, values):
-        handed = sum(p.numel() for p in pieces[name]) + values.numel()
-        piece_end = starts[name] + handed * values.element_size()
-        # Whole elements only, and handed over by the chunk that completed them.
-        assert receiver._received - chunk_size < piece_end <= receiver._received
-        pieces[name].append(values.clone())
-
-    receiver = PayloadReceiver(payload.specs, payload.checksum, on_values=on_values)
+def test_receiver_finds_the_largest_magnitude_of_the_floating_point_values(chunk_size):
+    payload = tensors.encode(_mixed_state())
+    receiver = PayloadReceiver(payload.specs, payload.checksum, check_values=True)
     for chunk in payload.chunks(chunk_size):
         receiver.add(chunk)
     receiver.finish()
-    assert pieces["empty"] == []
-    for name in ("flags", "a", "b"):
-        assert torch.equal(torch.cat(pieces[name]), state[name])
-        if chunk_size == 1000:
-            assert len(pieces[name]) == 1
+    assert receiver.largest == 9.0  # the int64 counts (up to 4) and flags are not values to scale
+    assert PayloadReceiver(payload.specs, payload.checksum).largest is None  # not asked to check
 
 
-def test_receiver_stops_at_a_tensor_the_callback_refuses():
-    payload = tensors.encode({"a": torch.ones(2), "b": torch.ones(2), "c": torch.ones(2)})
-    seen, added = [], 0
-
-    def refuse_b(name, tensor):
-        seen.append(name)
-        if name == "b":
-            raise ValueError(f"no {name}")
-
-    receiver = PayloadReceiver(payload.specs, payload.checksum, on_values=refuse_b)
-    with pytest.raises(ValueError, match="no b"):
-        for chunk in payload.chunks(4):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("name", ["a", "b", "c", "d", "e"])
+def test_receiver_refuses_the_chunk_that_completes_a_nan_or_inf_and_names_its_tensor(name, bad):
+    state = _mixed_state()
+    state[name][-1] = bad
+    payload = tensors.encode(state)
+    bad_end = sum(s.nbytes for s in payload.specs[:list(state).index(name) + 1])  # the last byte of the bad element
+    receiver = PayloadReceiver(payload.specs, payload.checksum, check_values=True)
+    added = 0
+    with pytest.raises(PayloadError, match=f"tensor '{name}' holds NaN or Inf"):
+        for chunk in payload.chunks(3):
             receiver.add(chunk)
             added += 1
-    # Both 4-byte halves of "a" passed; the first piece of "b" raised, and nothing after it was read.
-    assert seen == ["a", "a", "b"] and added == 2
-    with pytest.raises(PayloadError, match="ended after"):
-        receiver.finish()
+    assert added == (bad_end - 1) // 3  # refused by the chunk holding its last byte, nothing after read
