@@ -189,6 +189,11 @@ class FedAvg:
             acc = self._sums[name]
             acc.add_(tensor.to(acc.dtype), alpha=alpha)
 
+    def _stepped(self, name: str, mean: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        """`current` moved by the server optimizer's step for the mean diff `mean` (whose memory it takes)."""
+        new = self.optimizer.step(name, mean).add_(current)
+        return new if new.dtype == current.dtype else new.to(current.dtype)
+
     def apply(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The new global state; the old one is not modified. The new state is computed in the sums'
         own memory (no second model-sized allocation), so the aggregator is empty afterwards."""
@@ -198,8 +203,7 @@ class FedAvg:
         for name, current in global_state.items():
             mean = self._sums[name].div_(self.total_weight)
             if current.is_floating_point():
-                new = self.optimizer.step(name, mean).add_(current)
-                new_state[name] = new if new.dtype == current.dtype else new.to(current.dtype)
+                new_state[name] = self._stepped(name, mean, current)
             else:
                 # Counters take the plain mean. Round, not truncate: a mean step of 0.99 must not become 0.
                 new_state[name] = mean.add_(current).round_().to(current.dtype)

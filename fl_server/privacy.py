@@ -64,9 +64,7 @@ class DPFedAvg(FedAvg):
             total = self._sums[name]
             total.add_(torch.randn(total.shape, generator=self._generator, dtype=total.dtype), alpha=std)
             # A fixed denominator: dividing by the number that arrived would publish it, noise-free.
-            mean = total.div_(self.clients_per_round)
-            new = self.optimizer.step(name, mean).add_(current)
-            new_state[name] = new if new.dtype == current.dtype else new.to(current.dtype)
+            new_state[name] = self._stepped(name, total.div_(self.clients_per_round), current)
         self.reset()
         return new_state
 
