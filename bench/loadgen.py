@@ -16,6 +16,7 @@ import torch
 from common import convert, tensors
 from common import messages as m
 from common.proto import federation_pb2 as pb
+from fl_client.connection import CHANNEL_OPTIONS
 
 
 @dataclass
@@ -45,7 +46,7 @@ class SimulatedClient:
         self.client_id = client_id
         self.stats = stats
         self.num_samples = num_samples
-        self.channel = grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 8 << 20)])
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)  # as fl-client's
         self.join = self.channel.unary_unary(convert.JOIN_ROUND, request_serializer=pb.JoinRequest.SerializeToString,
                                              response_deserializer=pb.JoinReply.FromString)
         self.get_model = self.channel.unary_stream(convert.GET_GLOBAL_MODEL,

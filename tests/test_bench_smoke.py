@@ -19,3 +19,13 @@ def test_quick_benchmark_produces_every_figure(tmp_path):
     assert sorted({f["number"] for f in results["figures"]}) == list(range(1, 9))
     assert all(f["value"] > 0 for f in results["figures"])
     assert "| 8 |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.integration
+def test_upload_cpu_probe_times_all_three_paths():
+    done = subprocess.run([sys.executable, "-m", "bench.upload_cpu", "--model-name", "mlp", "--repeats", "1",
+                           "--idle", "0"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["SubmitUpdate", "bare", "raw"]
+    assert all(" ms " in line and "cores" in line for line in lines)
