@@ -1,11 +1,14 @@
-"""A reference for SubmitUpdate: plain gRPC Python moving the same bytes with the same channel arguments.
+"""References for SubmitUpdate and GetGlobalModel: plain gRPC Python moving the same bytes with the same
+channel arguments.
 
     python -m bench.bare_grpc     # serves on a free loopback port and prints it; bench.run uses it
 
-A client-streaming call whose handler only copies each message into a preallocated buffer (the one
-copy a receiver cannot avoid), fed by a client that sends 1 MiB messages built beforehand: no header,
-admission, checksum, value checks or fold. It shows what a straightforward gRPC Python upload achieves
-on this machine, as against raw TCP and SubmitUpdate, in the same run.
+Upload: a client-streaming call whose handler only copies each message into a preallocated buffer (the
+one copy a receiver cannot avoid), fed by a client that sends 1 MiB messages built beforehand: no header,
+admission, checksum, value checks or fold. Download: a server-streaming call that replays 1 MiB messages
+built once, which the client copies into a buffer it reuses: no header, checksum or tensors. They show
+what a straightforward gRPC Python transfer achieves on this machine, as against raw TCP and fedgrpc, in
+the same run.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from fl_client.connection import CHANNEL_OPTIONS
 from fl_server.servicer import SERVER_OPTIONS
 
 METHOD = "/bench.Bare/Upload"
+DOWNLOAD = "/bench.Bare/Download"
 
 
 # Reused by every call, as fl-server reuses its receive buffers (the warm-up calls fault its pages in):
@@ -44,11 +48,28 @@ def _drain(messages: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
     return received.to_bytes(8, "little")
 
 
+_MESSAGES: dict[int, list[bytes]] = {}
+
+
+def _written(nbytes: int) -> list[bytes]:
+    """`nbytes` of written (not zero-page) data in 1 MiB messages."""
+    data = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8).tobytes()
+    return [data[start:start + CHUNK_SIZE] for start in range(0, nbytes, CHUNK_SIZE)]
+
+
+def _replay(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+    nbytes = int.from_bytes(request, "little")
+    if nbytes not in _MESSAGES:  # built once, as fl-server serializes a model version once
+        _MESSAGES[nbytes] = _written(nbytes)
+    yield from _MESSAGES[nbytes]
+
+
 def serve() -> None:
     allocator.keep_freed_memory(arenas=1)  # as fl-server
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Bare", {
-        "Upload": grpc.stream_unary_rpc_method_handler(_drain)}),))
+        "Upload": grpc.stream_unary_rpc_method_handler(_drain),
+        "Download": grpc.unary_stream_rpc_method_handler(_replay)}),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     print(port, flush=True)
@@ -73,9 +94,8 @@ def upload_seconds(address: str, nbytes: int, repeats: int, idle: float) -> floa
     Each call follows `idle` seconds without traffic, as an upload in a round does: Linux restarts TCP's
     slow start on a connection idle for longer than its retransmission timeout, which cost 3.5 ms of 25
     here."""
-    # Written, distinct messages: bytes(n) would be untouched zero pages, which read faster than memory.
-    data = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8).tobytes()
-    messages = [data[start:start + CHUNK_SIZE] for start in range(0, nbytes, CHUNK_SIZE)]
+    # Written, distinct messages: bytes(n) would be untouched zero pages, which fault in as they are read.
+    messages = _written(nbytes)
     with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         upload = channel.stream_unary(METHOD)
         times = []
@@ -86,6 +106,26 @@ def upload_seconds(address: str, nbytes: int, repeats: int, idle: float) -> floa
             if i >= 2:
                 times.append(time.perf_counter() - start)
             assert got == nbytes, (got, nbytes)
+    return statistics.median(times)
+
+
+def download_seconds(address: str, nbytes: int, repeats: int, idle: float) -> float:
+    """Median seconds to receive `nbytes` from a `serve()`ing process into a reused buffer, after 2 warm-up
+    calls, each after `idle` seconds without traffic (see upload_seconds)."""
+    buffer = memoryview(bytearray(nbytes))
+    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        download = channel.unary_stream(DOWNLOAD)
+        times = []
+        for i in range(repeats + 2):
+            time.sleep(idle)
+            start = time.perf_counter()
+            received = 0
+            for message in download(nbytes.to_bytes(8, "little"), timeout=60):
+                buffer[received:received + len(message)] = message
+                received += len(message)
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+            assert received == nbytes, (received, nbytes)
     return statistics.median(times)
 
 

@@ -170,13 +170,17 @@ class Bench:
             srv.stop()
         raw = raw_tcp_median(tensors.encode(state).data, self.repeats)
         with bare_grpc.serving() as (address, _):
+            bare_down = bare_grpc.download_seconds(address, nbytes, self.repeats, idle)
             bare = bare_grpc.upload_seconds(address, nbytes, self.repeats, idle)
         mb = nbytes / 1e6
         for direction, seconds in (("GetGlobalModel", down), ("SubmitUpdate", up)):
             ratio = raw / seconds
             self.add(1, f"model transfer through {direction} / raw TCP", ratio, "x", ">= 0.6", ratio >= 0.6,
                      f"({mb:.1f} MB: {nbytes / seconds / 1e9:.2f} GB/s vs raw TCP {nbytes / raw / 1e9:.2f} GB/s)")
-        # Context for SubmitUpdate's figure: the same bytes through gRPC Python alone (bench/bare_grpc.py).
+        # Context for both figures: the same bytes through gRPC Python alone (bench/bare_grpc.py).
+        self.add(1, "reference: bare gRPC Python server stream of the same bytes / raw TCP", raw / bare_down, "x",
+                 "reported", None,
+                 f"({nbytes / bare_down / 1e9:.2f} GB/s; GetGlobalModel reaches {bare_down / down:.2f} of it)")
         self.add(1, "reference: bare gRPC Python client stream of the same bytes / raw TCP", raw / bare, "x",
                  "reported", None, f"({nbytes / bare / 1e9:.2f} GB/s; SubmitUpdate reaches {bare / up:.2f} of it)")
 
