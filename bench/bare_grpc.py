@@ -18,7 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
 
@@ -89,44 +89,46 @@ def serving() -> Iterator[tuple[str, int]]:
         proc.wait(timeout=10)
 
 
+def _median_seconds(transfer: Callable[[], int], nbytes: int, repeats: int, idle: float) -> float:
+    """Median seconds of `transfer()` (which returns the bytes it moved) after 2 warm-up calls. Each call
+    follows `idle` seconds without traffic, as a transfer in a round does: Linux restarts TCP's slow start
+    on a connection idle for longer than its retransmission timeout, which cost 3.5 ms of 25 here."""
+    times = []
+    for i in range(repeats + 2):
+        time.sleep(idle)
+        start = time.perf_counter()
+        moved = transfer()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+        assert moved == nbytes, (moved, nbytes)
+    return statistics.median(times)
+
+
 def upload_seconds(address: str, nbytes: int, repeats: int, idle: float) -> float:
-    """Median seconds to stream `nbytes` (at most 64 MiB) to a `serve()`ing process, after 2 warm-up calls.
-    Each call follows `idle` seconds without traffic, as an upload in a round does: Linux restarts TCP's
-    slow start on a connection idle for longer than its retransmission timeout, which cost 3.5 ms of 25
-    here."""
+    """Median seconds to stream `nbytes` (at most 64 MiB) to a `serve()`ing process (see _median_seconds)."""
     # Written, distinct messages: bytes(n) would be untouched zero pages, which fault in as they are read.
     messages = _written(nbytes)
     with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         upload = channel.stream_unary(METHOD)
-        times = []
-        for i in range(repeats + 2):
-            time.sleep(idle)
-            start = time.perf_counter()
-            got = int.from_bytes(upload(iter(messages), timeout=60), "little")
-            if i >= 2:
-                times.append(time.perf_counter() - start)
-            assert got == nbytes, (got, nbytes)
-    return statistics.median(times)
+        return _median_seconds(lambda: int.from_bytes(upload(iter(messages), timeout=60), "little"),
+                               nbytes, repeats, idle)
 
 
 def download_seconds(address: str, nbytes: int, repeats: int, idle: float) -> float:
-    """Median seconds to receive `nbytes` from a `serve()`ing process into a reused buffer, after 2 warm-up
-    calls, each after `idle` seconds without traffic (see upload_seconds)."""
+    """Median seconds to receive `nbytes` from a `serve()`ing process into a reused buffer (see
+    _median_seconds)."""
     buffer = memoryview(bytearray(nbytes))
     with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         download = channel.unary_stream(DOWNLOAD)
-        times = []
-        for i in range(repeats + 2):
-            time.sleep(idle)
-            start = time.perf_counter()
+
+        def receive() -> int:
             received = 0
             for message in download(nbytes.to_bytes(8, "little"), timeout=60):
                 buffer[received:received + len(message)] = message
                 received += len(message)
-            if i >= 2:
-                times.append(time.perf_counter() - start)
-            assert received == nbytes, (received, nbytes)
-    return statistics.median(times)
+            return received
+
+        return _median_seconds(receive, nbytes, repeats, idle)
 
 
 if __name__ == "__main__":
