@@ -51,10 +51,14 @@ def _drain(messages: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
 _MESSAGES: dict[int, list[bytes]] = {}
 
 
+def messages_of(data: bytes) -> list[bytes]:
+    """`data` cut into 1 MiB messages (bytes, which gRPC's Python API sends)."""
+    return [data[start:start + CHUNK_SIZE] for start in range(0, len(data), CHUNK_SIZE)]
+
+
 def _written(nbytes: int) -> list[bytes]:
     """`nbytes` of written (not zero-page) data in 1 MiB messages."""
-    data = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8).tobytes()
-    return [data[start:start + CHUNK_SIZE] for start in range(0, nbytes, CHUNK_SIZE)]
+    return messages_of(np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8).tobytes())
 
 
 def _replay(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:

@@ -238,6 +238,8 @@ class Bench:
     # 3 and 4 -------------------------------------------------------------------------------------------
     def rounds_and_memory(self) -> None:
         peaks = {}
+        model = tensors.encode(build_model(model_spec_for(self.big_model, load_digits()[0])).state_dict()).data
+        model_bytes = len(model)
         for clients in ((3, 5) if self.quick else (10, 50)):
             srv = server(self.run_dir(f"rounds{clients}"), "--model-name", self.big_model, "--rounds", "3",
                          "--clients-per-round", str(clients), "--num-clients", str(clients))
@@ -251,8 +253,6 @@ class Bench:
                 srv.stop()
             assert not stats.errors, stats.errors[:3]
             records = [json.loads(line) for line in (self.workdir / f"rounds{clients}" / "metrics.jsonl").open()]
-            model = tensors.encode(build_model(model_spec_for(self.big_model, load_digits()[0])).state_dict()).data
-            model_bytes = len(model)
             # A round's period, from one aggregation to the next, once clients are connected and warm.
             period = statistics.median(b["closed_at"] - a["closed_at"] for a, b in zip(records[1:], records[2:])) \
                 if len(records) >= 3 else records[-1]["seconds"]

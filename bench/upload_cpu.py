@@ -85,7 +85,7 @@ def submit_update(workdir: Path, model_name: str, repeats: int, idle: float) -> 
 
 
 def bare(model: bytes, repeats: int, idle: float) -> None:
-    messages = [model[start:start + tensors.CHUNK_SIZE] for start in range(0, len(model), tensors.CHUNK_SIZE)]
+    messages = bare_grpc.messages_of(model)
     with bare_grpc.serving() as (address, pid), grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         upload = channel.stream_unary(bare_grpc.METHOD)
         measure("bare gRPC", lambda: upload(iter(messages), timeout=60), pid, repeats, idle)

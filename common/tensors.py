@@ -221,8 +221,7 @@ class PayloadReceiver:
 
         `check_values`: refuse NaN and Inf and find the largest magnitude (`largest`) among the
         floating-point values as each chunk lands, while later ones are still streaming and these
-        bytes are still in the CPU's cache (for a 45 MB model, about 4 ms of scanning instead of 7.4
-        ms for whole tensors once they were in). `add` raises a PayloadError at the first chunk that
+        bytes are still in the CPU's cache. `add` raises a PayloadError at the first chunk that
         completes a NaN or Inf."""
         self.specs = specs
         self.expected_checksum = expected_checksum
@@ -259,9 +258,8 @@ class PayloadReceiver:
                 values = run.values[self._checked:complete]
                 low, high = value_range(values)
                 if not (math.isfinite(low) and math.isfinite(high)):
-                    finite = torch.isfinite(torch.as_tensor(values))
-                    raise PayloadError(f"tensor {run.name_at(self._checked + int(finite.logical_not().nonzero()[0]))!r} "
-                                       "holds NaN or Inf")
+                    bad = self._checked + int((~torch.isfinite(torch.as_tensor(values))).nonzero()[0])
+                    raise PayloadError(f"tensor {run.name_at(bad)!r} holds NaN or Inf")
                 self.largest = max(self.largest, abs(low), abs(high))
                 self._checked = complete
             if complete < len(run.values):

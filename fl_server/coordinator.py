@@ -173,7 +173,7 @@ class Coordinator:
             "server_optimizer": self.state.server_optimizer.state_dict(),
             "metrics": metrics,
             **self.checkpoint_extra,
-        })
+        }, model_checksum=self.state.global_checksum)
 
     def _add_privacy_spent(self, record: dict[str, Any]) -> None:
         """Epsilon spent by every aggregated round so far, this one included (rounds re-run for lack of

@@ -197,6 +197,11 @@ class RoundState:
     def global_state(self) -> dict[str, torch.Tensor]:
         return self._global
 
+    @property
+    def global_checksum(self) -> int:
+        """XXH3-64 of the global state's bytes, computed once when the version was published."""
+        return self._snapshot.payload.checksum
+
     def join(self, req: JoinRequest, timeout: float) -> JoinDecision:
         """Register the client and hold the call until there is something for it to do, or `timeout`."""
         self._check_protocol(req.protocol_version)

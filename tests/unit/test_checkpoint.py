@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from common import tensors
 from common.messages import ModelSpec
 from common.models import build_model
 from fl_server.checkpoint import CHECKPOINT, CheckpointError, RunFolder
@@ -40,3 +41,12 @@ def test_a_checkpoint_without_a_checksum_still_loads(tmp_path):
     saved = _checkpoint()
     torch.save(saved, tmp_path / CHECKPOINT)  # as written before the checksum existed
     assert RunFolder(tmp_path).load_checkpoint()["model_version"] == 3
+
+
+def test_a_checksum_the_caller_already_has_is_the_one_saved(tmp_path):
+    saved = _checkpoint()
+    RunFolder(tmp_path).save_checkpoint(saved, model_checksum=tensors.encode(saved["model"]).checksum)
+    assert RunFolder(tmp_path).load_checkpoint()["model_version"] == 3
+    RunFolder(tmp_path).save_checkpoint(saved, model_checksum=12345)  # not this model's
+    with pytest.raises(CheckpointError, match="is damaged"):
+        RunFolder(tmp_path).load_checkpoint()

@@ -93,6 +93,7 @@ def test_full_round_aggregates_by_weight():
     assert state.global_state["n"].item() == 2
     assert state.model_version == 1
     assert state.model(ModelRequest("a")).version == 1
+    assert state.global_checksum == tensors.encode(state.global_state).checksum  # what checkpoints reuse
 
 
 def test_duplicate_submission_counts_once():
