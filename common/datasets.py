@@ -233,9 +233,18 @@ class BatchLoader:
     """
 
     def __init__(self, data: ArrayData, batch_size: int, shuffle: bool = False, seed: int = 0,
-                 device: torch.device | str = "cpu", augment: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        """`augment`: applied to each training batch (see augmentation_for)."""
+                 device: torch.device | str = "cpu", augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 shard: tuple[int, int] = (0, 1)):
+        """`augment`: applied to each training batch (see augmentation_for).
+
+        `shard=(rank, world)`: only every world-th sample of each batch, from the rank-th on: loaders with
+        the same seed then split each batch among `world` data-parallel processes, and each gathers and
+        augments only its own samples. Batches with fewer samples than processes are skipped, so that no
+        process ever steps on nothing."""
         self.augment = augment
+        self.rank, self.world = shard
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"shard {shard} is not (rank, world) with 0 <= rank < world")
         self.x = data.x.to(device)
         self.y = data.y.to(device)
         self.batch_size = batch_size
@@ -249,9 +258,12 @@ class BatchLoader:
         n = len(self.y)
         order = torch.randperm(n, generator=self.generator).to(self.x.device) if self.shuffle else None
         for start in range(0, n, self.batch_size):
+            end = min(start + self.batch_size, n)
+            if end - start < self.world:
+                continue
             if order is None:
-                x, y = self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]
+                x, y = self.x[start + self.rank:end:self.world], self.y[start + self.rank:end:self.world]
             else:
-                idx = order[start:start + self.batch_size]
+                idx = order[start + self.rank:end:self.world]
                 x, y = self.x[idx], self.y[idx]
             yield (self.augment(x) if self.augment is not None else x), y

@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -32,19 +32,6 @@ log = logging.getLogger("common.parallel")
 
 class DataParallelError(RuntimeError):
     """A training process failed; the client reports it in one line."""
-
-
-class RankSlices:
-    """Rank `rank`'s share of each batch of `loader` (every world-th sample). Batches with fewer samples
-    than ranks are skipped, so that no rank ever steps on nothing."""
-
-    def __init__(self, loader: BatchLoader, rank: int, world: int):
-        self.loader, self.rank, self.world = loader, rank, world
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y in self.loader:
-            if len(y) >= self.world:
-                yield x[self.rank::self.world], y[self.rank::self.world]
 
 
 def _free_port() -> int:
@@ -67,10 +54,10 @@ def _worker(rank: int, world: int, port: int, backend: str, devices: Sequence[st
         model.load_state_dict(state)
         model.to(device)
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        # Every rank shuffles with the same seed, so all see the same batches and take their own slices.
+        # Every rank shuffles with the same seed, so all see the same batches and take their own shares.
         loader = BatchLoader(data, cfg.batch_size, shuffle=True, seed=seed, device=device,
-                             augment=augmentation_for(cfg.dataset))
-        result = train(ddp, RankSlices(loader, rank, world), cfg, device)
+                             augment=augmentation_for(cfg.dataset), shard=(rank, world))
+        result = train(ddp, loader, cfg, device)
         totals = torch.tensor([result.loss * result.num_samples, float(result.num_samples)], device=device)
         dist.all_reduce(totals)
         if rank == 0:

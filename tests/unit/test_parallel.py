@@ -34,6 +34,30 @@ def test_two_processes_take_the_steps_one_process_takes_on_the_whole_batch():
     assert moved
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_shards_split_each_batch_and_gather_and_augment_only_their_own_samples(shuffle):
+    train_data, _ = load_digits()
+    data = train_data.subset(torch.arange(67))  # batches of 32, 32 and 3; the 3 cannot split among 4
+    whole = list(BatchLoader(data, 32, shuffle=shuffle, seed=5))
+    augmented: list[int] = []
+
+    def augment(x: torch.Tensor) -> torch.Tensor:
+        augmented.append(len(x))
+        return x + 1
+
+    shards = [list(BatchLoader(data, 32, shuffle=shuffle, seed=5, augment=augment, shard=(rank, 4)))
+              for rank in range(4)]
+    assert [len(batches) for batches in shards] == [2, 2, 2, 2]
+    assert augmented == [8] * 8  # each rank augments its 8 samples of each batch, never the whole batch
+    for number, (x, y) in enumerate(whole[:2]):
+        assert torch.equal(torch.cat([shards[rank][number][1] for rank in range(4)]),
+                           torch.cat([y[rank::4] for rank in range(4)]))
+        for rank in range(4):
+            assert torch.equal(shards[rank][number][0], x[rank::4] + 1)
+    with pytest.raises(ValueError, match="rank"):
+        BatchLoader(data, 32, shard=(4, 4))
+
+
 def test_one_device_is_not_data_parallel():
     train_data, _ = load_digits()
     spec = model_spec_for("mlp", train_data)
