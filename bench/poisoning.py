@@ -13,8 +13,8 @@ import sys
 
 import torch
 
-from fl_server import simulation
 from common.datasets import load_digits
+from fl_server import simulation
 
 AGGREGATORS = ("fedavg", "median", "trimmed_mean:0.2", "trimmed_mean:0.3", "krum:2", "multikrum:2:6")
 ATTACKS = ("none", "scale:-10", "noise")

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from fl_server import simulation
 from common.datasets import load_digits, load_mnist
+from fl_server import simulation
 from fl_server.privacy import epsilon
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"

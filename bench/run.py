@@ -10,18 +10,21 @@ it); its figures mean nothing.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
+import resource
 import socket
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,6 +103,21 @@ def rss(pid: int) -> tuple[int, int]:
     """(current, peak) resident set size of a process, in bytes."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
     return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def own_cpu() -> float:
+    """CPU seconds (user + system) this process has used so far, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def reset_peak_rss(pid: int) -> None:
@@ -249,19 +267,25 @@ class Bench:
                 time.sleep(1.0)
                 idle, _ = rss(srv.proc.pid)
                 reset_peak_rss(srv.proc.pid)
+                server_cpu, own = process_cpu(srv.proc.pid), own_cpu()
                 stats = loadgen.run(srv.address, clients)
                 _, peak = rss(srv.proc.pid)
+                # What the round time is bound by: the CPU the server and the load generator (this process)
+                # used, per round on average.
+                server_cpu, own = process_cpu(srv.proc.pid) - server_cpu, own_cpu() - own
             finally:
                 srv.stop()
             assert not stats.errors, stats.errors[:3]
             records = [json.loads(line) for line in (self.workdir / f"rounds{clients}" / "metrics.jsonl").open()]
             # A round's period, from one aggregation to the next, once clients are connected and warm.
-            periods = [b["closed_at"] - a["closed_at"] for a, b in zip(records[1:], records[2:])]
+            periods = [b["closed_at"] - a["closed_at"] for a, b in itertools.pairwise(records[1:])]
             period = statistics.median(periods)
             raw = raw_tcp_median(model, self.repeats) * 2 * clients
             ratio = period / raw
             self.add(3, f"round time with {clients} clients / raw TCP moving {2 * clients} models", ratio, "x",
-                     "<= 2", ratio <= 2, f"({period:.2f} s per round, median of {len(periods)}, vs {raw:.2f} s)")
+                     "<= 2", ratio <= 2, f"({period:.2f} s per round, median of {len(periods)}, vs {raw:.2f} s; CPU "
+                     f"per round: server {server_cpu / rounds:.2f} s, load generator {own / rounds:.2f} s, "
+                     f"{(server_cpu + own) / rounds / period:.2f} of the {os.cpu_count()} cores over a period)")
             peaks[clients] = (peak - idle) / model_bytes
         small, large = sorted(peaks)
         growth = peaks[large] - peaks[small]
@@ -299,7 +323,7 @@ class Bench:
         finally:
             srv.stop()
         records = [json.loads(line) for line in (self.workdir / "round_start" / "metrics.jsonl").open()]
-        delays = [max(stats.train_received[b["round"]]) - a["closed_at"] for a, b in zip(records, records[1:])]
+        delays = [max(stats.train_received[b["round"]]) - a["closed_at"] for a, b in itertools.pairwise(records)]
         delay = statistics.median(delays)
         self.add(6, "round start: end of aggregation to every selected client holding TRAIN (10 clients)",
                  delay * 1e3, "ms", "< 50 ms", delay < 0.05, f"(median of {len(delays)} rounds, worst "

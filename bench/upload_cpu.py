@@ -10,8 +10,6 @@ one 2-core machine, a sum near 2 means the transfer is bound by CPU, not by the 
 from __future__ import annotations
 
 import argparse
-import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -22,23 +20,10 @@ from pathlib import Path
 import grpc
 
 from bench import bare_grpc, loadgen
-from bench.run import raw_tcp_seconds, server
+from bench.run import own_cpu, process_cpu, raw_tcp_seconds, server
 from common import allocator, convert, tensors
 from common import messages as m
 from fl_client.connection import CHANNEL_OPTIONS, ServerConnection
-
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def process_cpu(pid: int) -> float:
-    """CPU seconds (user + system) a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
-
-
-def own_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def measure(name: str, upload: Callable[[], None], receiver_pid: int | None, repeats: int, idle: float,
