@@ -252,7 +252,9 @@ class BatchLoader:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
-        return -(-len(self.y) // self.batch_size)
+        """Batches per epoch (a last one too small to split among the shards is not one)."""
+        whole, rest = divmod(len(self.y), self.batch_size)
+        return whole + (rest >= self.world)
 
     def __iter__(self):
         n = len(self.y)

@@ -48,6 +48,7 @@ def test_shards_split_each_batch_and_gather_and_augment_only_their_own_samples(s
     shards = [list(BatchLoader(data, 32, shuffle=shuffle, seed=5, augment=augment, shard=(rank, 4)))
               for rank in range(4)]
     assert [len(batches) for batches in shards] == [2, 2, 2, 2]
+    assert len(BatchLoader(data, 32, shard=(0, 4))) == 2 and len(BatchLoader(data, 32, shard=(0, 3))) == 3
     assert augmented == [8] * 8  # each rank augments its 8 samples of each batch, never the whole batch
     for number, (x, y) in enumerate(whole[:2]):
         assert torch.equal(torch.cat([shards[rank][number][1] for rank in range(4)]),
