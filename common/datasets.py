@@ -225,11 +225,22 @@ def model_spec_for(model_name: str, data: ArrayData) -> ModelSpec:
     return ModelSpec(name=model_name, input_shape=data.input_shape, num_classes=data.num_classes)
 
 
+# On CUDA a shard lives on the GPU when it takes at most this part of the GPU's free memory; the rest is
+# left for the model, its gradients, optimizer state and activations.
+GPU_DATA_FRACTION = 0.5
+
+
+def keeps_data_on_gpu(data_bytes: int, free_gpu_bytes: int) -> bool:
+    return data_bytes <= GPU_DATA_FRACTION * free_gpu_bytes
+
+
 class BatchLoader:
     """Mini-batches of in-memory tensors by slicing, with no per-sample Python work.
 
     Iterating reshuffles (when `shuffle`) with its own generator, so a client's batch order depends
-    only on its seed. On CUDA the data is moved to the device once, not once per batch.
+    only on its seed. On CUDA the data is moved to the device once, not once per batch, when it fits
+    (keeps_data_on_gpu). A larger shard stays in pinned host memory: each batch is gathered there and
+    copied to the GPU without blocking, so the copy overlaps the GPU's work on the previous batch.
     """
 
     def __init__(self, data: ArrayData, batch_size: int, shuffle: bool = False, seed: int = 0,
@@ -245,8 +256,13 @@ class BatchLoader:
         self.rank, self.world = shard
         if not 0 <= self.rank < self.world:
             raise ValueError(f"shard {shard} is not (rank, world) with 0 <= rank < world")
-        self.x = data.x.to(device)
-        self.y = data.y.to(device)
+        self.device = torch.device(device)
+        self.pinned = self.device.type == "cuda" and not keeps_data_on_gpu(
+            data.x.nbytes + data.y.nbytes, torch.cuda.mem_get_info(self.device)[0])
+        if self.pinned:
+            self.x, self.y = data.x.pin_memory(), data.y.pin_memory()
+        else:
+            self.x, self.y = data.x.to(self.device), data.y.to(self.device)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.generator = torch.Generator().manual_seed(seed)
@@ -263,9 +279,19 @@ class BatchLoader:
             end = min(start + self.batch_size, n)
             if end - start < self.world:
                 continue
-            if order is None:
+            if self.pinned:
+                idx = (order[start + self.rank:end:self.world] if order is not None
+                       else torch.arange(start + self.rank, end, self.world))
+                x, y = self._to_gpu(self.x, idx), self._to_gpu(self.y, idx)
+            elif order is None:
                 x, y = self.x[start + self.rank:end:self.world], self.y[start + self.rank:end:self.world]
             else:
                 idx = order[start + self.rank:end:self.world]
                 x, y = self.x[idx], self.y[idx]
             yield (self.augment(x) if self.augment is not None else x), y
+
+    def _to_gpu(self, values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """values[idx], gathered into pinned memory and copied to the GPU without blocking. PyTorch's
+        pinned-memory cache does not hand the staging block out again until the copy has finished."""
+        staging = torch.empty((len(idx), *values.shape[1:]), dtype=values.dtype, pin_memory=True)
+        return torch.index_select(values, 0, idx, out=staging).to(self.device, non_blocking=True)

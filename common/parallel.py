@@ -41,7 +41,7 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, backend: str, devices: Sequence[str], state: dict[str, torch.Tensor],
-            data: ArrayData, cfg: TrainConfig, seed: int, out: str) -> None:
+            data: ArrayData, cfg: TrainConfig, seed: int, out: str, autocast: torch.dtype | None) -> None:
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", world_size=world, rank=rank)
     try:
         device = torch.device(devices[rank])
@@ -57,7 +57,7 @@ def _worker(rank: int, world: int, port: int, backend: str, devices: Sequence[st
         # Every rank shuffles with the same seed, so all see the same batches and take their own shares.
         loader = BatchLoader(data, cfg.batch_size, shuffle=True, seed=seed, device=device,
                              augment=augmentation_for(cfg.dataset), shard=(rank, world))
-        result = train(ddp, loader, cfg, device)
+        result = train(ddp, loader, cfg, device, autocast=autocast)
         totals = torch.tensor([result.loss * result.num_samples, float(result.num_samples)], device=device)
         dist.all_reduce(totals)
         if rank == 0:
@@ -73,9 +73,11 @@ def _worker(rank: int, world: int, port: int, backend: str, devices: Sequence[st
 
 
 def train_data_parallel(state: dict[str, torch.Tensor], data: ArrayData, cfg: TrainConfig,
-                        devices: Sequence[torch.device | str], seed: int) -> tuple[dict[str, torch.Tensor], TrainResult]:
+                        devices: Sequence[torch.device | str], seed: int,
+                        autocast: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], TrainResult]:
     """Train from `state` for cfg.local_epochs on `data` across `devices` (one process each); returns the
-    trained state and the training result (mean loss and samples over all devices)."""
+    trained state and the training result (mean loss and samples over all devices). `autocast`: as in
+    common.training.train."""
     names = [str(d) for d in devices]
     if len(names) < 2:
         raise ValueError("data-parallel training needs at least 2 devices")
@@ -84,7 +86,7 @@ def train_data_parallel(state: dict[str, torch.Tensor], data: ArrayData, cfg: Tr
         out = str(Path(tmp) / "trained.pt")
         try:
             torch.multiprocessing.spawn(_worker, args=(len(names), _free_port(), backend, names, state, data, cfg,
-                                                       seed, out), nprocs=len(names), join=True)
+                                                       seed, out, autocast), nprocs=len(names), join=True)
         except ProcessException as e:
             # gloo can abort a process as it exits, after the work is done and saved; only a missing result
             # is a failure.

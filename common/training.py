@@ -1,6 +1,7 @@
 """Local training and evaluation loops, shared by the client (training) and the server (evaluation)."""
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -61,13 +62,25 @@ def reconstructs(model: nn.Module) -> bool:
     return getattr(getattr(model, "module", model), "reconstructs", False)  # through a DDP wrapper too
 
 
+AUTOCAST = {"off": None, "bf16": torch.bfloat16}  # fl-client --autocast
+
+
+def check_autocast(dtype: torch.dtype | None, device: torch.device) -> None:
+    """ValueError unless `device` can train under autocast to `dtype`."""
+    if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"{torch.cuda.get_device_name(device)} cannot compute in bfloat16; drop --autocast bf16")
+
+
 def train(model: nn.Module, loader: Iterable, cfg: TrainConfig, device: torch.device,
           should_stop: Callable[[], bool] | None = None,
-          on_epoch: Callable[[int, float], None] | None = None) -> TrainResult:
+          on_epoch: Callable[[int, float], None] | None = None, autocast: torch.dtype | None = None) -> TrainResult:
     """`cfg.local_epochs` epochs of mini-batch training; a fresh optimizer each round, as in FedAvg.
 
     `should_stop` is asked before every batch; when it says yes, TrainingStopped is raised.
-    `on_epoch(epoch, mean_loss)` is called after each epoch (progress bars)."""
+    `on_epoch(epoch, mean_loss)` is called after each epoch (progress bars).
+    `autocast=torch.bfloat16`: the forward pass and loss in bfloat16 where PyTorch's autocast deems it
+    safe (matrix products, convolutions). The weights, their gradients and the optimizer stay float32,
+    so the diff sent back is float32 like any other; bfloat16 has float32's range, so no loss scaling."""
     start = time.perf_counter()
     model.to(device).train()
     optimizer = make_optimizer(model, cfg)
@@ -76,6 +89,7 @@ def train(model: nn.Module, loader: Iterable, cfg: TrainConfig, device: torch.de
     # client drift when shards differ.
     anchor = [p.detach().clone() for p in params] if cfg.mu > 0 else None
     unsupervised = reconstructs(model)
+    mixed_precision = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     epoch_loss, num_samples = 0.0, 0
     for epoch in range(cfg.local_epochs):
         total, num_samples = torch.zeros((), device=device), 0
@@ -84,7 +98,9 @@ def train(model: nn.Module, loader: Iterable, cfg: TrainConfig, device: torch.de
                 raise TrainingStopped
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            loss = F.mse_loss(model(x), x) if unsupervised else F.cross_entropy(model(x), y)
+            with mixed_precision:
+                out = model(x)
+                loss = F.mse_loss(out, x) if unsupervised else F.cross_entropy(out, y)
             objective = loss
             if anchor is not None:
                 objective = loss + cfg.mu / 2 * sum(torch.sum((p - a) ** 2) for p, a in zip(params, anchor))

@@ -12,12 +12,13 @@ import sys
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc  # noqa: E402
+import torch  # noqa: E402
 
 from common import allocator, logs, tls, tokens
 from common.datasets import DataError
 from common.partition import read_shard
 from common.parallel import DataParallelError
-from common.training import select_device
+from common.training import AUTOCAST, check_autocast, select_device
 from fl_client.connection import RequestRefusedError, ServerConnection, ServerUnreachableError
 from fl_client.daemon import ClientDaemon, ClientOptions
 
@@ -33,6 +34,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--devices", help="train each round data-parallel across these, e.g. cuda:0,cuda:1 (DDP over "
                                           "NCCL; cpu,cpu runs the same path with gloo)")
+    parser.add_argument("--autocast", choices=sorted(AUTOCAST), default="off",
+                        help="bf16: compute the forward pass in bfloat16 where PyTorch deems it safe (faster on GPUs "
+                             "with bfloat16 units, e.g. NVIDIA Ampere and later); weights and updates stay float32")
     parser.add_argument("--data-root", default="data", help="where mnist / cifar10 live, when training without "
                                                              "--data on such a federation")
     parser.add_argument("--give-up-after", type=float, default=None, metavar="SECONDS",
@@ -87,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         devices = tuple(d.strip() for d in args.devices.split(",")) if args.devices else ()
         # Each checked up front: a clear error for a device this machine does not have.
         device = [select_device(name) for name in devices][0] if devices else select_device(args.device)
+        for name in devices or (str(device),):
+            check_autocast(AUTOCAST[args.autocast], torch.device(name))
         data = read_shard(args.data) if args.data else None
         credentials = transport_credentials(args)
         token = tokens.read_secret(args.token_file) if args.token_file else None
@@ -94,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                               token=token, client_certificate=args.tls_cert is not None) as connection:
             ClientDaemon(ClientOptions(client_id=args.id, device=device, data=data, data_root=args.data_root,
                                        progress=not args.quiet, allowed_models=tuple(args.allow_model),
-                                       download=args.download, devices=devices),
+                                       download=args.download, devices=devices, autocast=AUTOCAST[args.autocast]),
                          connection).run()
     except (DataError, ValueError, DataParallelError) as e:  # TLSError and TokenError are ValueErrors
         return logs.fail("fl-client", str(e))

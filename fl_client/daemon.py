@@ -73,6 +73,7 @@ class ClientOptions:
     progress: bool = True  # a progress bar for the local epochs (only ever on a terminal)
     devices: tuple[str, ...] = ()  # two or more: train data-parallel across them (common.parallel)
     allowed_models: tuple[str, ...] = ()  # custom model classes (package.module:Class) the server may name
+    autocast: torch.dtype | None = None  # train in this lower precision where safe (common.training.train)
 
 
 class ClientDaemon:
@@ -183,9 +184,11 @@ class ClientDaemon:
                      ", ".join(self.options.devices))
             # One process per device for the round's epochs; they cannot be interrupted half-way, so a
             # round that ends meanwhile is noticed once they are done.
-            local, result = train_data_parallel(global_state, self.data, cfg, self.options.devices, seed)
+            local, result = train_data_parallel(global_state, self.data, cfg, self.options.devices, seed,
+                                                autocast=self.options.autocast)
         else:
-            log.info("round %d: training on %d samples", decision.round, len(self.data))
+            log.info("round %d: training on %d samples%s", decision.round, len(self.data),
+                     " (bfloat16 autocast)" if self.options.autocast is torch.bfloat16 else "")
             self._loader.generator.manual_seed(seed)
             with tqdm(total=cfg.local_epochs, desc=f"round {decision.round}", unit="epoch", leave=False,
                       disable=not (self.options.progress and sys.stderr.isatty())) as bar:
@@ -194,7 +197,7 @@ class ClientDaemon:
                     bar.update(1)
 
                 result = train(model, self._loader, cfg, self.options.device, should_stop=round_over,
-                               on_epoch=on_epoch)
+                               on_epoch=on_epoch, autocast=self.options.autocast)
             local = {name: t.detach().cpu() for name, t in model.state_dict().items()}
         if round_over():
             raise TrainingStopped

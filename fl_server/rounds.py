@@ -283,10 +283,13 @@ class RoundState:
             r.uploading.add(header.client_id)
         buffer, handed_to_folder = None, False
         try:
+            queued = time.perf_counter()
             buffer = self._upload_buffers.get()
+            # Logged with the update: a long wait says more receive buffers (max_uploads) would help.
+            waited = time.perf_counter() - queued
             buffer = buffer or bytearray(header.payload.total_bytes)
             on_admitted()
-            result, handed_to_folder = self._receive_and_check(r, header, chunks, buffer)
+            result, handed_to_folder = self._receive_and_check(r, header, chunks, buffer, waited)
             return result
         finally:
             if not handed_to_folder:
@@ -295,7 +298,7 @@ class RoundState:
                 r.uploading.discard(header.client_id)
 
     def _receive_and_check(self, r: _OpenRound, header: UpdateHeader, chunks: Iterable[bytes | memoryview],
-                           buffer: bytearray) -> tuple[SubmitResult, bool]:
+                           buffer: bytearray, waited: float) -> tuple[SubmitResult, bool]:
         """Receive an update into `buffer` and check it; if it is accepted, its fold is queued and owns
         `buffer` from then on (the second value is True)."""
         started = time.perf_counter()
@@ -331,9 +334,10 @@ class RoundState:
             r.silent.pop(header.client_id, None)
             r.metrics[header.client_id] = dict(header.metrics)
             self.clients[header.client_id].last_seen = self.clock()
-            log.info("round %d: update from %s (%d samples, %.1f MB received in %.3f s, checked in %.3f s), %d/%d in",
-                     r.number, header.client_id, header.num_samples, header.payload.total_bytes / 1e6,
-                     received - started, time.perf_counter() - received, len(r.submitted), len(r.selected))
+            log.info("round %d: update from %s (%d samples, %.1f MB; waited %.3f s for a receive buffer, received "
+                     "in %.3f s, checked in %.3f s), %d/%d in", r.number, header.client_id, header.num_samples,
+                     header.payload.total_bytes / 1e6, waited, received - started, time.perf_counter() - received,
+                     len(r.submitted), len(r.selected))
             self._cond.notify_all()
         self._folder.submit(self._fold, r, header.client_id, diff, header.num_samples, buffer)
         return SubmitResult(accepted=True, message=f"update for round {r.number} counted"), True

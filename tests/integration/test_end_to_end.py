@@ -181,6 +181,16 @@ def test_a_users_own_model_class_needs_each_clients_consent(federation, monkeypa
     assert server.stop() == 0
 
 
+def test_a_client_trains_under_bf16_autocast(federation):
+    federation.start_server("--rounds", "2", "--num-clients", "2", "--clients-per-round", "2", "--model-name", "mlp")
+    federation.start_client("0", "--autocast", "bf16")
+    federation.start_client("1")
+    assert federation.wait_clients() == {"0": 0, "1": 0}, federation.client_log("0")
+    assert read_metrics(federation.out)[-1]["accuracy"] > 0.8
+    assert federation.client_log("0").count("(bfloat16 autocast)") == 2
+    assert federation.server.stop() == 0
+
+
 def test_a_client_trains_data_parallel_across_two_devices(federation):
     federation.start_server("--rounds", "2", "--num-clients", "2", "--clients-per-round", "2", "--model-name", "mlp")
     federation.start_client("0", "--devices", "cpu,cpu")  # DDP with gloo: the path NCCL takes on GPUs

@@ -1,3 +1,4 @@
+import logging
 import threading
 import time
 
@@ -329,7 +330,8 @@ def test_data_is_read_only_after_the_upload_is_admitted():
     assert events == ["admitted", "first chunk read"]
 
 
-def test_an_upload_waits_for_a_free_buffer_before_it_is_admitted():
+def test_an_upload_waits_for_a_free_buffer_before_it_is_admitted(caplog):
+    caplog.set_level(logging.INFO, logger="fl_server.rounds")
     state = started(max_concurrent_uploads=1)
     header_a, payload_a = update(state, "a", diff(1.0))
     header_b, payload_b = update(state, "b", diff(3.0))
@@ -353,6 +355,9 @@ def test_an_upload_waits_for_a_free_buffer_before_it_is_admitted():
     state.wait_until_complete()
     assert state.close_round().contributors == ["a", "b"]
     assert torch.equal(state.global_state["w"], torch.full((3,), 2.0))
+    # The log says how long each upload waited for its buffer: b at least the 0.3 s it was held back.
+    waits = {m.split()[4]: float(m.split("waited ")[1].split()[0]) for m in caplog.messages if "waited" in m}
+    assert waits["a"] < 0.3 <= waits["b"]
 
 
 def test_closing_a_round_waits_for_accepted_updates_to_be_folded(monkeypatch):
