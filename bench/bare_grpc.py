@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 
 import grpc
 import numpy as np
 
+from bench.timing import median_seconds
 from common import allocator
 from common.tensors import CHUNK_SIZE
 from fl_client.connection import CHANNEL_OPTIONS
@@ -93,46 +92,36 @@ def serving() -> Iterator[tuple[str, int]]:
         proc.wait(timeout=10)
 
 
-def _median_seconds(transfer: Callable[[], int], nbytes: int, repeats: int, idle: float) -> float:
-    """Median seconds of `transfer()` (which returns the bytes it moved) after 2 warm-up calls. Each call
-    follows `idle` seconds without traffic, as a transfer in a round does: Linux restarts TCP's slow start
-    on a connection idle for longer than its retransmission timeout, which cost 3.5 ms of 25 here."""
-    times = []
-    for i in range(repeats + 2):
-        time.sleep(idle)
-        start = time.perf_counter()
-        moved = transfer()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-        assert moved == nbytes, (moved, nbytes)
-    return statistics.median(times)
-
-
 def upload_seconds(address: str, nbytes: int, repeats: int, idle: float) -> float:
-    """Median seconds to stream `nbytes` (at most 64 MiB) to a `serve()`ing process (see _median_seconds)."""
+    """Median seconds to stream `nbytes` (at most 64 MiB) to a `serve()`ing process (see
+    timing.median_seconds)."""
     # Written, distinct messages: bytes(n) would be untouched zero pages, which fault in as they are read.
     messages = _written(nbytes)
     with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         upload = channel.stream_unary(METHOD)
-        return _median_seconds(lambda: int.from_bytes(upload(iter(messages), timeout=60), "little"),
-                               nbytes, repeats, idle)
+
+        def send() -> None:
+            received = int.from_bytes(upload(iter(messages), timeout=60), "little")
+            assert received == nbytes, (received, nbytes)
+
+        return median_seconds(send, repeats, idle)
 
 
 def download_seconds(address: str, nbytes: int, repeats: int, idle: float) -> float:
     """Median seconds to receive `nbytes` from a `serve()`ing process into a reused buffer (see
-    _median_seconds)."""
+    timing.median_seconds)."""
     buffer = memoryview(bytearray(nbytes))
     with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         download = channel.unary_stream(DOWNLOAD)
 
-        def receive() -> int:
+        def receive() -> None:
             received = 0
             for message in download(nbytes.to_bytes(8, "little"), timeout=60):
                 buffer[received:received + len(message)] = message
                 received += len(message)
-            return received
+            assert received == nbytes, (received, nbytes)
 
-        return _median_seconds(receive, nbytes, repeats, idle)
+        return median_seconds(receive, repeats, idle)
 
 
 if __name__ == "__main__":

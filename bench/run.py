@@ -14,7 +14,6 @@ import itertools
 import json
 import os
 import platform
-import resource
 import socket
 import statistics
 import sys
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from bench import bare_grpc, loadgen
+from bench.timing import median_seconds, own_cpu, process_cpu
 from common import allocator, convert, tensors
 from common import messages as m
 from common.datasets import BatchLoader, load_digits, load_mnist, model_spec_for
@@ -95,6 +95,13 @@ def raw_tcp_median(data: bytes, repeats: int) -> float:
     return median_of(lambda: raw_tcp_seconds(data, buffer), repeats)
 
 
+def next_update(conn: ServerConnection, payload: tensors.Payload) -> m.UpdateHeader:
+    """Join (client "0"), so that a round is open for it, and the header of an upload of `payload` to it."""
+    decision = conn.join(m.JoinRequest(client_id="0", num_samples=10))
+    return m.UpdateHeader(client_id="0", round=decision.round, model_version=decision.model_version, num_samples=10,
+                          payload=convert.payload_header_of(payload, m.Encoding.DIFF, tensors.CHUNK_SIZE))
+
+
 def server(out: Path, *args: str) -> ServerProcess:
     return ServerProcess(["--port", "0", "--out", str(out), "--round-timeout", "600", *args], env=ENV)
 
@@ -103,21 +110,6 @@ def rss(pid: int) -> tuple[int, int]:
     """(current, peak) resident set size of a process, in bytes."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
     return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
-
-
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def process_cpu(pid: int) -> float:
-    """CPU seconds (user + system) a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
-
-
-def own_cpu() -> float:
-    """CPU seconds (user + system) this process has used so far, all threads."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def reset_peak_rss(pid: int) -> None:
@@ -156,34 +148,20 @@ class Bench:
                 request = m.ModelRequest(client_id="0", model_version=decision.model_version)
                 header, state = conn.fetch_model(request)
                 nbytes = header.payload.total_bytes
-                for _ in range(2):  # let HTTP/2 flow-control windows grow, as they do in a long-running client
-                    conn.fetch_model(request)
-
                 # Each transfer follows a pause, as in a round: after an idle spell, Linux restarts TCP's
                 # slow start, which a back-to-back loop would not pay.
                 idle = 0.5 if self.quick else 2.0
-
-                def download() -> float:
-                    time.sleep(idle)
-                    start = time.perf_counter()
-                    conn.fetch_model(request)
-                    return time.perf_counter() - start
-
-                down = median_of(download, self.repeats)
+                down = median_seconds(lambda: conn.fetch_model(request), self.repeats, idle)
                 payload = loadgen.tiny_change(header.payload.specs)
-                ups = []
-                for i in range(self.repeats + 1):
-                    decision = conn.join(m.JoinRequest(client_id="0", num_samples=10))
-                    time.sleep(idle)  # the server evaluates the last round meanwhile
-                    update = m.UpdateHeader(client_id="0", round=decision.round, model_version=decision.model_version,
-                                            num_samples=10, payload=convert.payload_header_of(
-                                                payload, m.Encoding.DIFF, tensors.CHUNK_SIZE))
-                    start = time.perf_counter()
-                    reply = conn.submit(update, payload)
-                    if i:  # the first upload warms the connection up
-                        ups.append(time.perf_counter() - start)
+                updates: list[m.UpdateHeader] = []  # one per upload, for the round opened before it
+
+                def submit() -> None:
+                    reply = conn.submit(updates[-1], payload)
                     assert reply.accepted and not reply.duplicate, reply
-                up = statistics.median(ups)
+
+                # The server evaluates the last round during each pause.
+                up = median_seconds(submit, self.repeats, idle, warmups=1,
+                                    before=lambda: updates.append(next_update(conn, payload)))
         finally:
             srv.stop()
         raw = raw_tcp_median(tensors.encode(state).data, self.repeats)
@@ -258,6 +236,7 @@ class Bench:
         peaks = {}
         model = tensors.encode(build_model(model_spec_for(self.big_model, load_digits()[0])).state_dict()).data
         model_bytes = len(model)
+        raw_one = raw_tcp_median(model, self.repeats)  # one model over raw TCP: both figures' baseline
         # The figure is the median of the periods after the first round: 4 of them in a full run.
         rounds = 3 if self.quick else 6
         for clients in ((3, 5) if self.quick else (10, 50)):
@@ -280,7 +259,7 @@ class Bench:
             # A round's period, from one aggregation to the next, once clients are connected and warm.
             periods = [b["closed_at"] - a["closed_at"] for a, b in itertools.pairwise(records[1:])]
             period = statistics.median(periods)
-            raw = raw_tcp_median(model, self.repeats) * 2 * clients
+            raw = raw_one * 2 * clients
             ratio = period / raw
             self.add(3, f"round time with {clients} clients / raw TCP moving {2 * clients} models", ratio, "x",
                      "<= 2", ratio <= 2, f"({period:.2f} s per round, median of {len(periods)}, vs {raw:.2f} s; CPU "

@@ -20,8 +20,9 @@ from pathlib import Path
 import grpc
 
 from bench import bare_grpc, loadgen
-from bench.run import own_cpu, process_cpu, raw_tcp_seconds, server
-from common import allocator, convert, tensors
+from bench.run import next_update, raw_tcp_seconds, server
+from bench.timing import own_cpu, process_cpu
+from common import allocator, tensors
 from common import messages as m
 from fl_client.connection import CHANNEL_OPTIONS, ServerConnection
 
@@ -55,15 +56,9 @@ def submit_update(workdir: Path, model_name: str, repeats: int, idle: float) -> 
             header, state = conn.fetch_model(m.ModelRequest(client_id="0", model_version=decision.model_version))
             model = tensors.encode(state).data
             payload = loadgen.tiny_change(header.payload.specs)
-            update: list[m.UpdateHeader] = []
-
-            def join() -> None:  # a round must be open for each upload
-                d = conn.join(m.JoinRequest(client_id="0", num_samples=10))
-                update[:] = [m.UpdateHeader(client_id="0", round=d.round, model_version=d.model_version, num_samples=10,
-                                            payload=convert.payload_header_of(payload, m.Encoding.DIFF,
-                                                                              tensors.CHUNK_SIZE))]
-
-            measure("SubmitUpdate", lambda: conn.submit(update[0], payload), srv.proc.pid, repeats, idle, before=join)
+            updates: list[m.UpdateHeader] = []  # one per upload, for the round opened before it
+            measure("SubmitUpdate", lambda: conn.submit(updates[-1], payload), srv.proc.pid, repeats, idle,
+                    before=lambda: updates.append(next_update(conn, payload)))
             return model
     finally:
         srv.stop()

@@ -279,19 +279,19 @@ class BatchLoader:
             end = min(start + self.batch_size, n)
             if end - start < self.world:
                 continue
-            if self.pinned:
-                idx = (order[start + self.rank:end:self.world] if order is not None
-                       else torch.arange(start + self.rank, end, self.world))
-                x, y = self._to_gpu(self.x, idx), self._to_gpu(self.y, idx)
-            elif order is None:
-                x, y = self.x[start + self.rank:end:self.world], self.y[start + self.rank:end:self.world]
-            else:
-                idx = order[start + self.rank:end:self.world]
-                x, y = self.x[idx], self.y[idx]
+            rows = slice(start + self.rank, end, self.world)  # this shard's share of the batch
+            if order is not None:
+                rows = order[rows]
+            x, y = self._take(self.x, rows), self._take(self.y, rows)
             yield (self.augment(x) if self.augment is not None else x), y
 
-    def _to_gpu(self, values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """values[idx], gathered into pinned memory and copied to the GPU without blocking. PyTorch's
-        pinned-memory cache does not hand the staging block out again until the copy has finished."""
-        staging = torch.empty((len(idx), *values.shape[1:]), dtype=values.dtype, pin_memory=True)
-        return torch.index_select(values, 0, idx, out=staging).to(self.device, non_blocking=True)
+    def _take(self, values: torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
+        """values[rows], on the loader's device. From pinned memory: gathered into a pinned staging block
+        and copied without blocking; PyTorch's pinned-memory cache does not hand that block out again
+        until the copy has finished."""
+        if not self.pinned:
+            return values[rows]
+        if isinstance(rows, slice):
+            rows = torch.arange(rows.start, rows.stop, rows.step)
+        staging = torch.empty((len(rows), *values.shape[1:]), dtype=values.dtype, pin_memory=True)
+        return torch.index_select(values, 0, rows, out=staging).to(self.device, non_blocking=True)

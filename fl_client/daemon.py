@@ -179,16 +179,17 @@ class ClientDaemon:
         # re-run after a server restart trains exactly as the first attempt did.
         seed = cfg.seed + client_index(self.client_id) + 100_003 * decision.round
         torch.manual_seed(seed)
+        autocast = self.options.autocast
+        precision = f" ({str(autocast).removeprefix('torch.')} autocast)" if autocast is not None else ""
         if self._data_parallel:
-            log.info("round %d: training on %d samples, data-parallel across %s", decision.round, len(self.data),
-                     ", ".join(self.options.devices))
+            log.info("round %d: training on %d samples, data-parallel across %s%s", decision.round, len(self.data),
+                     ", ".join(self.options.devices), precision)
             # One process per device for the round's epochs; they cannot be interrupted half-way, so a
             # round that ends meanwhile is noticed once they are done.
             local, result = train_data_parallel(global_state, self.data, cfg, self.options.devices, seed,
-                                                autocast=self.options.autocast)
+                                                autocast=autocast)
         else:
-            log.info("round %d: training on %d samples%s", decision.round, len(self.data),
-                     " (bfloat16 autocast)" if self.options.autocast is torch.bfloat16 else "")
+            log.info("round %d: training on %d samples%s", decision.round, len(self.data), precision)
             self._loader.generator.manual_seed(seed)
             with tqdm(total=cfg.local_epochs, desc=f"round {decision.round}", unit="epoch", leave=False,
                       disable=not (self.options.progress and sys.stderr.isatty())) as bar:
@@ -197,7 +198,7 @@ class ClientDaemon:
                     bar.update(1)
 
                 result = train(model, self._loader, cfg, self.options.device, should_stop=round_over,
-                               on_epoch=on_epoch, autocast=self.options.autocast)
+                               on_epoch=on_epoch, autocast=autocast)
             local = {name: t.detach().cpu() for name, t in model.state_dict().items()}
         if round_over():
             raise TrainingStopped

@@ -15,7 +15,7 @@ import numpy as np
 
 import torch
 
-from common.tensors import DTYPES, TensorSpec, specs_of, value_range
+from common.tensors import DTYPES, TensorSpec, largest_abs, specs_of
 
 
 class UpdateRejected(ValueError):
@@ -51,10 +51,10 @@ def largest_magnitude(name: str, tensor: torch.Tensor) -> float:
     NaN or Inf."""
     if not (tensor.is_floating_point() and tensor.numel()):
         return 0.0
-    low, high = value_range(tensor.detach().cpu())
-    if not (math.isfinite(low) and math.isfinite(high)):
+    largest = largest_abs(tensor.detach().cpu())
+    if largest == math.inf:
         raise UpdateRejected(f"tensor {name!r} holds NaN or Inf")
-    return max(abs(low), abs(high))
+    return largest
 
 
 def check_update(diff: Mapping[str, torch.Tensor], expected: list[TensorSpec], largest: float | None = None) -> float:
