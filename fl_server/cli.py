@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import HealthServicer
 
-from common import allocator, codecs, tls, tokens
+from common import allocator, codecs, tensors, tls, tokens
 from common import config as config_module
 from common import logs
 from common.config import Config, ConfigError
@@ -23,11 +23,12 @@ from common.datasets import DataError, load_dataset, model_spec_for
 from common.messages import ModelSpec, TrainConfig
 from common.models import build_model
 from common.training import select_device
-from fl_server.aggregation import ServerOptimizer
+from fl_server.aggregation import ServerOptimizer, make_aggregator
+from fl_server.membership import RandomSelector
 from fl_server.checkpoint import CheckpointError, RunFolder, config_hash
 from fl_server.coordinator import Coordinator
 from fl_server.monitoring import MonitoringServer
-from fl_server.rounds import RoundState
+from fl_server.rounds import RoundRules, RoundState
 from fl_server.servicer import FederationServicer, PortInUseError, create_server
 
 log = logging.getLogger("fl_server")
@@ -135,15 +136,20 @@ def main(argv: list[str] | None = None) -> int:
         return logs.fail("fl-server", f"cannot use {e.filename or 'a file'}: {e.strerror}; check --out and --log-file")
     extra = {"config_hash": config_hash(cfg), "model_spec": [spec.name, list(spec.input_shape), spec.num_classes]}
 
-    state_kwargs = dict(train_config=train_config_of(cfg, spec), clients_per_round=cfg.clients_per_round,
-                        min_clients=cfg.effective_min_clients, min_fit=cfg.effective_min_fit,
-                        round_timeout=cfg.round_timeout, server_lr=cfg.server_lr, seed=cfg.seed,
-                        heartbeat_seconds=cfg.heartbeat_seconds, max_concurrent_uploads=cfg.max_uploads,
-                        aggregator=cfg.aggregator, dp_noise_multiplier=cfg.dp_noise_multiplier, dp_clip=cfg.dp_clip,
-                        server_optimizer=ServerOptimizer(cfg.server_optimizer, cfg.server_lr, cfg.server_momentum,
-                                                         cfg.server_beta1, cfg.server_beta2, cfg.server_tau))
+    def round_state(global_state: dict, model_version: int = 0) -> RoundState:
+        optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_lr, cfg.server_momentum, cfg.server_beta1,
+                                    cfg.server_beta2, cfg.server_tau)
+        aggregator = make_aggregator(tensors.specs_of(global_state), cfg.aggregator, cfg.clients_per_round,
+                                     optimizer, cfg.dp_noise_multiplier, cfg.dp_clip)
+        rules = RoundRules(clients_per_round=cfg.clients_per_round, min_clients=cfg.effective_min_clients,
+                           min_fit=cfg.effective_min_fit, round_timeout=cfg.round_timeout,
+                           heartbeat_seconds=cfg.heartbeat_seconds)
+        return RoundState(global_state=global_state, train_config=train_config_of(cfg, spec), rules=rules,
+                          aggregator=aggregator, selector=RandomSelector(cfg.seed), model_version=model_version,
+                          max_concurrent_uploads=cfg.max_uploads)
+
     if checkpoint is None:
-        state = RoundState(global_state=build_model(spec, seed=cfg.seed).state_dict(), **state_kwargs)
+        state = round_state(build_model(spec, seed=cfg.seed).state_dict())
         metrics: list = []
     else:
         if checkpoint.get("model_spec") != extra["model_spec"]:
@@ -152,10 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         if checkpoint.get("config_hash") != extra["config_hash"] and not args.allow_config_change:
             return logs.fail("fl-server", f"the checkpoint in {cfg.out} was made with other training settings; "
                              "use another --out, the original settings, or --allow-config-change")
-        state = RoundState(global_state=checkpoint["model"], model_version=checkpoint["model_version"],
-                           **state_kwargs)
-        state.rng.bit_generator.state = checkpoint["rng_state"]
-        state.server_optimizer.load_state_dict(checkpoint.get("server_optimizer", {}))
+        state = round_state(checkpoint["model"], checkpoint["model_version"])
+        state.selector.load_state_dict(checkpoint["rng_state"])
+        state.aggregator.load_state_dict(checkpoint.get("server_optimizer", {}))
         metrics = checkpoint["metrics"]
         try:
             run.write_metrics(metrics)  # a crash may have come between the checkpoint and the metrics log

@@ -89,7 +89,7 @@ class Coordinator:
                         return False
                     log.warning("round %d: only %d of %d updates (min_fit %d); re-running it with a fresh "
                                 "sample; dropped: %s", outcome.round, len(outcome.contributors),
-                                len(outcome.selected), self.state.min_fit, outcome.drop_reasons)
+                                len(outcome.selected), self.state.rules.min_fit, outcome.drop_reasons)
                     self._add_record(self._record(outcome))
                     continue
                 record = self._record(outcome)
@@ -169,8 +169,8 @@ class Coordinator:
         self.run_folder.save_checkpoint({
             "model": self.state.global_state,
             "model_version": self.state.model_version,
-            "rng_state": self.state.rng.bit_generator.state,
-            "server_optimizer": self.state.server_optimizer.state_dict(),
+            "rng_state": self.state.selector.state_dict(),
+            "server_optimizer": self.state.aggregator.state_dict(),
             "metrics": metrics,
             **self.checkpoint_extra,
         }, model_checksum=self.state.global_checksum)
@@ -178,7 +178,7 @@ class Coordinator:
     def _add_privacy_spent(self, record: dict[str, Any]) -> None:
         """Epsilon spent by every aggregated round so far, this one included (rounds re-run for lack of
         updates published nothing, so they cost nothing)."""
-        from fl_server.privacy import epsilon  # noqa: PLC0415 - only DP runs need the accountant
+        from fl_server.aggregation import epsilon
 
         noise_multiplier, delta = self.privacy
         rounds = [(r["population"], len(r["selected"])) for r in [*self.metrics, record] if r["aggregated"]]

@@ -14,7 +14,9 @@ from grpc_health.v1.health import HealthServicer
 from common import convert, tls, tokens
 from common.proto import federation_pb2 as pb
 from common.tensors import CHUNK_SIZE
-from fl_server import rounds
+from fl_server import errors
+from fl_server.publication import ModelSnapshot
+from fl_server.rounds import RoundState
 
 log = logging.getLogger("fl_server.servicer")
 
@@ -32,12 +34,12 @@ STATUS_FOR = {
     IdentityMismatchError: grpc.StatusCode.PERMISSION_DENIED,
     UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     convert.MalformedMessage: grpc.StatusCode.INVALID_ARGUMENT,
-    rounds.InvalidUpdateError: grpc.StatusCode.INVALID_ARGUMENT,
-    rounds.ProtocolMismatchError: grpc.StatusCode.FAILED_PRECONDITION,
-    rounds.UnknownClientError: grpc.StatusCode.FAILED_PRECONDITION,
-    rounds.StaleRoundError: grpc.StatusCode.FAILED_PRECONDITION,
-    rounds.NotSelectedError: grpc.StatusCode.FAILED_PRECONDITION,
-    rounds.UploadInProgressError: grpc.StatusCode.ABORTED,
+    errors.InvalidUpdateError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.ProtocolMismatchError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.UnknownClientError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.StaleRoundError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.NotSelectedError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.UploadInProgressError: grpc.StatusCode.ABORTED,
 }
 
 
@@ -54,7 +56,7 @@ _REFUSABLE = tuple(STATUS_FOR)
 class FederationServicer:
     """The three RPCs. The streaming ones take and give serialized messages (see common.convert)."""
 
-    def __init__(self, state: rounds.RoundState, long_poll: float = LONG_POLL_SECONDS, check_identity: bool = False,
+    def __init__(self, state: RoundState, long_poll: float = LONG_POLL_SECONDS, check_identity: bool = False,
                  client_tokens: dict[str, str] | None = None, max_downloads: int = 8):
         self.state = state
         # Each stream being served holds about one chunk in gRPC's send path; bounding how many are
@@ -67,7 +69,11 @@ class FederationServicer:
         # whose secret it presents.
         self.check_identity = check_identity
         self.client_tokens = client_tokens
-        state.set_publisher(self._serialize)
+        # Each model version's stream, serialized once when the version is published and replayed to
+        # every client that asks for it: (version, messages).
+        self._streams_lock = threading.Lock()
+        self._stream: tuple[int, list[bytes]] | None = None
+        state.subscribe(self._cache_stream)
 
     def JoinRound(self, request: bytes, context: grpc.ServicerContext) -> pb.JoinReply:
         try:
@@ -85,16 +91,17 @@ class FederationServicer:
             req = convert.model_request_from_raw(request)
             self._check_identity(context, req.client_id)
             snapshot = self.state.model(req)
+            stream = self._stream_for(snapshot, req.model_version)
         except _REFUSABLE as e:
             _abort(context, e)
         if not self._download_slots.acquire(timeout=context.time_remaining()):
             context.abort(grpc.StatusCode.UNAVAILABLE, "the server is busy sending the model to other clients "
                                                        "until this call's deadline; try again")
         try:
-            yield from snapshot.wire
+            yield from stream
         finally:
             self._download_slots.release()
-        self.state.count_sent(sum(map(len, snapshot.wire)))  # reached only when the whole stream went out
+        self.state.count_sent(sum(map(len, stream)))  # reached only when the whole stream went out
 
     def _check_identity(self, context: grpc.ServicerContext, client_id: str) -> None:
         if self.check_identity:
@@ -109,11 +116,26 @@ class FederationServicer:
             if owner != client_id:
                 raise IdentityMismatchError(f"this token belongs to another client than {client_id!r}")
 
-    @staticmethod
-    def _serialize(snapshot: rounds.ModelSnapshot) -> list[bytes]:
-        # Once per model version, when it is made; replayed to every client that asks for it.
+    def _cache_stream(self, snapshot: ModelSnapshot) -> None:
+        """Runs under the round state's lock whenever a model version is published."""
+        with self._streams_lock:
+            # Let the old version's stream go before making the new one (streams sending it hold their
+            # own reference), so two never sit in memory side by side.
+            self._stream = None
         header = convert.model_header_of(snapshot.round, snapshot.version, snapshot.payload, CHUNK_SIZE)
-        return convert.model_stream(header, snapshot.payload, CHUNK_SIZE)
+        stream = convert.model_stream(header, snapshot.payload, CHUNK_SIZE)
+        with self._streams_lock:
+            self._stream = (snapshot.version, stream)
+
+    def _stream_for(self, snapshot: ModelSnapshot, requested: int) -> list[bytes]:
+        """The serialized stream of `snapshot`, or of a newer version when the client asked for the
+        current one (0) and one was published since."""
+        with self._streams_lock:
+            cached = self._stream
+        if cached is None or (cached[0] != snapshot.version and requested != 0):
+            raise errors.StaleRoundError(f"model version {snapshot.version} was replaced while it was asked for; "
+                                         "join again")
+        return cached[1]
 
     def SubmitUpdate(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.SubmitReply:
         try:

@@ -14,7 +14,10 @@ from common.messages import Encoding, JoinRequest, PayloadHeader, TrainConfig, U
 from common.models import build_model
 from common.partition import client_share
 from common.training import EvalResult, evaluate, train
-from fl_server.rounds import InvalidUpdateError, RoundState
+from fl_server.aggregation import make_aggregator
+from fl_server.errors import InvalidUpdateError
+from fl_server.membership import RandomSelector
+from fl_server.rounds import RoundRules, RoundState
 
 Tamper = Callable[[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]]  # (client index, diff) -> sent diff
 
@@ -35,9 +38,11 @@ def run(train_data: ArrayData, test_data: ArrayData, *, model: str = "mlp", clie
     cfg = TrainConfig(model=spec, dataset=dataset, num_clients=clients, seed=seed, local_epochs=local_epochs,
                       batch_size=32, lr=lr, momentum=0.9, weight_decay=0.0, optimizer=optimizer, mu=mu,
                       partition=partition)
-    state = RoundState(global_state=build_model(spec, seed=seed).state_dict(), train_config=cfg,
-                       clients_per_round=per_round, min_clients=clients, min_fit=1, round_timeout=600,
-                       aggregator=aggregator, seed=seed, dp_noise_multiplier=dp_noise_multiplier, dp_clip=dp_clip)
+    initial = build_model(spec, seed=seed).state_dict()
+    rules = RoundRules(clients_per_round=per_round, min_clients=clients, min_fit=1, round_timeout=600)
+    state = RoundState(global_state=initial, train_config=cfg, rules=rules, selector=RandomSelector(seed),
+                       aggregator=make_aggregator(tensors.specs_of(initial), aggregator, per_round,
+                                                  dp_noise_multiplier=dp_noise_multiplier, dp_clip=dp_clip))
     shares = [client_share(train_data, i, clients, seed, partition) for i in range(clients)]
     net, device = build_model(spec), torch.device("cpu")
     test_loader = BatchLoader(test_data, 1000)

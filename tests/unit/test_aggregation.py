@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from common.tensors import specs_of
-from fl_server.aggregation import FedAvg, UpdateRejected
+from fl_server.aggregation import FedAvg, UpdateRejected, add
 
 
 def make(global_state, server_lr=1.0):
@@ -13,9 +13,9 @@ def make(global_state, server_lr=1.0):
 def test_fedavg_weights_by_num_samples():
     g = {"w": torch.zeros(2)}
     agg = make(g)
-    agg.add({"w": torch.tensor([1.0, 1.0])}, weight=1)
-    agg.add({"w": torch.tensor([4.0, -2.0])}, weight=3)
-    new = agg.apply(g)
+    add(agg, {"w": torch.tensor([1.0, 1.0])}, weight=1)
+    add(agg, {"w": torch.tensor([4.0, -2.0])}, weight=3)
+    new = agg.finish(g)
     # (1*1 + 3*4)/4 = 3.25 ; (1*1 + 3*-2)/4 = -1.25
     assert torch.allclose(new["w"], torch.tensor([3.25, -1.25]))
 
@@ -24,8 +24,8 @@ def test_equal_weights_give_the_plain_mean_and_leave_the_old_state_alone():
     g = {"w": torch.tensor([10.0, 20.0])}
     agg = make(g)
     for d in ([1.0, 2.0], [3.0, 4.0], [5.0, 6.0]):
-        agg.add({"w": torch.tensor(d)}, weight=7)
-    new = agg.apply(g)
+        add(agg, {"w": torch.tensor(d)}, weight=7)
+    new = agg.finish(g)
     assert torch.allclose(new["w"], torch.tensor([13.0, 24.0]))
     assert torch.equal(g["w"], torch.tensor([10.0, 20.0]))
 
@@ -34,18 +34,18 @@ def test_equal_weights_give_the_plain_mean_and_leave_the_old_state_alone():
 def test_server_lr_scales_the_averaged_diff(server_lr):
     g = {"w": torch.ones(3)}
     agg = make(g, server_lr)
-    agg.add({"w": torch.full((3,), 2.0)}, weight=5)
-    agg.add({"w": torch.full((3,), 4.0)}, weight=5)
-    assert torch.allclose(agg.apply(g)["w"], torch.full((3,), 1.0 + server_lr * 3.0))
+    add(agg, {"w": torch.full((3,), 2.0)}, weight=5)
+    add(agg, {"w": torch.full((3,), 4.0)}, weight=5)
+    assert torch.allclose(agg.finish(g)["w"], torch.full((3,), 1.0 + server_lr * 3.0))
 
 
 def test_integer_buffers_are_rounded_not_truncated():
     g = {"num_batches_tracked": torch.tensor(100, dtype=torch.int64)}
     agg = make(g)
     # Mean step 14.75: truncation would give 114, rounding gives 115.
-    agg.add({"num_batches_tracked": torch.tensor(15, dtype=torch.int64)}, weight=3)
-    agg.add({"num_batches_tracked": torch.tensor(14, dtype=torch.int64)}, weight=1)
-    new = agg.apply(g)
+    add(agg, {"num_batches_tracked": torch.tensor(15, dtype=torch.int64)}, weight=3)
+    add(agg, {"num_batches_tracked": torch.tensor(14, dtype=torch.int64)}, weight=1)
+    new = agg.finish(g)
     assert new["num_batches_tracked"].dtype == torch.int64
     assert new["num_batches_tracked"].item() == 115
 
@@ -53,15 +53,15 @@ def test_integer_buffers_are_rounded_not_truncated():
 def test_large_integer_buffers_keep_exact_values():
     g = {"n": torch.tensor(2**40, dtype=torch.int64)}
     agg = make(g)
-    agg.add({"n": torch.tensor(3, dtype=torch.int64)}, weight=10)
-    assert agg.apply(g)["n"].item() == 2**40 + 3
+    add(agg, {"n": torch.tensor(3, dtype=torch.int64)}, weight=10)
+    assert agg.finish(g)["n"].item() == 2**40 + 3
 
 
 def test_half_precision_models_keep_their_dtype():
     g = {"w": torch.zeros(4, dtype=torch.bfloat16)}
     agg = make(g)
-    agg.add({"w": torch.ones(4, dtype=torch.bfloat16)}, weight=2)
-    new = agg.apply(g)
+    add(agg, {"w": torch.ones(4, dtype=torch.bfloat16)}, weight=2)
+    new = agg.finish(g)
     assert new["w"].dtype == torch.bfloat16 and torch.equal(new["w"], torch.ones(4, dtype=torch.bfloat16))
 
 
@@ -77,45 +77,45 @@ def test_half_precision_models_keep_their_dtype():
 def test_rejected_update_leaves_the_sum_exactly_as_it_was(bad):
     g = {"w": torch.zeros(2)}
     agg = make(g)
-    agg.add({"w": torch.tensor([1.0, 2.0])}, weight=2)
+    add(agg, {"w": torch.tensor([1.0, 2.0])}, weight=2)
     before = {name: t.clone() for name, t in agg._sums.items()}
     with pytest.raises(UpdateRejected):
-        agg.add(bad, weight=5)
+        add(agg, bad, weight=5)
     assert agg.count == 1 and agg.total_weight == 2
     assert agg._sums.keys() == before.keys() and all(torch.equal(agg._sums[k], before[k]) for k in before)
-    assert torch.equal(agg.apply(g)["w"], torch.tensor([1.0, 2.0]))
+    assert torch.equal(agg.finish(g)["w"], torch.tensor([1.0, 2.0]))
 
 
 def test_non_positive_weight_is_rejected():
     agg = make({"w": torch.zeros(1)})
     with pytest.raises(UpdateRejected, match="positive"):
-        agg.add({"w": torch.zeros(1)}, weight=0)
+        add(agg, {"w": torch.zeros(1)}, weight=0)
 
 
 def test_apply_without_updates_is_an_error():
     with pytest.raises(ValueError):
-        make({"w": torch.zeros(1)}).apply({"w": torch.zeros(1)})
+        make({"w": torch.zeros(1)}).finish({"w": torch.zeros(1)})
 
 
 def test_apply_reuses_the_sums_memory_and_empties_the_aggregator():
     g = {"w": torch.zeros(3)}
     agg = make(g)
-    agg.add({"w": torch.ones(3)}, weight=1)
+    add(agg, {"w": torch.ones(3)}, weight=1)
     sums = agg._sums["w"]
-    new = agg.apply(g)
+    new = agg.finish(g)
     assert new["w"].data_ptr() == sums.data_ptr()
     assert agg.count == 0 and agg.total_weight == 0
-    agg.add({"w": torch.ones(3)}, weight=1)  # ready for the next round
-    assert torch.equal(agg.apply(new)["w"], torch.full((3,), 2.0))
+    add(agg, {"w": torch.ones(3)}, weight=1)  # ready for the next round
+    assert torch.equal(agg.finish(new)["w"], torch.full((3,), 2.0))
 
 
 def test_finite_but_huge_update_is_refused_before_it_can_overflow_the_sum():
     g = {"w": torch.zeros(2)}
     agg = make(g)
-    agg.add({"w": torch.tensor([1.0, 1.0])}, weight=1)
+    add(agg, {"w": torch.tensor([1.0, 1.0])}, weight=1)
     with pytest.raises(UpdateRejected, match="overflow"):
-        agg.add({"w": torch.tensor([3e30, 0.0])}, weight=1000)
-    assert torch.allclose(agg.apply(g)["w"], torch.ones(2))
+        add(agg, {"w": torch.tensor([3e30, 0.0])}, weight=1000)
+    assert torch.allclose(agg.finish(g)["w"], torch.ones(2))
 
 
 @pytest.mark.parametrize("kind, lr", [("fedavg", 1.0), ("fedavgm", 0.5), ("fedadam", 0.1), ("fedyogi", 0.1)])
@@ -131,8 +131,8 @@ def test_each_server_optimizer_reaches_the_clients_optimum(kind, lr):
     for _ in range(300):
         agg = FedAvg(specs_of(g), optimizer=optimizer)
         for optimum, weight in zip(optima, weights):
-            agg.add({"w": optimum - g["w"], "n": torch.tensor(1)}, weight)
-        g = agg.apply(g)
+            add(agg, {"w": optimum - g["w"], "n": torch.tensor(1)}, weight)
+        g = agg.finish(g)
     assert torch.allclose(g["w"], target, atol=0.05), (kind, g["w"], target)
     assert g["n"].item() == 300  # counters take the plain mean, whatever the optimizer
 
@@ -160,8 +160,8 @@ def robust(rule, rows, capacity=None):
     g = {"w": torch.zeros(len(rows[0]))}
     agg = make_aggregator(specs_of(g), rule, capacity or len(rows))
     for row in rows:
-        agg.add({"w": torch.tensor(row, dtype=torch.float32)}, weight=1)
-    return agg.apply(g)["w"]
+        add(agg, {"w": torch.tensor(row, dtype=torch.float32)}, weight=1)
+    return agg.finish(g)["w"]
 
 
 HONEST = [[1.0, 2.0], [1.1, 2.1], [0.9, 1.9], [1.0, 2.2], [1.05, 1.95]]
@@ -189,14 +189,14 @@ def test_robust_rules_spill_updates_to_disk_and_reset_between_rounds():
     agg = make_aggregator(specs_of(g), "median", capacity=3)
     assert isinstance(agg, RobustAggregator)
     for value in (1.0, 2.0, 3.0):
-        agg.add({"w": torch.full((3,), value), "n": torch.tensor(2)}, weight=1)
+        add(agg, {"w": torch.full((3,), value), "n": torch.tensor(2)}, weight=1)
     assert isinstance(agg._rows, np.memmap) and agg._rows.shape == (3, 4)
     with pytest.raises(UpdateRejected, match="already holds 3"):
-        agg.add({"w": torch.zeros(3), "n": torch.tensor(0)}, weight=1)
-    new = agg.apply(g)
+        add(agg, {"w": torch.zeros(3), "n": torch.tensor(0)}, weight=1)
+    new = agg.finish(g)
     assert torch.equal(new["w"], torch.full((3,), 2.0)) and new["n"].item() == 2
-    agg.add({"w": torch.full((3,), 5.0), "n": torch.tensor(0)}, weight=1)  # the next round starts empty
-    assert torch.equal(agg.apply(new)["w"], torch.full((3,), 7.0))
+    add(agg, {"w": torch.full((3,), 5.0), "n": torch.tensor(0)}, weight=1)  # the next round starts empty
+    assert torch.equal(agg.finish(new)["w"], torch.full((3,), 7.0))
 
 
 @pytest.mark.parametrize("text", ["mean", "trimmed_mean:0.5", "krum", "krum:1.5", "multikrum:1", "median:3"])
@@ -208,9 +208,14 @@ def test_unknown_aggregators_are_clear_errors(text):
 
 
 def test_sums_reuse_a_retired_state_when_dtypes_allow():
-    specs = specs_of({"w": torch.zeros(4), "n": torch.tensor(0)})
     retired = {"w": torch.ones(4), "n": torch.tensor(7)}
-    sums = FedAvg(specs).empty_sums(recycle=retired)
+    agg = FedAvg(specs_of(retired))
+    add(agg, {"w": torch.ones(4), "n": torch.tensor(1)}, 1)
+    new = agg.finish(retired)
+    assert torch.equal(retired["w"], torch.ones(4))  # left alone until the next round begins
+    agg.begin_round()
+    sums = agg._sums
     assert sums["w"].data_ptr() == retired["w"].data_ptr() and torch.equal(sums["w"], torch.zeros(4))
+    assert sums["w"].data_ptr() != new["w"].data_ptr()
     # Integer buffers are summed in float64, so theirs cannot be reused.
     assert sums["n"].dtype == torch.float64 and float(sums["n"]) == 0.0

@@ -4,8 +4,7 @@ import torch
 from dp_accounting.rdp import RdpAccountant
 
 from common.tensors import specs_of
-from fl_server.aggregation import UpdateRejected, make_aggregator
-from fl_server.privacy import DPFedAvg, epsilon
+from fl_server.aggregation import DPFedAvg, UpdateRejected, add, epsilon, make_aggregator
 
 GLOBAL = {"w": torch.zeros(20_000), "n": torch.tensor(3)}
 SPECS = specs_of(GLOBAL)
@@ -22,7 +21,7 @@ def test_updates_are_clipped_equally_weighted_and_divided_by_the_fixed_round_siz
     for diff, samples in ((big, 1000), (small, 1)):
         dp.check(diff, samples)
         dp.fold(diff, samples)
-    new = dp.apply(GLOBAL)
+    new = dp.finish(GLOBAL)
     expected = (1.0 / 20_000 ** 0.5 + 0.001) / 4  # sample counts ignored; 4 = clients per round, not 2 arrived
     assert torch.allclose(new["w"], torch.full((20_000,), expected), atol=1e-6)
     assert int(new["n"]) == 3  # integer buffers are not published through DP
@@ -33,7 +32,7 @@ def test_noise_has_the_calibrated_standard_deviation_and_is_not_reproducible():
     for _ in range(2):
         dp = DPFedAvg(SPECS, noise_multiplier=2.0, clip=0.5, clients_per_round=5)
         dp.fold(update(0.0), 1)
-        results.append(dp.apply(GLOBAL)["w"])
+        results.append(dp.finish(GLOBAL)["w"])
     assert results[0].std().item() == pytest.approx(2.0 * 0.5 / 5, rel=0.05)
     assert not torch.equal(results[0], results[1])  # seeded by the OS, never by the run's seed
 

@@ -7,17 +7,20 @@ import torch
 
 from common import tensors
 from common.messages import Action, Encoding, JoinRequest, ModelRequest, ModelSpec, PayloadHeader, TrainConfig, UpdateHeader
-from fl_server import rounds
-from fl_server.rounds import RoundState
+from fl_server import errors, uploads
+from fl_server.membership import RandomSelector
+from fl_server.rounds import RoundRules, RoundState
 
 CONFIG = TrainConfig(model=ModelSpec("mlp", (1, 2, 2), 2), dataset="digits", num_clients=3, seed=0,
                      local_epochs=1, batch_size=4, lr=0.1, momentum=0.0, weight_decay=0.0, optimizer="sgd")
 GLOBAL = {"w": torch.zeros(3), "n": torch.tensor(0, dtype=torch.int64)}
 
 
-def make_state(k=2, min_fit=None, timeout=5.0, **kw):
-    return RoundState(global_state=GLOBAL, train_config=CONFIG, clients_per_round=k, min_clients=k,
-                      min_fit=min_fit or k, round_timeout=timeout, **kw)
+def make_state(k=2, min_fit=None, timeout=5.0, heartbeat_seconds=2.0, seed=0, global_state=GLOBAL, config=CONFIG,
+               **kw):
+    rules = RoundRules(clients_per_round=k, min_clients=k, min_fit=min_fit or k, round_timeout=timeout,
+                       heartbeat_seconds=heartbeat_seconds)
+    return RoundState(global_state=global_state, train_config=config, rules=rules, selector=RandomSelector(seed), **kw)
 
 
 def join(state, cid, timeout=0.0):
@@ -114,8 +117,8 @@ def test_after_submitting_a_client_waits():
 
 
 @pytest.mark.parametrize("kw, error", [
-    ({"round_": 7}, rounds.StaleRoundError),
-    ({"version": 3}, rounds.StaleRoundError),
+    ({"round_": 7}, errors.StaleRoundError),
+    ({"version": 3}, errors.StaleRoundError),
 ])
 def test_stale_updates_are_refused(kw, error):
     state = started()
@@ -127,24 +130,24 @@ def test_update_for_a_closed_round_is_stale():
     state = started()
     header, payload = update(state, "a", diff(1.0))
     state.close_round()
-    with pytest.raises(rounds.StaleRoundError):
+    with pytest.raises(errors.StaleRoundError):
         state.submit(header, payload.chunks())
 
 
 def test_unknown_and_unselected_clients_are_refused():
     state = started(k=1)
-    with pytest.raises(rounds.UnknownClientError):
+    with pytest.raises(errors.UnknownClientError):
         submit(state, "stranger", diff(1.0))
     join(state, "b")
     selected = state._round.selected
     other = "b" if selected == ["a"] else "a"
-    with pytest.raises(rounds.NotSelectedError):
+    with pytest.raises(errors.NotSelectedError):
         submit(state, other, diff(1.0))
 
 
 def test_protocol_version_is_checked():
     state = make_state()
-    with pytest.raises(rounds.ProtocolMismatchError, match="protocol version 99"):
+    with pytest.raises(errors.ProtocolMismatchError, match="protocol version 99"):
         state.join(JoinRequest(client_id="a", num_samples=1, protocol_version=99), 0)
 
 
@@ -159,7 +162,7 @@ def test_protocol_version_is_checked():
 def test_invalid_update_never_touches_the_aggregate(bad_diff, kw):
     state = started(min_fit=1)
     submit(state, "a", diff(2.0), num_samples=5)
-    with pytest.raises(rounds.InvalidUpdateError):
+    with pytest.raises(errors.InvalidUpdateError):
         submit(state, "b", bad_diff, **kw)
     assert join(state, "b").action is Action.TRAIN  # may still send a good one
     assert state.close_round().contributors == ["a"]
@@ -171,13 +174,13 @@ def test_corrupted_and_truncated_streams_are_refused():
     distinct = {"w": torch.tensor([1.0, 2.0, 3.0]), "n": torch.tensor(4)}
     header, payload = update(state, "a", distinct, chunk_size=4)
     chunks = list(payload.chunks(4))
-    with pytest.raises(rounds.InvalidUpdateError, match="checksum"):
+    with pytest.raises(errors.InvalidUpdateError, match="checksum"):
         state.submit(header, [chunks[1], chunks[0], *chunks[2:]])
-    with pytest.raises(rounds.InvalidUpdateError):
+    with pytest.raises(errors.InvalidUpdateError):
         state.submit(header, chunks[:-1])
-    with pytest.raises(rounds.InvalidUpdateError, match="longer"):
+    with pytest.raises(errors.InvalidUpdateError, match="longer"):
         state.submit(header, [*chunks, b"x"])
-    with pytest.raises(rounds.InvalidUpdateError, match="announced 5 chunks but sent 1"):
+    with pytest.raises(errors.InvalidUpdateError, match="announced 5 chunks but sent 1"):
         state.submit(header, [payload.data])
     # After all that, the honest upload still goes through.
     assert state.submit(header, chunks).accepted
@@ -189,7 +192,7 @@ def test_lying_size_in_header_is_refused_before_allocating():
     huge = tensors.TensorSpec("w", "float32", (25_000_000_000,))
     lying = UpdateHeader(client_id="a", round=1, model_version=0, num_samples=1,
                          payload=PayloadHeader([huge, header.payload.specs[1]], 100 * 2**30, 1, 0, Encoding.DIFF))
-    with pytest.raises(rounds.InvalidUpdateError, match="tensor 'w'"):
+    with pytest.raises(errors.InvalidUpdateError, match="tensor 'w'"):
         state.submit(lying, iter(()))
 
 
@@ -218,7 +221,7 @@ def test_finished_and_stale_model_requests():
     submit(state, "a", diff(1.0))
     submit(state, "b", diff(1.0))
     state.close_round()
-    with pytest.raises(rounds.StaleRoundError):
+    with pytest.raises(errors.StaleRoundError):
         state.model(ModelRequest("a", model_version=0 + 5))
     state.finish()
     assert join(state, "a").action is Action.FINISHED
@@ -264,7 +267,7 @@ def test_silent_client_is_given_up_on_long_before_the_deadline():
     assert "silent" in outcome.drop_reasons["b"]
     # Not sampled again while it stays silent; "a", which calls again, is.
     join(state, "a")
-    assert state._live_clients() == ["a"]
+    assert state.members.live() == ["a"]
 
 
 def test_a_client_that_keeps_sending_heartbeats_is_waited_for():
@@ -300,11 +303,10 @@ def test_compressed_updates_are_decoded_and_other_codecs_refused():
 
     from common import codecs
 
-    state = RoundState(global_state=GLOBAL, train_config=replace(CONFIG, compression="int8"), clients_per_round=1,
-                       min_clients=1, min_fit=1, round_timeout=5.0)
+    state = make_state(k=1, config=replace(CONFIG, compression="int8"))
     join(state, "a")
     state.open_round()
-    with pytest.raises(rounds.InvalidUpdateError, match="compressed with 'none'"):
+    with pytest.raises(errors.InvalidUpdateError, match="compressed with 'none'"):
         submit(state, "a", diff(1.0))
     wire = codecs.encode(diff(1.0, 3), codecs.parse("int8"))
     payload = tensors.encode(wire)
@@ -362,13 +364,13 @@ def test_an_upload_waits_for_a_free_buffer_before_it_is_admitted(caplog):
 
 def test_closing_a_round_waits_for_accepted_updates_to_be_folded(monkeypatch):
     state = started()
-    real_fold = state._aggregator.fold
+    real_fold = state.aggregator.fold
 
     def slow_fold(*args):
         time.sleep(0.3)
         real_fold(*args)
 
-    monkeypatch.setattr(state._aggregator, "fold", slow_fold)
+    monkeypatch.setattr(state.aggregator, "fold", slow_fold)
     assert submit(state, "a", diff(1.0)).accepted  # answered before its fold is done
     assert submit(state, "b", diff(3.0)).accepted
     outcome = state.close_round()
@@ -393,11 +395,9 @@ def test_a_round_reuses_the_replaced_model_as_its_sums():
 
 def test_automatic_upload_concurrency_fits_a_memory_budget():
     small = make_state()  # a 20-byte model: as many uploads at once as fit in the budget, up to a cap
-    assert small.max_concurrent_uploads == rounds.MAX_AUTO_UPLOADS
-    medium = RoundState(global_state={"w": torch.zeros(1_000_000)}, train_config=CONFIG, clients_per_round=2,
-                        min_clients=2, min_fit=2, round_timeout=5)
-    assert medium.max_concurrent_uploads == rounds.UPLOAD_MEMORY // 4_000_000
-    big = RoundState(global_state={"w": torch.zeros(20_000_000)}, train_config=CONFIG, clients_per_round=2,
-                     min_clients=2, min_fit=2, round_timeout=5)
-    assert big.max_concurrent_uploads == 1  # 80 MB: one at a time
-    assert make_state(max_concurrent_uploads=3).max_concurrent_uploads == 3
+    assert small.uploads.max_concurrent == uploads.MAX_AUTO_UPLOADS
+    medium = make_state(global_state={"w": torch.zeros(1_000_000)})
+    assert medium.uploads.max_concurrent == uploads.UPLOAD_MEMORY // 4_000_000
+    big = make_state(global_state={"w": torch.zeros(20_000_000)})
+    assert big.uploads.max_concurrent == 1  # 80 MB: one at a time
+    assert make_state(max_concurrent_uploads=3).uploads.max_concurrent == 3

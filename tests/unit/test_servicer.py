@@ -7,7 +7,7 @@ import torch
 
 from common import convert
 from common.messages import ModelRequest, ModelSpec, TrainConfig
-from fl_server.rounds import RoundState
+from fl_server.rounds import RoundRules, RoundState
 from fl_server.servicer import FederationServicer
 
 CONFIG = TrainConfig(model=ModelSpec("mlp", (1, 2, 2), 2), dataset="digits", num_clients=1, seed=0,
@@ -35,8 +35,8 @@ class Context:
 
 
 def servicer(max_downloads):
-    state = RoundState(global_state={"w": torch.arange(3.0)}, train_config=CONFIG, clients_per_round=1,
-                       min_clients=1, min_fit=1, round_timeout=5)
+    rules = RoundRules(clients_per_round=1, min_clients=1, min_fit=1, round_timeout=5)
+    state = RoundState(global_state={"w": torch.arange(3.0)}, train_config=CONFIG, rules=rules)
     return FederationServicer(state, max_downloads=max_downloads)
 
 

@@ -23,14 +23,16 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from common.tensors import TensorSpec
-from fl_server.aggregation import FedAvg, ServerOptimizer, check_update
+from fl_server.aggregation.base import check_update, check_weight
+from fl_server.aggregation.fedavg import FedAvg
+from fl_server.aggregation.optimizers import ServerOptimizer
 
 # The accountant's absl logging warns about orders it skips; that is its normal working.
 logging.getLogger("absl").setLevel(logging.ERROR)
 
 
 class DPFedAvg(FedAvg):
-    """FedAvg's interface (check, fold, apply...) with clipping, equal weights and Gaussian noise.
+    """FedAvg with clipping, equal weights and Gaussian noise.
     Integer buffers (BatchNorm's batch counter) are left as they were: their mean would publish a
     function of the clients' data without noise."""
 
@@ -42,8 +44,10 @@ class DPFedAvg(FedAvg):
         self._generator = torch.Generator().manual_seed(secrets.randbits(63))
 
     def check(self, diff: Mapping[str, torch.Tensor], weight: int, largest: float | None = None) -> None:
-        # The tensors and their finiteness only: clipping bounds every value, and weights are not used.
+        # The tensors, their finiteness and a valid weight only: clipping bounds every value, and the
+        # weight itself is not used.
         check_update(diff, self.specs, largest)
+        check_weight(weight)
 
     def fold(self, diff: Mapping[str, torch.Tensor], weight: int) -> None:
         floats = [(name, t) for name, t in diff.items() if t.is_floating_point()]
@@ -52,7 +56,7 @@ class DPFedAvg(FedAvg):
         self.total_weight += 1
         self.count += 1
 
-    def apply(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def finish(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.count == 0:
             raise ValueError("no updates to aggregate")
         std = self.noise_multiplier * self.clip
@@ -65,7 +69,8 @@ class DPFedAvg(FedAvg):
             total.add_(torch.randn(total.shape, generator=self._generator, dtype=total.dtype), alpha=std)
             # A fixed denominator: dividing by the number that arrived would publish it, noise-free.
             new_state[name] = self._stepped(name, total.div_(self.clients_per_round), current)
-        self.reset()
+        self.discard()
+        self._spare = global_state
         return new_state
 
 

@@ -1,0 +1,30 @@
+"""The errors a client's request can cause; the servicer maps each to one gRPC status code."""
+from __future__ import annotations
+
+
+class FederationError(Exception):
+    """Base of the errors a client's request can cause."""
+
+
+class ProtocolMismatchError(FederationError):
+    pass
+
+
+class UnknownClientError(FederationError):
+    pass
+
+
+class StaleRoundError(FederationError):
+    """The update is for a round that is closed, or was trained from an older model."""
+
+
+class NotSelectedError(FederationError):
+    pass
+
+
+class UploadInProgressError(FederationError):
+    pass
+
+
+class InvalidUpdateError(FederationError):
+    """The update is malformed or does not fit the model; it never touches the aggregate."""

@@ -1,0 +1,56 @@
+"""What a round is: the rules it runs by, its book-keeping while open, and its outcome."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RoundRules:
+    clients_per_round: int  # the seed's k
+    min_clients: int  # live clients needed before a round opens
+    min_fit: int  # updates a round needs at its deadline to be aggregated rather than re-run
+    round_timeout: float  # seconds
+    heartbeat_seconds: float = 2.0  # how often working clients report in
+
+
+@dataclass
+class RoundOutcome:
+    round: int
+    selected: list[str]
+    contributors: list[str]
+    num_samples: int
+    client_metrics: dict[str, dict[str, float]]
+    seconds: float
+    aggregated: bool
+    drop_reasons: dict[str, str]  # selected clients that did not contribute, and why
+    opened_at: float  # wall-clock times (time.time()), comparable with other processes' logs
+    closed_at: float  # when the new global model was ready to serve
+    bytes_in: int  # payload bytes of the counted updates
+    aggregate_seconds: float  # applying the aggregate and publishing the new model
+    population: int  # live clients the round's sample was drawn from
+
+    @property
+    def dropped(self) -> list[str]:
+        return sorted(self.drop_reasons)
+
+
+@dataclass
+class OpenRound:
+    number: int
+    selected: list[str]
+    deadline: float
+    started: float
+    opened_at: float
+    population: int  # live clients the sample was drawn from
+    submitted: dict[str, int] = field(default_factory=dict)  # client -> num_samples
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    uploading: set[str] = field(default_factory=set)
+    silent: dict[str, str] = field(default_factory=dict)  # client -> why it was given up on
+    bytes_in: int = 0  # payload bytes of the counted updates
+    folding: int = 0  # accepted updates not yet folded into the sum
+    begun: bool = False  # the aggregator's begin_round has run (under the fold lock)
+
+    @property
+    def settled(self) -> bool:
+        """Every selected client has either submitted or been given up on."""
+        return len(self.submitted) + len(self.silent) >= len(self.selected)

@@ -1,0 +1,120 @@
+"""Receiving one update: a bounded pool of receive buffers, the header checked against the model before
+anything is allocated, the bytes streamed into a buffer with their values checked as they land, and the
+decoded diff checked by the aggregator. What comes out is an update that cannot fail to fold."""
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from common import codecs, tensors
+from common.messages import Encoding, UpdateHeader
+from fl_server.aggregation import UpdateRejected, spec_mismatch
+from fl_server.errors import InvalidUpdateError
+
+log = logging.getLogger("fl_server.uploads")
+
+UPLOAD_MEMORY = 64 << 20  # receive buffers' total, when max_uploads is automatic (0)
+MAX_AUTO_UPLOADS = 256  # ...and at most this many: each upload being received holds a server thread
+MAX_NUM_SAMPLES = 10**12  # a FedAvg weight beyond this is a lie that would drown every honest client
+
+Check = Callable[[dict[str, torch.Tensor], int, float | None], None]  # the aggregator's check
+
+
+@dataclass
+class CheckedUpdate:
+    """A received update that passed every check. It owns `buffer` (the diff's tensors may be views of
+    it) until the receiver's `release` gives it back."""
+
+    header: UpdateHeader
+    diff: dict[str, torch.Tensor]
+    buffer: bytearray
+    waited: float  # seconds spent waiting for a receive buffer
+    received: float  # seconds spent receiving the bytes
+    checked: float  # seconds spent decoding and checking them
+
+
+class UploadReceiver:
+    def __init__(self, specs: list[tensors.TensorSpec], codec: codecs.Codec, check: Check, max_concurrent: int = 0):
+        self.specs = specs
+        self.codec = codec
+        self.check = check
+        # What clients send: the model's tensors as the round's codec compresses them.
+        self.wire_specs = codecs.wire_specs(specs, codec)
+        self.upload_bytes = sum(spec.nbytes for spec in self.wire_specs)
+        # Receive buffers, one model each, reused round after round. Their number bounds the uploads
+        # being received at once, and so the server's memory, whatever the number of clients: other
+        # uploads wait, sending nothing, until a buffer is free (see receive's `on_admitted`).
+        # 0 = as many as fit in UPLOAD_MEMORY: one for a large model, many for a small one.
+        if max_concurrent <= 0:
+            max_concurrent = max(1, min(MAX_AUTO_UPLOADS, UPLOAD_MEMORY // max(1, self.upload_bytes)))
+        self.max_concurrent = max_concurrent
+        log.info("receiving up to %d upload(s) at once, %.1f MB of buffers each", max_concurrent,
+                 self.upload_bytes / 1e6)
+        self._buffers: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
+        for _ in range(max_concurrent):
+            self._buffers.put(None)  # allocated on first use
+
+    def check_header(self, header: UpdateHeader) -> None:
+        """Compared against the model we hold before anything is allocated: a header claiming 100 GB is
+        refused here, not after an attempt to allocate it."""
+        p = header.payload
+        if p.encoding is not Encoding.DIFF:
+            raise InvalidUpdateError(f"update must be encoded as DIFF, got {p.encoding.name}")
+        if not 0 < header.num_samples <= MAX_NUM_SAMPLES:
+            raise InvalidUpdateError(f"num_samples must be between 1 and {MAX_NUM_SAMPLES}, "
+                                     f"got {header.num_samples}")
+        if p.codec != str(self.codec):
+            raise InvalidUpdateError(f"update is compressed with {p.codec!r}, this federation uses {str(self.codec)!r}")
+        mismatch = spec_mismatch(p.specs, self.wire_specs)
+        if mismatch:
+            raise InvalidUpdateError(mismatch)
+        if p.total_bytes != self.upload_bytes:
+            raise InvalidUpdateError(f"update announces {p.total_bytes} bytes; the model's diff is {self.upload_bytes}")
+
+    def receive(self, header: UpdateHeader, chunks: Iterable[bytes | memoryview],
+                on_admitted: Callable[[], None] = lambda: None) -> CheckedUpdate:
+        """Wait for a free receive buffer, call `on_admitted()` (the servicer tells the client there that
+        it may send its data now), then receive and check the update. Raises InvalidUpdateError, with
+        the buffer given back, for anything wrong with it."""
+        queued = time.perf_counter()
+        buffer = self._buffers.get()
+        waited = time.perf_counter() - queued
+        try:
+            buffer = buffer or bytearray(header.payload.total_bytes)
+            on_admitted()
+            started = time.perf_counter()
+            diff, largest = self._receive_into(buffer, header, chunks)
+            received = time.perf_counter()
+            self.check(diff, header.num_samples, largest)
+        except (tensors.PayloadError, codecs.CodecError, UpdateRejected) as e:
+            self.release(buffer)
+            raise InvalidUpdateError(str(e)) from None
+        except BaseException:
+            self.release(buffer)  # None if the allocation failed: allocated next time
+            raise
+        return CheckedUpdate(header, diff, buffer, waited, received - started, time.perf_counter() - received)
+
+    def _receive_into(self, buffer: bytearray, header: UpdateHeader,
+                      chunks: Iterable[bytes | memoryview]) -> tuple[dict[str, torch.Tensor], float | None]:
+        """The decoded diff, and its largest magnitude when the values were checked as they landed."""
+        # Uncompressed, the received tensors are the diff: the receiver checks the values for NaN and Inf,
+        # and finds the largest magnitude, as each chunk lands, while later ones stream.
+        receiver = tensors.PayloadReceiver(header.payload.specs, header.payload.checksum, buffer,
+                                           check_values=self.codec.name == "none")
+        received_chunks = 0
+        for chunk in chunks:
+            receiver.add(chunk)
+            received_chunks += 1
+        wire = receiver.finish()
+        if received_chunks != header.payload.num_chunks:
+            raise InvalidUpdateError(f"update announced {header.payload.num_chunks} chunks but sent "
+                                     f"{received_chunks}")
+        return codecs.decode(wire, self.specs, self.codec), receiver.largest
+
+    def release(self, buffer: bytearray | None) -> None:
+        self._buffers.put(buffer)

@@ -1,0 +1,222 @@
+"""What every aggregator must do, written once (`AggregatorContract`) and run against each
+implementation by a subclass that says how to build it (as Flower's state tests run one base class
+against each store). A new rule, built in or a user's own, gets the same checks by adding a subclass.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common.tensors import specs_of
+from fl_server.aggregation import (
+    Aggregator, DPFedAvg, FedAvg, RobustAggregator, ServerOptimizer, UpdateRejected, add, make_aggregator,
+)
+
+_GLOBAL = {"w": torch.tensor([[1.0, -2.0], [0.5, 4.0]]), "b": torch.tensor([0.25, -0.75], dtype=torch.float64),
+          "steps": torch.tensor(40, dtype=torch.int64)}
+
+
+def fresh_global() -> dict[str, torch.Tensor]:
+    """A copy: `finish` takes over the state it is given (its memory may become the next round's sums)."""
+    return {name: t.clone() for name, t in _GLOBAL.items()}
+
+
+GLOBAL = fresh_global()
+
+
+def update(scale: float, steps: int = 3) -> dict[str, torch.Tensor]:
+    return {"w": torch.tensor([[1.0, 2.0], [-3.0, 0.5]]) * scale,
+            "b": torch.tensor([0.125, -1.0], dtype=torch.float64) * scale,
+            "steps": torch.tensor(steps, dtype=torch.int64)}
+
+
+def held_bytes(obj: object, seen: set[int] | None = None, depth: int = 0) -> int:
+    """RAM held by the tensors and arrays reachable from `obj`'s attributes (memory-mapped files excluded:
+    they live on disk)."""
+    seen = set() if seen is None else seen
+    if depth > 4 or id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+    if isinstance(obj, np.memmap):
+        return 0
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(held_bytes(v, seen, depth + 1) for v in obj.values())
+    if isinstance(obj, list | tuple | set):
+        return sum(held_bytes(v, seen, depth + 1) for v in obj)
+    if hasattr(obj, "__dict__"):
+        return sum(held_bytes(v, seen, depth + 1) for v in vars(obj).values())
+    return 0
+
+
+class AggregatorContract:
+    """Subclasses set `make(specs, capacity)`; `optimizer` (the server optimizer it applies to the
+    aggregate) and `integers` ("mean": integer buffers take the rounded mean; "keep": left as they were)."""
+
+    optimizer = "fedavg"
+    integers = "mean"
+
+    def make(self, specs, capacity: int) -> Aggregator:
+        raise NotImplementedError
+
+    def expected(self, mean: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The new global state for an aggregate of `mean`, by a reference server optimizer that has seen
+        the same rounds (one per call) as the aggregator under test."""
+        if not hasattr(self, "_reference"):
+            self._reference = ServerOptimizer(self.optimizer)
+        reference = self._reference
+        out = {}
+        for name, current in GLOBAL.items():
+            if current.is_floating_point():
+                out[name] = current + reference.step(name, mean[name].clone().to(torch.float64)).to(current.dtype)
+            elif self.integers == "mean":
+                out[name] = (current.double() + mean[name].double()).round().to(current.dtype)
+            else:
+                out[name] = current.clone()
+        return out
+
+    def started(self, capacity: int) -> Aggregator:
+        agg = self.make(specs_of(GLOBAL), capacity)
+        agg.begin_round()
+        return agg
+
+    def assert_state(self, got, want):
+        assert list(got) == list(want)
+        for name in want:
+            assert got[name].dtype == want[name].dtype, name
+            torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-6)
+
+    def test_keeps_the_protocol(self):
+        assert isinstance(self.make(specs_of(GLOBAL), 1), Aggregator)
+
+    def test_one_client_gives_back_its_own_update(self):
+        agg = self.started(1)
+        add(agg, update(1.0), 10)
+        self.assert_state(agg.finish(fresh_global()), self.expected(update(1.0)))
+
+    def test_equal_updates_give_that_update(self):
+        agg = self.started(3)
+        for weight in (1, 5, 2):
+            add(agg, update(0.5), weight)
+        self.assert_state(agg.finish(fresh_global()), self.expected(update(0.5)))
+
+    def test_integer_buffers_keep_their_dtype(self):
+        agg = self.started(2)
+        add(agg, update(1.0, steps=3), 1)
+        add(agg, update(1.0, steps=3), 1)
+        new = agg.finish(fresh_global())
+        assert new["steps"].dtype == torch.int64
+        assert int(new["steps"]) == (43 if self.integers == "mean" else 40)
+
+    @pytest.mark.parametrize("bad", [
+        {**update(1.0), "w": torch.full((2, 2), float("nan"))},
+        {**update(1.0), "b": torch.tensor([float("inf"), 0.0], dtype=torch.float64)},
+        {"w": torch.zeros(2, 2), "steps": torch.tensor(0)},
+        {**update(1.0), "w": torch.zeros(2, 3)},
+        {**update(1.0), "extra": torch.zeros(1)},
+    ])
+    def test_a_rejected_update_leaves_the_aggregate_exactly_as_it_was(self, bad):
+        agg, twin = self.started(3), self.started(3)
+        for a in (agg, twin):
+            add(a, update(1.0), 4)
+        with pytest.raises(UpdateRejected):
+            add(agg, bad, 4)
+        with pytest.raises(UpdateRejected):
+            agg.check(update(1.0), 0)  # a weight must be positive
+        for a in (agg, twin):
+            add(a, update(-2.0), 4)
+        got, want = agg.finish(fresh_global()), twin.finish(fresh_global())
+        for name in want:
+            assert torch.equal(got[name], want[name]), name
+
+    def test_finish_leaves_the_old_state_alone_and_empties_the_aggregator(self):
+        old = {k: v.clone() for k, v in GLOBAL.items()}
+        agg = self.started(1)
+        add(agg, update(1.0), 1)
+        self.assert_state(agg.finish(old), self.expected(update(1.0)))
+        for name in GLOBAL:
+            assert torch.equal(old[name], GLOBAL[name])
+        agg.begin_round()
+        add(agg, update(0.25), 1)  # the next round sees only its own updates
+        self.assert_state(agg.finish(fresh_global()), self.expected(update(0.25)))
+
+    def test_discard_forgets_the_round(self):
+        agg = self.started(1)
+        add(agg, update(5.0), 1)
+        agg.discard()
+        agg.begin_round()
+        add(agg, update(1.0), 1)
+        self.assert_state(agg.finish(fresh_global()), self.expected(update(1.0)))
+
+    def test_finish_without_updates_is_an_error(self):
+        with pytest.raises(ValueError):
+            self.started(1).finish(fresh_global())
+
+    def test_memory_is_what_it_claims_whatever_the_number_of_updates(self):
+        specs = specs_of({"w": torch.zeros(256, 128), "steps": torch.tensor(0)})
+        agg = self.make(specs, 6)
+        claim = agg.memory_claim()
+        agg.begin_round()
+        for i in range(6):
+            add(agg, {"w": torch.full((256, 128), float(i)), "steps": torch.tensor(i)}, 1)
+            assert held_bytes(agg) <= claim
+        assert agg.memory_claim() == claim
+
+    def test_state_survives_a_restart(self):
+        agg = self.started(1)
+        add(agg, update(1.0), 1)
+        agg.finish(fresh_global())
+        restarted = self.make(specs_of(GLOBAL), 1)
+        restarted.load_state_dict(agg.state_dict())
+        for a in (agg, restarted):
+            a.begin_round()
+            add(a, update(0.5), 1)
+        got, want = restarted.finish(fresh_global()), agg.finish(fresh_global())
+        for name in want:
+            assert torch.equal(got[name], want[name]), name
+
+
+class TestFedAvg(AggregatorContract):
+    def make(self, specs, capacity):
+        return FedAvg(specs)
+
+
+@pytest.mark.parametrize("kind", ["fedavgm", "fedadam", "fedyogi"])
+class TestServerOptimizers(AggregatorContract):
+    @pytest.fixture(autouse=True)
+    def _kind(self, kind):
+        self.optimizer = kind
+
+    def make(self, specs, capacity):
+        return make_aggregator(specs, "fedavg", capacity, ServerOptimizer(self.optimizer))
+
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean:0.2", "krum:0", "multikrum:0:2"])
+class TestRobustRules(AggregatorContract):
+    @pytest.fixture(autouse=True)
+    def _rule(self, rule):
+        self.rule = rule
+
+    def make(self, specs, capacity):
+        agg = make_aggregator(specs, self.rule, capacity)
+        assert isinstance(agg, RobustAggregator)
+        return agg
+
+
+class TestDPFedAvgWithoutNoise(AggregatorContract):
+    """With no noise and a clip no update reaches, DP-FedAvg is the unweighted mean over the round's
+    capacity; integer buffers are left alone (their mean would publish the clients' data noise-free)."""
+
+    integers = "keep"
+
+    def make(self, specs, capacity):
+        return DPFedAvg(specs, noise_multiplier=0.0, clip=1e6, clients_per_round=capacity)
