@@ -5,10 +5,8 @@ so a `kill -9` at any moment leaves either the old file or the new one, never ha
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, BinaryIO
 from collections.abc import Callable
@@ -16,28 +14,14 @@ from collections.abc import Callable
 import torch
 
 from common import logs, tensors
-from common.config import Config
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 FINAL_MODEL = "final_model.pt"
 MODEL_CHECKSUM = "model_checksum"  # XXH3-64 of the checkpoint's model, as common.tensors frames it
 
-# Settings that change what a run computes. Changing one of them between a checkpoint and a restart
-# would silently mix two experiments; rounds, timeouts and addresses may change freely.
-_RUN_DEFINING = ("model_name", "dataset", "num_clients", "clients_per_round", "min_fit", "server_lr",
-                 "aggregator", "server_optimizer", "server_momentum", "server_beta1", "server_beta2", "server_tau", "mu", "clip_norm",
-                 "local_epochs", "batch_size", "lr", "momentum", "weight_decay", "optimizer", "seed", "compression",
-                 "partition", "eval_fraction", "dp_noise_multiplier", "dp_clip", "dp_delta")
-
-
 class CheckpointError(ValueError):
     pass
-
-
-def config_hash(cfg: Config) -> str:
-    defining = {k: v for k, v in asdict(cfg).items() if k in _RUN_DEFINING}
-    return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def write_atomically(path: Path, data: bytes | Callable[[BinaryIO], Any]) -> None:

@@ -14,31 +14,21 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import HealthServicer
 
-from common import allocator, codecs, tls, tokens
-from common import config as config_module
-from common import logs
-from common.config import Config, ConfigError
+from common import allocator, logs, tls, tokens
 from common.convert import SERVICE
 from common.datasets import DataError, load_dataset, model_spec_for
-from common.messages import ModelSpec, TrainConfig
 from common.models import build_model
 from common.training import select_device
+from fl_server import config as config_module
 from fl_server.aggregation import ServerOptimizer
-from fl_server.checkpoint import CheckpointError, RunFolder, config_hash
+from fl_server.checkpoint import CheckpointError, RunFolder
+from fl_server.config import ConfigError, config_hash
 from fl_server.coordinator import Coordinator
 from fl_server.monitoring import MonitoringServer
 from fl_server.rounds import RoundState
 from fl_server.servicer import FederationServicer, PortInUseError, create_server
 
 log = logging.getLogger("fl_server")
-
-
-def train_config_of(cfg: Config, spec: ModelSpec) -> TrainConfig:
-    return TrainConfig(model=spec, dataset=cfg.dataset, num_clients=cfg.num_clients, seed=cfg.seed,
-                       local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                       momentum=cfg.momentum, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer,
-                       compression=str(codecs.parse(cfg.compression)), partition=cfg.partition, mu=cfg.mu,
-                       clip_norm=cfg.clip_norm, eval_fraction=cfg.eval_fraction)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -135,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return logs.fail("fl-server", f"cannot use {e.filename or 'a file'}: {e.strerror}; check --out and --log-file")
     extra = {"config_hash": config_hash(cfg), "model_spec": [spec.name, list(spec.input_shape), spec.num_classes]}
 
-    state_kwargs = dict(train_config=train_config_of(cfg, spec), clients_per_round=cfg.clients_per_round,
+    state_kwargs = dict(train_config=cfg.train_config(spec), clients_per_round=cfg.clients_per_round,
                         min_clients=cfg.effective_min_clients, min_fit=cfg.effective_min_fit,
                         round_timeout=cfg.round_timeout, server_lr=cfg.server_lr, seed=cfg.seed,
                         heartbeat_seconds=cfg.heartbeat_seconds, max_concurrent_uploads=cfg.max_uploads,

@@ -92,10 +92,10 @@ def test_client_data_that_does_not_fit_the_federations_model(federation, tmp_pat
 def test_checkpoint_from_other_settings_is_refused(tmp_path):
     import torch
 
-    from common.config import load
     from common.messages import ModelSpec
     from common.models import build_model
-    from fl_server.checkpoint import RunFolder, config_hash
+    from fl_server.checkpoint import RunFolder
+    from fl_server.config import config_hash, load
 
     spec = ModelSpec("mlp", (1, 8, 8), 10)
     run_folder = RunFolder(tmp_path)
