@@ -5,7 +5,6 @@ so a `kill -9` at any moment leaves either the old file or the new one, never ha
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -14,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from common import logs, tensors
+from fl_server.records import RoundRecord, to_jsonl
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -94,10 +94,9 @@ class RunFolder:
                                   "it; move it away to start afresh, or point --out elsewhere")
         return checkpoint
 
-    def write_metrics(self, records: list[dict[str, Any]]) -> None:
+    def write_metrics(self, records: list[RoundRecord]) -> None:
         """Rewrite the whole log from the checkpoint's records, so it always agrees with the checkpoint."""
-        text = "".join(json.dumps(r) + "\n" for r in records)
-        write_atomically(self.path / METRICS, text.encode())
+        write_atomically(self.path / METRICS, to_jsonl(records).encode())
 
     def save_final_model(self, state: dict[str, torch.Tensor]) -> Path:
         path = self.path / FINAL_MODEL

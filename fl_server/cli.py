@@ -25,6 +25,7 @@ from fl_server.checkpoint import CheckpointError, RunFolder
 from fl_server.config import ConfigError, config_hash
 from fl_server.coordinator import Coordinator
 from fl_server.monitoring import MonitoringServer
+from fl_server.records import RoundRecord
 from fl_server.rounds import RoundState
 from fl_server.servicer import FederationServicer, PortInUseError, create_server
 
@@ -94,11 +95,10 @@ def status_main(argv: list[str]) -> int:
     for client, info in status["clients"].items():
         print(f"  {client:<12} {info['state']:<10} {info['num_samples']:>8} samples  {info['device'] or '?':<8} "
               f"seen {info['seconds_since_seen']} s ago")
-    latest = status.get("latest")
-    if latest:
-        accuracy = "pending" if latest["accuracy"] is None else f"{latest['accuracy']:.4f}"
-        print(f"latest round {latest['round']}: accuracy {accuracy}, clients {latest['clients']}, "
-              f"{latest['seconds']} s")
+    if status.get("latest"):
+        latest = RoundRecord.from_dict(status["latest"])
+        accuracy = "pending" if latest.accuracy is None else f"{latest.accuracy:.4f}"
+        print(f"latest round {latest.round}: accuracy {accuracy}, clients {latest.clients}, {latest.seconds} s")
     return 0
 
 
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                                                          cfg.server_beta1, cfg.server_beta2, cfg.server_tau))
     if checkpoint is None:
         state = RoundState(global_state=build_model(spec, seed=cfg.seed).state_dict(), **state_kwargs)
-        metrics: list = []
+        metrics: list[RoundRecord] = []
     else:
         if checkpoint.get("model_spec") != extra["model_spec"]:
             return logs.fail("fl-server", f"the checkpoint in {cfg.out} holds a {checkpoint.get('model_spec')} "
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                            **state_kwargs)
         state.rng.bit_generator.state = checkpoint["rng_state"]
         state.server_optimizer.load_state_dict(checkpoint.get("server_optimizer", {}))
-        metrics = checkpoint["metrics"]
+        metrics = [RoundRecord.from_dict(r) for r in checkpoint["metrics"]]
         try:
             run.write_metrics(metrics)  # a crash may have come between the checkpoint and the metrics log
         except OSError as e:
