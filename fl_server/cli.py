@@ -123,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
         return logs.fail("fl-server", str(e))
     except OSError as e:
         return logs.fail("fl-server", f"cannot use {e.filename or 'a file'}: {e.strerror}; check --out and --log-file")
-    extra = {"config_hash": config_hash(cfg), "model_spec": [spec.name, list(spec.input_shape), spec.num_classes]}
 
     state_kwargs = dict(train_config=cfg.train_config(spec), clients_per_round=cfg.clients_per_round,
                         min_clients=cfg.effective_min_clients, min_fit=cfg.effective_min_fit,
@@ -136,22 +135,19 @@ def main(argv: list[str] | None = None) -> int:
         state = RoundState(global_state=build_model(spec, seed=cfg.seed).state_dict(), **state_kwargs)
         metrics: list[RoundRecord] = []
     else:
-        if checkpoint.get("model_spec") != extra["model_spec"]:
-            return logs.fail("fl-server", f"the checkpoint in {cfg.out} holds a {checkpoint.get('model_spec')} "
-                             f"model, not {extra['model_spec']}; use another --out or the original settings")
-        if checkpoint.get("config_hash") != extra["config_hash"] and not args.allow_config_change:
-            return logs.fail("fl-server", f"the checkpoint in {cfg.out} was made with other training settings; "
-                             "use another --out, the original settings, or --allow-config-change")
-        state = RoundState(global_state=checkpoint["model"], model_version=checkpoint["model_version"],
+        problem = checkpoint.resume_error(cfg, spec, allow_config_change=args.allow_config_change)
+        if problem is not None:
+            return logs.fail("fl-server", problem)
+        state = RoundState(global_state=checkpoint.model, model_version=checkpoint.model_version,
                            **state_kwargs)
-        state.rng.bit_generator.state = checkpoint["rng_state"]
-        state.server_optimizer.load_state_dict(checkpoint.get("server_optimizer", {}))
-        metrics = [RoundRecord.from_dict(r) for r in checkpoint["metrics"]]
+        state.rng.bit_generator.state = checkpoint.rng_state
+        state.server_optimizer.load_state_dict(checkpoint.server_optimizer)
+        metrics = checkpoint.metrics
         try:
             run.write_metrics(metrics)  # a crash may have come between the checkpoint and the metrics log
         except OSError as e:
             return logs.fail("fl-server", f"cannot write to {cfg.out}: {e.strerror}")
-        log.info("resumed from %s at model version %d", run.path, checkpoint["model_version"])
+        log.info("resumed from %s at model version %d", run.path, checkpoint.model_version)
 
     try:
         credentials = transport_credentials(args)
@@ -169,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     except PortInUseError as e:
         return logs.fail("fl-server", str(e))
     coordinator = Coordinator(state, rounds=cfg.rounds, model_spec=spec, test_data=test_data, run=run,
-                              checkpoint_extra=extra, metrics=metrics, device=device,
+                              config_hash=config_hash(cfg), metrics=metrics, device=device,
                               report=lambda line: print(line, flush=True), write_report=args.report,
                               privacy=(cfg.dp_noise_multiplier, cfg.dp_delta) if cfg.dp_noise_multiplier > 0 else None)
     monitoring = None

@@ -10,7 +10,6 @@ import math
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
 
 import torch
 
@@ -18,7 +17,7 @@ from common.datasets import ArrayData, BatchLoader
 from common.messages import ModelSpec
 from common.models import build_model
 from common.training import EvalResult, evaluate
-from fl_server.checkpoint import RunFolder
+from fl_server.checkpoint import Checkpoint, RunFolder
 from fl_server.records import RoundRecord
 from fl_server.rounds import RoundOutcome, RoundState
 
@@ -32,7 +31,7 @@ def _accuracy(result: EvalResult) -> float | None:
 
 class Coordinator:
     def __init__(self, state: RoundState, *, rounds: int, model_spec: ModelSpec, test_data: ArrayData,
-                 run: RunFolder, checkpoint_extra: dict[str, Any], metrics: list[RoundRecord] | None = None,
+                 run: RunFolder, config_hash: str, metrics: list[RoundRecord] | None = None,
                  device: torch.device | str = "cpu", report: Callable[[str], None] = print,
                  write_report: bool = False, privacy: tuple[float, float] | None = None):
         """`privacy`: (noise multiplier, delta) of a DP-FedAvg run, whose epsilon each record reports."""
@@ -42,7 +41,8 @@ class Coordinator:
         self.test_loader = BatchLoader(test_data, batch_size=128, device=device)
         self.device = torch.device(device)
         self.run_folder = run
-        self.checkpoint_extra = checkpoint_extra  # config hash and model spec, to check on resume
+        self.model_spec = model_spec
+        self.config_hash = config_hash  # saved with each checkpoint, to check on resume (Checkpoint.resume_error)
         self.metrics = list(metrics or [])
         self.report = report  # one human-readable line per round, on stdout
         self.write_report = write_report  # PNG plots and report.md at the end (fl_server.report)
@@ -145,14 +145,11 @@ class Coordinator:
     def save(self) -> None:
         with self._metrics_lock:
             metrics = [r.copy() for r in self.metrics]
-        self.run_folder.save_checkpoint({
-            "model": self.state.global_state,
-            "model_version": self.state.model_version,
-            "rng_state": self.state.rng.bit_generator.state,
-            "server_optimizer": self.state.server_optimizer.state_dict(),
-            "metrics": [r.to_dict() for r in metrics],
-            **self.checkpoint_extra,
-        }, model_checksum=self.state.global_checksum)
+        self.run_folder.save_checkpoint(Checkpoint(
+            model=self.state.global_state, model_version=self.state.model_version,
+            rng_state=self.state.rng.bit_generator.state, server_optimizer=self.state.server_optimizer.state_dict(),
+            metrics=metrics, config_hash=self.config_hash, model_spec=self.model_spec,
+        ), model_checksum=self.state.global_checksum)
 
     def _add_privacy_spent(self, record: RoundRecord) -> None:
         """Epsilon spent by every aggregated round so far, this one included (rounds re-run for lack of
