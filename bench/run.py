@@ -38,6 +38,7 @@ from common.proto import federation_pb2 as pb
 from common.training import train
 from fl_client.connection import ServerConnection
 from fl_server.demo import ServerProcess, start_client
+from fl_server.records import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"
@@ -255,9 +256,9 @@ class Bench:
             finally:
                 srv.stop()
             assert not stats.errors, stats.errors[:3]
-            records = [json.loads(line) for line in (self.workdir / f"rounds{clients}" / "metrics.jsonl").open()]
+            records = read_jsonl(self.workdir / f"rounds{clients}" / "metrics.jsonl")
             # A round's period, from one aggregation to the next, once clients are connected and warm.
-            periods = [b["closed_at"] - a["closed_at"] for a, b in itertools.pairwise(records[1:])]
+            periods = [b.closed_at - a.closed_at for a, b in itertools.pairwise(records[1:])]
             period = statistics.median(periods)
             raw = raw_one * 2 * clients
             ratio = period / raw
@@ -283,11 +284,11 @@ class Bench:
         finally:
             srv.stop()
         assert not stats.errors, stats.errors[:3]
-        records = [json.loads(line) for line in (self.workdir / "scale" / "metrics.jsonl").open()]
-        assert len(records) == 3 and all(len(r["clients"]) == clients for r in records)
-        elapsed = records[-1]["closed_at"] - records[0]["opened_at"]
+        records = read_jsonl(self.workdir / "scale" / "metrics.jsonl")
+        assert len(records) == 3 and all(len(r.clients) == clients for r in records)
+        elapsed = records[-1].closed_at - records[0].opened_at
         p99 = float(np.percentile(stats.join_latencies, 99))
-        starts = [t - r["opened_at"] for r in records for t in stats.train_received[r["round"]]]
+        starts = [t - r.opened_at for r in records for t in stats.train_received[r.round]]
         self.add(5, f"{clients} concurrent clients, 3 rounds: rounds per second", 3 / elapsed, "rounds/s",
                  "completes", True, f"(p99 JoinRound call {p99 * 1e3:.0f} ms, long-polls included; p99 from round "
                  f"open to a client's TRAIN {np.percentile(starts, 99) * 1e3:.0f} ms)")
@@ -301,8 +302,8 @@ class Bench:
             stats = loadgen.run(srv.address, 10)
         finally:
             srv.stop()
-        records = [json.loads(line) for line in (self.workdir / "round_start" / "metrics.jsonl").open()]
-        delays = [max(stats.train_received[b["round"]]) - a["closed_at"] for a, b in itertools.pairwise(records)]
+        records = read_jsonl(self.workdir / "round_start" / "metrics.jsonl")
+        delays = [max(stats.train_received[b.round]) - a.closed_at for a, b in itertools.pairwise(records)]
         delay = statistics.median(delays)
         self.add(6, "round start: end of aggregation to every selected client holding TRAIN (10 clients)",
                  delay * 1e3, "ms", "< 50 ms", delay < 0.05, f"(median of {len(delays)} rounds, worst "
@@ -323,8 +324,8 @@ class Bench:
             finally:
                 srv.stop()
             assert codes == [0, 0, 0], f"{codec}: clients exited {codes}"
-            records = [r for r in map(json.loads, (out / "metrics.jsonl").open()) if r["aggregated"]]
-            results[codec] = (sum(r["bytes_in"] for r in records), records[2]["accuracy"], records[-1]["accuracy"])
+            records = [r for r in read_jsonl(out / "metrics.jsonl") if r.aggregated]
+            results[codec] = (sum(r.bytes_in for r in records), records[2].accuracy, records[-1].accuracy)
         base_bytes, base_early, base_final = results["none"]
         for codec, (nbytes, early, final) in results.items():
             if codec == "none":

@@ -5,12 +5,14 @@ which the servicer turns into INVALID_ARGUMENT.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
 from google.protobuf.message import DecodeError
 
 from common import messages as m
+from common import settings
 from common.proto import federation_pb2 as pb
 from common.tensors import DTYPES, Payload, TensorSpec
 
@@ -99,22 +101,30 @@ def join_request_from_proto(msg: pb.JoinRequest) -> m.JoinRequest:
 
 def train_config_to_proto(cfg: m.TrainConfig) -> pb.TrainConfig:
     model = pb.ModelSpec(name=cfg.model.name, input_shape=cfg.model.input_shape, num_classes=cfg.model.num_classes)
-    return pb.TrainConfig(model=model, dataset=cfg.dataset, num_clients=cfg.num_clients, seed=cfg.seed,
-                          local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                          momentum=cfg.momentum, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer,
-                          compression=cfg.compression, partition=cfg.partition, mu=cfg.mu,
-                          clip_norm=cfg.clip_norm, eval_fraction=cfg.eval_fraction)
+    hyperparameters = json.dumps(settings.values_of(cfg, m.ClientHyperparameters), allow_nan=False)
+    return pb.TrainConfig(model=model, hyperparameters=hyperparameters)
 
 
 def train_config_from_proto(msg: pb.TrainConfig) -> m.TrainConfig:
     model = m.ModelSpec(name=msg.model.name, input_shape=tuple(msg.model.input_shape),
                         num_classes=msg.model.num_classes)
-    return m.TrainConfig(model=model, dataset=msg.dataset, num_clients=msg.num_clients, seed=msg.seed,
-                         local_epochs=msg.local_epochs, batch_size=msg.batch_size, lr=msg.lr,
-                         momentum=msg.momentum, weight_decay=msg.weight_decay, optimizer=msg.optimizer,
-                         compression=msg.compression or "none", partition=msg.partition or "iid",
-                         mu=max(0.0, msg.mu), clip_norm=max(0.0, msg.clip_norm),
-                         eval_fraction=min(max(0.0, msg.eval_fraction), 0.9))
+    return m.TrainConfig(model=model, **_hyperparameters(msg.hyperparameters))
+
+
+def _hyperparameters(text: str) -> dict[str, Any]:
+    _require(text != "", "the training config carries no hyperparameters")
+    try:
+        raw = json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: deeply nested arrays, which nothing sends
+        raise MalformedMessage("the training config's hyperparameters are not valid JSON") from None
+    _require(isinstance(raw, dict), "the training config's hyperparameters are not a JSON object")
+    try:
+        values = settings.typed_values(m.ClientHyperparameters, raw)
+    except settings.SettingError as e:
+        raise MalformedMessage(f"the server's training config is wrong: {e}") from None
+    for key, value in values.items():  # what torch and numpy take as a seed or a count
+        _require(not isinstance(value, int) or abs(value) < 2**63, f"training config key {key!r} is out of range")
+    return values
 
 
 _ACTIONS = {m.Action.TRAIN: pb.TRAIN, m.Action.WAIT: pb.WAIT, m.Action.FINISHED: pb.FINISHED}

@@ -7,9 +7,12 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from common import codecs
+from common.settings import Parsed, Rule, at_least, one_of, positive, setting
 from common.tensors import TensorSpec
 
-PROTOCOL_VERSION = 1
+# 2: TrainConfig carries the hyperparameters as one JSON object.
+PROTOCOL_VERSION = 2
 
 
 class Action(enum.Enum):
@@ -30,25 +33,63 @@ class ModelSpec:
     num_classes: int
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+def _dataset_name(name: str) -> None:
+    from common.datasets import check_dataset_name  # here: common.datasets imports this module
+
+    check_dataset_name(name)
+
+
+def _partition(text: str) -> None:
+    from common.partition import parse_scheme  # here: common.partition imports this module
+
+    parse_scheme(text)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientHyperparameters:
+    """The settings every client receives with every JoinRound reply, declared once: the server's
+    Config includes them (its flags, file keys and docs come from here), and they travel as one JSON
+    object (common.convert). A new one is a field here, with a default that does what a client did
+    before it existed (an older server does not send it), and the code that uses it."""
+
+    dataset: str = setting("digits", (
+        "data set: digits (built in, offline); mnist, fashion-mnist, cifar10 or cifar100 (read from "
+        "--data-root); imagefolder:PATH (your images, PATH/CLASS_NAME/*.png|jpg, resized to 32x32)"),
+        alias="type", value_aliases={"cifar": "cifar10"}, check=Parsed(_dataset_name), defines_run=True)
+    num_clients: int = setting(3, (
+        "clients in the federation (seed: no_models); client i without --data trains on the i-th share"),
+        alias="no_models", check=at_least(1), defines_run=True)
+    partition: str = setting("iid", (
+        "how those shares are cut: iid, shards (2 label-sorted shards each), dirichlet:ALPHA (label skew)"),
+        check=Parsed(_partition), defines_run=True)
+    local_epochs: int = setting(2, "epochs each client trains per round", check=at_least(1), defines_run=True)
+    batch_size: int = setting(32, "local mini-batch size", check=at_least(1), defines_run=True)
+    lr: float = setting(0.05, "client learning rate", check=positive(), defines_run=True)
+    momentum: float = setting(0.9, "client SGD momentum", check=at_least(0, "must be 0 or more"), defines_run=True)
+    weight_decay: float = setting(0.0, "client L2 weight decay", check=at_least(0, "must be 0 or more"),
+                                  defines_run=True)
+    optimizer: str = setting("sgd", "client optimizer: sgd or adam", check=one_of("sgd", "adam"), defines_run=True)
+    mu: float = setting(0.0, (
+        "FedProx proximal term: adds mu/2 * ||w - w_global||^2 to the client loss (0 = FedAvg)"),
+        check=at_least(0, "must be 0 or more"), defines_run=True)
+    clip_norm: float = setting(0.0, "clip each client step's gradient norm to this (0 = off)",
+                               check=at_least(0, "must be 0 (off) or more"), defines_run=True)
+    eval_fraction: float = setting(0.0, (
+        "federated evaluation: the part of each client's data it holds out (not trained on) to evaluate the "
+        "global model it receives each round; the results go into metrics.jsonl (0 = off)"),
+        check=Rule(lambda v: 0 <= v <= 0.5, "must be between 0 (off) and 0.5"), defines_run=True)
+    compression: str = setting("none", (
+        "update compression: none, float16, bfloat16, int8, or topk:R (fraction R of entries, error feedback)"),
+        check=Parsed(codecs.parse), canonical=lambda text: str(codecs.parse(text)), defines_run=True)
+    seed: int = setting(0, "base seed: sampling, data split, initial model; client i uses seed + i",
+                        check=at_least(0, "must be 0 or more"), defines_run=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(ClientHyperparameters):
     """What a client needs to know to train one round; sent with every JoinRound reply."""
 
     model: ModelSpec
-    dataset: str
-    num_clients: int
-    seed: int
-    local_epochs: int
-    batch_size: int
-    lr: float
-    momentum: float
-    weight_decay: float
-    optimizer: str
-    compression: str = "none"
-    partition: str = "iid"  # how the built-in data is split among clients without --data
-    mu: float = 0.0  # FedProx proximal coefficient
-    clip_norm: float = 0.0  # gradient-norm clipping, 0 = off
-    eval_fraction: float = 0.0  # part of each client's data held out to evaluate the model it receives
 
 
 @dataclass(frozen=True)

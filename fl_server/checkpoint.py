@@ -5,39 +5,69 @@ so a `kill -9` at any moment leaves either the old file or the new one, never ha
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from dataclasses import asdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
-from collections.abc import Callable
 
 import torch
 
 from common import logs, tensors
-from common.config import Config
+from common.messages import ModelSpec
+from fl_server.config import Config, config_hash
+from fl_server.records import RoundRecord, to_jsonl
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 FINAL_MODEL = "final_model.pt"
 MODEL_CHECKSUM = "model_checksum"  # XXH3-64 of the checkpoint's model, as common.tensors frames it
 
-# Settings that change what a run computes. Changing one of them between a checkpoint and a restart
-# would silently mix two experiments; rounds, timeouts and addresses may change freely.
-_RUN_DEFINING = ("model_name", "dataset", "num_clients", "clients_per_round", "min_fit", "server_lr",
-                 "aggregator", "server_optimizer", "server_momentum", "server_beta1", "server_beta2", "server_tau", "mu", "clip_norm",
-                 "local_epochs", "batch_size", "lr", "momentum", "weight_decay", "optimizer", "seed", "compression",
-                 "partition", "eval_fraction", "dp_noise_multiplier", "dp_clip", "dp_delta")
-
 
 class CheckpointError(ValueError):
     pass
 
 
-def config_hash(cfg: Config) -> str:
-    defining = {k: v for k, v in asdict(cfg).items() if k in _RUN_DEFINING}
-    return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:16]
+@dataclass
+class Checkpoint:
+    """Everything a restarted server resumes from. In the file it is a dict of plain values and tensors
+    (`to_dict`), which torch.load reads with weights_only; keys added since the first version are
+    optional, so that older checkpoints still load."""
+
+    model: dict[str, torch.Tensor]
+    model_version: int
+    rng_state: Mapping[str, Any]  # the round sampler's (numpy bit generator state)
+    server_optimizer: dict[str, Any] = field(default_factory=dict)
+    metrics: list[RoundRecord] = field(default_factory=list)
+    config_hash: str | None = None
+    model_spec: ModelSpec | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "model_version": self.model_version, "rng_state": self.rng_state,
+                "server_optimizer": self.server_optimizer, "metrics": [r.to_dict() for r in self.metrics],
+                "config_hash": self.config_hash, "model_spec": _spec_list(self.model_spec)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Checkpoint:
+        spec = data.get("model_spec")
+        return cls(model=data["model"], model_version=data["model_version"], rng_state=data["rng_state"],
+                   server_optimizer=data.get("server_optimizer", {}),
+                   metrics=[RoundRecord.from_dict(r) for r in data["metrics"]], config_hash=data.get("config_hash"),
+                   model_spec=None if spec is None else ModelSpec(spec[0], tuple(spec[1]), spec[2]))
+
+    def resume_error(self, cfg: Config, spec: ModelSpec, allow_config_change: bool = False) -> str | None:
+        """Why a server with `cfg` and model `spec` must not resume from this checkpoint, in one sentence."""
+        if self.model_spec != spec:
+            return (f"the checkpoint in {cfg.out} holds a {_spec_list(self.model_spec)} model, not "
+                    f"{_spec_list(spec)}; use another --out or the original settings")
+        if self.config_hash != config_hash(cfg) and not allow_config_change:
+            return (f"the checkpoint in {cfg.out} was made with other training settings; use another --out, "
+                    "the original settings, or --allow-config-change")
+        return None
+
+
+def _spec_list(spec: ModelSpec | None) -> list[Any] | None:
+    return None if spec is None else [spec.name, list(spec.input_shape), spec.num_classes]
 
 
 def write_atomically(path: Path, data: bytes | Callable[[BinaryIO], Any]) -> None:
@@ -80,40 +110,40 @@ class RunFolder:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], model_checksum: int | None = None) -> None:
-        """`model_checksum`: the XXH3 of checkpoint["model"] as common.tensors frames it, when the caller
-        has it already (RoundState.global_checksum); computed here otherwise.
+    def save_checkpoint(self, checkpoint: Checkpoint, model_checksum: int | None = None) -> None:
+        """`model_checksum`: the XXH3 of checkpoint.model as common.tensors frames it, when the caller has it
+        already (RoundState.global_checksum); computed here otherwise.
 
         torch.load does not verify the CRC-32s that torch.save computes (a flipped byte in a tensor loads
         silently), and in a scratch timing they were 27 of the 51 ms of saving a 45 MB model. The model's
         XXH3 is checked on load instead."""
         if model_checksum is None:
-            model_checksum = tensors.encode(checkpoint["model"]).checksum
-        checkpoint = {**checkpoint, MODEL_CHECKSUM: model_checksum}
-        write_atomically(self.path / CHECKPOINT, _torch_writer(checkpoint, crc32=False))
+            model_checksum = tensors.encode(checkpoint.model).checksum
+        data = {**checkpoint.to_dict(), MODEL_CHECKSUM: model_checksum}
+        write_atomically(self.path / CHECKPOINT, _torch_writer(data, crc32=False))
 
-    def load_checkpoint(self) -> dict[str, Any] | None:
+    def load_checkpoint(self) -> Checkpoint | None:
         path = self.path / CHECKPOINT
         if not path.exists():
             return None
         try:
             # weights_only: a checkpoint is data; never let a file in the output folder run code.
-            checkpoint = torch.load(path, weights_only=True)
-            model = checkpoint["model"]
+            data = torch.load(path, weights_only=True)
+            checksum = data.pop(MODEL_CHECKSUM, None)
+            checkpoint = Checkpoint.from_dict(data)
         except Exception as e:  # torch raises many kinds for a damaged or foreign file; all mean the same here
             reason = logs.brief(e)
             raise CheckpointError(f"checkpoint {path} is unreadable ({reason}); move it away to start afresh, "
                                   "or point --out elsewhere") from None
         # Checkpoints written before the checksum was added have none; they load as they did.
-        if MODEL_CHECKSUM in checkpoint and tensors.encode(model).checksum != checkpoint.pop(MODEL_CHECKSUM):
+        if checksum is not None and tensors.encode(checkpoint.model).checksum != checksum:
             raise CheckpointError(f"checkpoint {path} is damaged: its model does not match the checksum saved with "
                                   "it; move it away to start afresh, or point --out elsewhere")
         return checkpoint
 
-    def write_metrics(self, records: list[dict[str, Any]]) -> None:
+    def write_metrics(self, records: list[RoundRecord]) -> None:
         """Rewrite the whole log from the checkpoint's records, so it always agrees with the checkpoint."""
-        text = "".join(json.dumps(r) + "\n" for r in records)
-        write_atomically(self.path / METRICS, text.encode())
+        write_atomically(self.path / METRICS, to_jsonl(records).encode())
 
     def save_final_model(self, state: dict[str, torch.Tensor]) -> Path:
         path = self.path / FINAL_MODEL

@@ -14,32 +14,23 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import HealthServicer
 
-from common import allocator, codecs, tensors, tls, tokens
-from common import config as config_module
-from common import logs
-from common.config import Config, ConfigError
+from common import allocator, logs, tensors, tls, tokens
 from common.convert import SERVICE
 from common.datasets import DataError, load_dataset, model_spec_for
-from common.messages import ModelSpec, TrainConfig
 from common.models import build_model
 from common.training import select_device
+from fl_server import config as config_module
 from fl_server.aggregation import ServerOptimizer, make_aggregator
-from fl_server.membership import RandomSelector
-from fl_server.checkpoint import CheckpointError, RunFolder, config_hash
+from fl_server.checkpoint import CheckpointError, RunFolder
+from fl_server.config import ConfigError, config_hash
 from fl_server.coordinator import Coordinator
+from fl_server.membership import RandomSelector
 from fl_server.monitoring import MonitoringServer
+from fl_server.records import RoundRecord
 from fl_server.rounds import RoundRules, RoundState
 from fl_server.servicer import FederationServicer, PortInUseError, create_server
 
 log = logging.getLogger("fl_server")
-
-
-def train_config_of(cfg: Config, spec: ModelSpec) -> TrainConfig:
-    return TrainConfig(model=spec, dataset=cfg.dataset, num_clients=cfg.num_clients, seed=cfg.seed,
-                       local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                       momentum=cfg.momentum, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer,
-                       compression=str(codecs.parse(cfg.compression)), partition=cfg.partition, mu=cfg.mu,
-                       clip_norm=cfg.clip_norm, eval_fraction=cfg.eval_fraction)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -105,11 +96,10 @@ def status_main(argv: list[str]) -> int:
     for client, info in status["clients"].items():
         print(f"  {client:<12} {info['state']:<10} {info['num_samples']:>8} samples  {info['device'] or '?':<8} "
               f"seen {info['seconds_since_seen']} s ago")
-    latest = status.get("latest")
-    if latest:
-        accuracy = "pending" if latest["accuracy"] is None else f"{latest['accuracy']:.4f}"
-        print(f"latest round {latest['round']}: accuracy {accuracy}, clients {latest['clients']}, "
-              f"{latest['seconds']} s")
+    if status.get("latest"):
+        latest = RoundRecord.from_dict(status["latest"])
+        accuracy = "pending" if latest.accuracy is None else f"{latest.accuracy:.4f}"
+        print(f"latest round {latest.round}: accuracy {accuracy}, clients {latest.clients}, {latest.seconds} s")
     return 0
 
 
@@ -134,7 +124,6 @@ def main(argv: list[str] | None = None) -> int:
         return logs.fail("fl-server", str(e))
     except OSError as e:
         return logs.fail("fl-server", f"cannot use {e.filename or 'a file'}: {e.strerror}; check --out and --log-file")
-    extra = {"config_hash": config_hash(cfg), "model_spec": [spec.name, list(spec.input_shape), spec.num_classes]}
 
     def round_state(global_state: dict, model_version: int = 0) -> RoundState:
         optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_lr, cfg.server_momentum, cfg.server_beta1,
@@ -144,29 +133,26 @@ def main(argv: list[str] | None = None) -> int:
         rules = RoundRules(clients_per_round=cfg.clients_per_round, min_clients=cfg.effective_min_clients,
                            min_fit=cfg.effective_min_fit, round_timeout=cfg.round_timeout,
                            heartbeat_seconds=cfg.heartbeat_seconds)
-        return RoundState(global_state=global_state, train_config=train_config_of(cfg, spec), rules=rules,
+        return RoundState(global_state=global_state, train_config=cfg.train_config(spec), rules=rules,
                           aggregator=aggregator, selector=RandomSelector(cfg.seed), model_version=model_version,
                           max_concurrent_uploads=cfg.max_uploads)
 
     if checkpoint is None:
         state = round_state(build_model(spec, seed=cfg.seed).state_dict())
-        metrics: list = []
+        metrics: list[RoundRecord] = []
     else:
-        if checkpoint.get("model_spec") != extra["model_spec"]:
-            return logs.fail("fl-server", f"the checkpoint in {cfg.out} holds a {checkpoint.get('model_spec')} "
-                             f"model, not {extra['model_spec']}; use another --out or the original settings")
-        if checkpoint.get("config_hash") != extra["config_hash"] and not args.allow_config_change:
-            return logs.fail("fl-server", f"the checkpoint in {cfg.out} was made with other training settings; "
-                             "use another --out, the original settings, or --allow-config-change")
-        state = round_state(checkpoint["model"], checkpoint["model_version"])
-        state.selector.load_state_dict(checkpoint["rng_state"])
-        state.aggregator.load_state_dict(checkpoint.get("server_optimizer", {}))
-        metrics = checkpoint["metrics"]
+        problem = checkpoint.resume_error(cfg, spec, allow_config_change=args.allow_config_change)
+        if problem is not None:
+            return logs.fail("fl-server", problem)
+        state = round_state(checkpoint.model, checkpoint.model_version)
+        state.selector.load_state_dict(checkpoint.rng_state)
+        state.aggregator.load_state_dict(checkpoint.server_optimizer)
+        metrics = checkpoint.metrics
         try:
             run.write_metrics(metrics)  # a crash may have come between the checkpoint and the metrics log
         except OSError as e:
             return logs.fail("fl-server", f"cannot write to {cfg.out}: {e.strerror}")
-        log.info("resumed from %s at model version %d", run.path, checkpoint["model_version"])
+        log.info("resumed from %s at model version %d", run.path, checkpoint.model_version)
 
     try:
         credentials = transport_credentials(args)
@@ -184,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     except PortInUseError as e:
         return logs.fail("fl-server", str(e))
     coordinator = Coordinator(state, rounds=cfg.rounds, model_spec=spec, test_data=test_data, run=run,
-                              checkpoint_extra=extra, metrics=metrics, device=device,
+                              config_hash=config_hash(cfg), metrics=metrics, device=device,
                               report=lambda line: print(line, flush=True), write_report=args.report,
                               privacy=(cfg.dp_noise_multiplier, cfg.dp_delta) if cfg.dp_noise_multiplier > 0 else None)
     monitoring = None

@@ -8,10 +8,8 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
 
 import torch
 
@@ -19,7 +17,9 @@ from common.datasets import ArrayData, BatchLoader
 from common.messages import ModelSpec
 from common.models import build_model
 from common.training import EvalResult, evaluate
-from fl_server.checkpoint import RunFolder
+from fl_server.aggregation import epsilon
+from fl_server.checkpoint import Checkpoint, RunFolder
+from fl_server.records import RoundRecord
 from fl_server.rounds import RoundOutcome, RoundState
 
 log = logging.getLogger("fl_server.coordinator")
@@ -30,30 +30,9 @@ def _accuracy(result: EvalResult) -> float | None:
     return None if math.isnan(result.accuracy) else result.accuracy
 
 
-def federated_evaluation(client_metrics: dict[str, dict[str, float]], model_version: int) -> dict[str, Any] | None:
-    """The clients' evaluations of the model they trained from (version `model_version`, the previous
-    round's), on the data each holds out, weighted by sample count; None when no client evaluated."""
-    reports = [m for m in client_metrics.values() if m.get("eval_samples", 0) > 0]
-    if not reports:
-        return None
-    samples = sum(m["eval_samples"] for m in reports)
-    out: dict[str, Any] = {"model_version": model_version, "clients": len(reports), "samples": int(samples),
-                           "loss": sum(m["eval_loss"] * m["eval_samples"] for m in reports) / samples}
-    if all("eval_accuracy" in m for m in reports):
-        out["accuracy"] = sum(m["eval_accuracy"] * m["eval_samples"] for m in reports) / samples
-    return out
-
-
-def quality(record: dict[str, Any]) -> str:
-    """How good a round's model is, in words: its test accuracy and loss, or an autoencoder's error."""
-    if record["accuracy"] is None:
-        return f"reconstruction error (MSE) {record['loss']:.4f}"
-    return f"accuracy {record['accuracy']:.4f}, loss {record['loss']:.4f}"
-
-
 class Coordinator:
     def __init__(self, state: RoundState, *, rounds: int, model_spec: ModelSpec, test_data: ArrayData,
-                 run: RunFolder, checkpoint_extra: dict[str, Any], metrics: list[dict[str, Any]] | None = None,
+                 run: RunFolder, config_hash: str, metrics: list[RoundRecord] | None = None,
                  device: torch.device | str = "cpu", report: Callable[[str], None] = print,
                  write_report: bool = False, privacy: tuple[float, float] | None = None):
         """`privacy`: (noise multiplier, delta) of a DP-FedAvg run, whose epsilon each record reports."""
@@ -63,7 +42,8 @@ class Coordinator:
         self.test_loader = BatchLoader(test_data, batch_size=128, device=device)
         self.device = torch.device(device)
         self.run_folder = run
-        self.checkpoint_extra = checkpoint_extra  # config hash and model spec, to check on resume
+        self.model_spec = model_spec
+        self.config_hash = config_hash  # saved with each checkpoint, to check on resume (Checkpoint.resume_error)
         self.metrics = list(metrics or [])
         self.report = report  # one human-readable line per round, on stdout
         self.write_report = write_report  # PNG plots and report.md at the end (fl_server.report)
@@ -90,9 +70,9 @@ class Coordinator:
                     log.warning("round %d: only %d of %d updates (min_fit %d); re-running it with a fresh "
                                 "sample; dropped: %s", outcome.round, len(outcome.contributors),
                                 len(outcome.selected), self.state.rules.min_fit, outcome.drop_reasons)
-                    self._add_record(self._record(outcome))
+                    self._add_record(RoundRecord.of(outcome))
                     continue
-                record = self._record(outcome)
+                record = RoundRecord.of(outcome)
                 if self.privacy is not None:
                     self._add_privacy_spent(record)
                 # The previous round's evaluation has had a whole round to finish; waiting for it here
@@ -105,14 +85,14 @@ class Coordinator:
             self._wait_for_evaluation()
             path = self.run_folder.save_final_model(self.state.global_state)
             self.state.finish()
-            done = [r for r in self.metrics if r["aggregated"]]
+            done = [r for r in self.metrics if r.aggregated]
             status = self.state.status()
-            self.report(f"finished {self.rounds} rounds: final {quality(self.metrics[-1])}; "
+            self.report(f"finished {self.rounds} rounds: final {self.metrics[-1].quality()}; "
                         f"model saved to {path}")
             log.info("summary: %d rounds (%d re-run), %.1f s in rounds, final %s, best accuracy %s, %d clients, "
                      "%.1f MB of updates received, %.1f MB of models sent", len(done), len(self.metrics) - len(done),
-                     sum(r["seconds"] for r in done), quality(done[-1]),
-                     max((r["accuracy"] for r in done if r["accuracy"] is not None), default="-"),
+                     sum(r.seconds for r in done), done[-1].quality(),
+                     max((r.accuracy for r in done if r.accuracy is not None), default="-"),
                      len(status["clients"]), status["bytes_received"] / 1e6, status["bytes_sent"] / 1e6)
             if self.write_report:
                 from fl_server.report import write_report
@@ -122,25 +102,25 @@ class Coordinator:
         finally:
             self._evaluator.shutdown(wait=True)
 
-    def records(self) -> list[dict[str, Any]]:
+    def records(self) -> list[RoundRecord]:
         """A copy of the metrics so far (for monitoring, from other threads)."""
         with self._metrics_lock:
-            return [dict(r) for r in self.metrics]
+            return [r.copy() for r in self.metrics]
 
     def evaluate(self, state: dict[str, torch.Tensor]) -> EvalResult:
         self.model.load_state_dict(state)
         return evaluate(self.model, self.test_loader, self.device)
 
-    def _evaluate_round(self, record: dict[str, Any], state: dict[str, torch.Tensor], outcome: RoundOutcome) -> None:
+    def _evaluate_round(self, record: RoundRecord, state: dict[str, torch.Tensor], outcome: RoundOutcome) -> None:
         result = self.evaluate(state)
         with self._metrics_lock:
-            record["accuracy"], record["loss"] = _accuracy(result), result.loss
+            record.accuracy, record.loss = _accuracy(result), result.loss
             self.run_folder.write_metrics(self.metrics)
-        line = (f"round {outcome.round}/{self.rounds}: {quality(record)}, "
+        line = (f"round {outcome.round}/{self.rounds}: {record.quality()}, "
                 f"clients {outcome.contributors}, {outcome.seconds:.2f} s")
-        if "epsilon" in record:
-            line += f", privacy spent: epsilon {record['epsilon']:.3g} at delta {record['delta']:g}"
-        log.info("round %d closed: %s, %d clients, %.2f s", outcome.round, quality(record),
+        if record.epsilon is not None:
+            line += f", privacy spent: epsilon {record.epsilon:.3g} at delta {record.delta:g}"
+        log.info("round %d closed: %s, %d clients, %.2f s", outcome.round, record.quality(),
                  len(outcome.contributors), outcome.seconds)
         self.report(line)
 
@@ -151,59 +131,30 @@ class Coordinator:
     def _finish_pending_evaluation(self) -> None:
         """After a restart: the checkpoint's newest round may not have been evaluated before the crash."""
         # Loss, not accuracy: an autoencoder's evaluated rounds have no accuracy either.
-        pending = [r for r in self.metrics if r.get("aggregated", True) and r.get("loss") is None]
+        pending = [r for r in self.metrics if r.aggregated and r.loss is None]
         if pending:
             result = self.evaluate(self.state.global_state)
             with self._metrics_lock:
-                pending[-1]["accuracy"], pending[-1]["loss"] = _accuracy(result), result.loss
+                pending[-1].accuracy, pending[-1].loss = _accuracy(result), result.loss
                 self.run_folder.write_metrics(self.metrics)
 
-    def _add_record(self, record: dict[str, Any]) -> None:
+    def _add_record(self, record: RoundRecord) -> None:
         with self._metrics_lock:
             self.metrics.append(record)
             self.run_folder.write_metrics(self.metrics)
 
     def save(self) -> None:
         with self._metrics_lock:
-            metrics = [dict(r) for r in self.metrics]
-        self.run_folder.save_checkpoint({
-            "model": self.state.global_state,
-            "model_version": self.state.model_version,
-            "rng_state": self.state.selector.state_dict(),
-            "server_optimizer": self.state.aggregator.state_dict(),
-            "metrics": metrics,
-            **self.checkpoint_extra,
-        }, model_checksum=self.state.global_checksum)
+            metrics = [r.copy() for r in self.metrics]
+        self.run_folder.save_checkpoint(Checkpoint(
+            model=self.state.global_state, model_version=self.state.model_version,
+            rng_state=self.state.selector.state_dict(), server_optimizer=self.state.aggregator.state_dict(),
+            metrics=metrics, config_hash=self.config_hash, model_spec=self.model_spec,
+        ), model_checksum=self.state.global_checksum)
 
-    def _add_privacy_spent(self, record: dict[str, Any]) -> None:
+    def _add_privacy_spent(self, record: RoundRecord) -> None:
         """Epsilon spent by every aggregated round so far, this one included (rounds re-run for lack of
         updates published nothing, so they cost nothing)."""
-        from fl_server.aggregation import epsilon
-
         noise_multiplier, delta = self.privacy
-        rounds = [(r["population"], len(r["selected"])) for r in [*self.metrics, record] if r["aggregated"]]
-        record["epsilon"], record["delta"] = epsilon(noise_multiplier, rounds, delta), delta
-
-    def _record(self, outcome: RoundOutcome) -> dict[str, Any]:
-        """One line of metrics.jsonl. `accuracy` and `loss` are filled in when the evaluation is done; a
-        round re-run for lack of updates has `aggregated: false`, no accuracy, and another line after it."""
-        return {
-            "round": outcome.round,
-            "aggregated": outcome.aggregated,
-            "accuracy": None,
-            "loss": None,
-            "clients": outcome.contributors,
-            "num_samples": outcome.num_samples,
-            "bytes_in": outcome.bytes_in,
-            "seconds": round(outcome.seconds, 4),
-            "aggregate_seconds": round(outcome.aggregate_seconds, 4),
-            "selected": outcome.selected,
-            "population": outcome.population,
-            "dropped": outcome.dropped,
-            "drop_reasons": outcome.drop_reasons,
-            "client_metrics": outcome.client_metrics,
-            "federated_evaluation": federated_evaluation(outcome.client_metrics, outcome.round - 1),
-            "opened_at": outcome.opened_at,
-            "closed_at": outcome.closed_at,
-            "time": time.time(),
-        }
+        rounds = [(r.population, len(r.selected)) for r in [*self.metrics, record] if r.aggregated]
+        record.epsilon, record.delta = epsilon(noise_multiplier, rounds, delta), delta

@@ -14,20 +14,22 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
+from fl_server.records import RoundRecord
 from fl_server.rounds import RoundState
 
 log = logging.getLogger("fl_server.monitoring")
 
 
 class FederationCollector(Collector):
-    def __init__(self, state: RoundState, records: Callable[[], list[dict[str, Any]]]):
+    def __init__(self, state: RoundState, records: Callable[[], list[RoundRecord]]):
         self.state = state
         self.records = records  # the rounds of metrics.jsonl so far
 
     def collect(self) -> Iterator[Any]:
         status = self.state.status()
-        done = [r for r in self.records() if r.get("aggregated", True)]
-        evaluated = [r for r in done if r.get("accuracy") is not None]
+        records = self.records()
+        done = [r for r in records if r.aggregated]
+        latest = next((r for r in reversed(done) if r.accuracy is not None), None)
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(name, doc, value=value)
@@ -35,20 +37,20 @@ class FederationCollector(Collector):
         yield gauge("fl_round", "Round in progress (or next to start)", status["round"])
         yield gauge("fl_model_version", "Global model version (aggregations so far)", status["model_version"])
         yield CounterMetricFamily("fl_rounds_completed", "Rounds aggregated", value=len(done))
-        if evaluated:
-            yield gauge("fl_accuracy", "Test accuracy of the newest evaluated global model", evaluated[-1]["accuracy"])
-            yield gauge("fl_loss", "Test loss of the newest evaluated global model", evaluated[-1]["loss"])
+        if latest is not None and latest.accuracy is not None and latest.loss is not None:
+            yield gauge("fl_accuracy", "Test accuracy of the newest evaluated global model", latest.accuracy)
+            yield gauge("fl_loss", "Test loss of the newest evaluated global model", latest.loss)
         yield gauge("fl_clients_known", "Clients that have joined since the server started", len(status["clients"]))
         yield gauge("fl_clients_connected", "Clients heard from recently", status["live_clients"])
         yield gauge("fl_clients_selected", "Clients selected for the round in progress", len(status["selected"]))
         yield CounterMetricFamily("fl_clients_dropped", "Selected clients that did not contribute, over all rounds",
-                                  value=sum(len(r["dropped"]) for r in self.records()))
+                                  value=sum(len(r.dropped) for r in records))
         yield CounterMetricFamily("fl_bytes_received", "Payload bytes of counted updates", value=status["bytes_received"])
         yield CounterMetricFamily("fl_bytes_sent", "Bytes of global-model streams served", value=status["bytes_sent"])
         yield SummaryMetricFamily("fl_round_seconds", "Duration of aggregated rounds", count_value=len(done),
-                                  sum_value=sum(r["seconds"] for r in done))
+                                  sum_value=sum(r.seconds for r in done))
         yield SummaryMetricFamily("fl_aggregation_seconds", "Time to apply an aggregate and publish the new model",
-                                  count_value=len(done), sum_value=sum(r.get("aggregate_seconds", 0.0) for r in done))
+                                  count_value=len(done), sum_value=sum(r.aggregate_seconds for r in done))
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -57,7 +59,7 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 class MonitoringServer:
-    def __init__(self, state: RoundState, records: Callable[[], list[dict[str, Any]]], host: str, port: int):
+    def __init__(self, state: RoundState, records: Callable[[], list[RoundRecord]], host: str, port: int):
         self.state = state
         self.records = records
         registry = CollectorRegistry()
@@ -69,7 +71,7 @@ class MonitoringServer:
 
     def status(self) -> dict[str, Any]:
         records = self.records()
-        return {**self.state.status(), "latest": records[-1] if records else None}
+        return {**self.state.status(), "latest": records[-1].to_dict() if records else None}
 
     def _app(self, environ: dict, start_response: Callable) -> list[bytes]:
         path = environ.get("PATH_INFO", "/")

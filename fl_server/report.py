@@ -13,36 +13,39 @@ from pathlib import Path
 from typing import Any
 
 from fl_server.checkpoint import METRICS
+from fl_server.records import RoundRecord, read_jsonl
 
 
 class ReportError(ValueError):
     pass
 
 
-def read_metrics(out: Path) -> list[dict[str, Any]]:
+def read_metrics(out: Path) -> list[RoundRecord]:
     path = out / METRICS
     if not path.is_file():
         raise ReportError(f"{path} does not exist; point fl-report at a server's --out folder")
     try:
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = read_jsonl(path)
     except json.JSONDecodeError as e:
         raise ReportError(f"{path} is not JSON lines ({e})") from None
+    except (ValueError, TypeError) as e:
+        raise ReportError(f"{path} is not a metrics log ({e})") from None
     if not records:
         raise ReportError(f"{path} holds no rounds yet")
     return records
 
 
-def report_data(records: list[dict[str, Any]]) -> dict[str, Any]:
+def report_data(records: list[RoundRecord]) -> dict[str, Any]:
     # Evaluated rounds; an autoencoder's have a loss (its reconstruction error) and no accuracy.
-    done = [r for r in records if r.get("aggregated", True) and r.get("loss") is not None]
-    clients = sorted({c for r in records for c in r.get("selected", r["clients"])}, key=lambda c: (len(c), c))
+    done = [r for r in records if r.evaluated]
+    clients = sorted({c for r in records for c in r.selected}, key=lambda c: (len(c), c))
     return {
-        "rounds": [r["round"] for r in done],
-        "accuracy": [r["accuracy"] for r in done],
-        "loss": [r["loss"] for r in done],
+        "rounds": [r.round for r in done],
+        "accuracy": [r.accuracy for r in done],
+        "loss": [r.loss for r in done],
         "clients": clients,
         # participation[i][j]: 1 if clients[i] contributed to rounds[j], 0.5 if selected but dropped, else 0
-        "participation": [[1.0 if c in r["clients"] else 0.5 if c in r.get("dropped", []) else 0.0 for r in done]
+        "participation": [[1.0 if c in r.clients else 0.5 if c in r.dropped else 0.0 for r in done]
                           for c in clients],
     }
 
@@ -97,8 +100,8 @@ def has_accuracy(data: dict[str, Any]) -> bool:
     return any(a is not None for a in data["accuracy"])
 
 
-def summary(records: list[dict[str, Any]], data: dict[str, Any]) -> str:
-    done = [r for r in records if r.get("aggregated", True)]
+def summary(records: list[RoundRecord], data: dict[str, Any]) -> str:
+    done = [r for r in records if r.aggregated]
     reruns = len(records) - len(done)
     lines = ["# Run report", ""]
     if data["accuracy"] and not has_accuracy(data):  # an autoencoder: reconstruction error only
@@ -111,16 +114,16 @@ def summary(records: list[dict[str, Any]], data: dict[str, Any]) -> str:
                   f"- final accuracy: {data['accuracy'][-1]:.4f} (loss {data['loss'][-1]:.4f}) after round "
                   f"{data['rounds'][-1]}",
                   f"- best accuracy: {data['accuracy'][best]:.4f} in round {data['rounds'][best]}",
-                  f"- time in rounds: {sum(r['seconds'] for r in done):.1f} s; update bytes received: "
-                  f"{sum(r.get('bytes_in', 0) for r in done) / 1e6:.1f} MB",
-                  f"- clients: {len(data['clients'])}; dropped selections: {sum(len(r['dropped']) for r in records)}", ""]
+                  f"- time in rounds: {sum(r.seconds for r in done):.1f} s; update bytes received: "
+                  f"{sum(r.bytes_in for r in done) / 1e6:.1f} MB",
+                  f"- clients: {len(data['clients'])}; dropped selections: {sum(len(r.dropped) for r in records)}", ""]
     plots = "![accuracy](accuracy.png) ![loss](loss.png)" if has_accuracy(data) else "![loss](loss.png)"
     lines += [plots, "", "![participation](participation.png)", "",
               "| round | accuracy | loss | clients | seconds |", "|---|---|---|---|---|"]
     for r in done:
-        accuracy = "-" if r.get("accuracy") is None else f"{r['accuracy']:.4f}"
-        loss = "-" if r.get("loss") is None else f"{r['loss']:.4f}"
-        lines.append(f"| {r['round']} | {accuracy} | {loss} | {', '.join(r['clients'])} | {r['seconds']:.2f} |")
+        accuracy = "-" if r.accuracy is None else f"{r.accuracy:.4f}"
+        loss = "-" if r.loss is None else f"{r.loss:.4f}"
+        lines.append(f"| {r.round} | {accuracy} | {loss} | {', '.join(r.clients)} | {r.seconds:.2f} |")
     return "\n".join(lines) + "\n"
 
 

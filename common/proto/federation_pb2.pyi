@@ -52,38 +52,12 @@ class ModelSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ...) -> None: ...
 
 class TrainConfig(_message.Message):
-    __slots__ = ("model", "dataset", "num_clients", "seed", "local_epochs", "batch_size", "lr", "momentum", "weight_decay", "optimizer", "compression", "partition", "mu", "clip_norm", "eval_fraction")
+    __slots__ = ("model", "hyperparameters")
     MODEL_FIELD_NUMBER: _ClassVar[int]
-    DATASET_FIELD_NUMBER: _ClassVar[int]
-    NUM_CLIENTS_FIELD_NUMBER: _ClassVar[int]
-    SEED_FIELD_NUMBER: _ClassVar[int]
-    LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
-    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
-    LR_FIELD_NUMBER: _ClassVar[int]
-    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
-    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
-    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
-    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
-    PARTITION_FIELD_NUMBER: _ClassVar[int]
-    MU_FIELD_NUMBER: _ClassVar[int]
-    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
-    EVAL_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
     model: ModelSpec
-    dataset: str
-    num_clients: int
-    seed: int
-    local_epochs: int
-    batch_size: int
-    lr: float
-    momentum: float
-    weight_decay: float
-    optimizer: str
-    compression: str
-    partition: str
-    mu: float
-    clip_norm: float
-    eval_fraction: float
-    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., dataset: _Optional[str] = ..., num_clients: _Optional[int] = ..., seed: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., optimizer: _Optional[str] = ..., compression: _Optional[str] = ..., partition: _Optional[str] = ..., mu: _Optional[float] = ..., clip_norm: _Optional[float] = ..., eval_fraction: _Optional[float] = ...) -> None: ...
+    hyperparameters: str
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., hyperparameters: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("action", "round", "model_version", "config", "retry_after_seconds", "message", "heartbeat_seconds")

@@ -92,16 +92,15 @@ def test_client_data_that_does_not_fit_the_federations_model(federation, tmp_pat
 def test_checkpoint_from_other_settings_is_refused(tmp_path):
     import torch
 
-    from common.config import load
     from common.messages import ModelSpec
     from common.models import build_model
-    from fl_server.checkpoint import RunFolder, config_hash
+    from fl_server.checkpoint import Checkpoint, RunFolder
+    from fl_server.config import config_hash, load
 
     spec = ModelSpec("mlp", (1, 8, 8), 10)
     run_folder = RunFolder(tmp_path)
-    run_folder.save_checkpoint({"model": build_model(spec).state_dict(), "model_version": 1,
-                                "rng_state": {}, "metrics": [], "model_spec": ["mlp", [1, 8, 8], 10],
-                                "config_hash": config_hash(load(lr=0.5, model_name="mlp"))})
+    run_folder.save_checkpoint(Checkpoint(model=build_model(spec).state_dict(), model_version=1, rng_state={},
+                                          model_spec=spec, config_hash=config_hash(load(lr=0.5, model_name="mlp"))))
     assert_clear_error(run("fl-server", "--model-name", "mlp", "--out", str(tmp_path)),
                        "other training settings", "--allow-config-change")
     assert_clear_error(run("fl-server", "--model-name", "cnn", "--out", str(tmp_path)),

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from common import config
-from common.config import Config, ConfigError
+from fl_server import config
+from fl_server.config import Config, ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -109,3 +109,80 @@ def test_differential_privacy_needs_fedavg_and_a_positive_clip(tmp_path):
         config.load(write(tmp_path, {"dp_noise_multiplier": 1.0, "aggregator": "median"}))
     with pytest.raises(ConfigError, match="'dp_clip': must be positive"):
         config.load(write(tmp_path, {"dp_noise_multiplier": 1.0, "dp_clip": 0}))
+
+
+# --- what is derived from the declarations ----------------------------------------------------------
+
+def test_every_setting_has_a_typed_flag_and_a_line_in_the_docs():
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    flags = {a.dest: a for a in parser._actions}
+    docs = (CONFIGS.parent / "docs" / "config.md").read_text()
+    for name, d in config.SETTINGS.items():
+        assert flags[name].option_strings == ["--" + name.replace("_", "-")] and flags[name].type is d.type
+        assert d.type in (int, float, str) and d.setting.help
+        assert f"| `{name}` | `{d.default!r}` |" in docs
+        if d.setting.alias:
+            assert f"`{d.setting.alias}`" in docs
+
+
+def test_the_seeds_aliases():
+    assert config.ALIASES == {"type": "dataset", "no_models": "num_clients", "global_epochs": "rounds",
+                              "k": "clients_per_round", "lambda": "server_lr"}
+    assert config.load(dataset="cifar").dataset == "cifar10"  # the seed's name for CIFAR-10
+
+
+def test_clients_receive_every_client_hyperparameter_and_nothing_else():
+    from common import messages
+    from common.settings import declared
+
+    cfg = config.load(lr=0.25, batch_size=8, compression=" topk:0.50", partition="shards", eval_fraction=0.1)
+    spec = messages.ModelSpec("cnn", (1, 8, 8), 10)
+    train = cfg.train_config(spec)
+    names = [d.name for d in declared(messages.ClientHyperparameters)]
+    assert names and all(config.sent_to_clients(n) and n in config.SETTINGS for n in names)
+    assert not config.sent_to_clients("port") and not config.sent_to_clients("model_name")
+    for name in names:
+        assert getattr(train, name) == getattr(cfg, name) or name == "compression"
+    assert train.model == spec and train.compression == "topk:0.5"  # the codec's own spelling
+    assert (train.lr, train.batch_size, train.partition, train.eval_fraction) == (0.25, 8, "shards", 0.1)
+
+
+def test_the_resume_hash_is_the_one_checkpoints_already_hold():
+    # Computed by the code before the settings were declared; a change here strands every checkpoint.
+    assert config.config_hash(config.load()) == "9d54ceb5e5cba560"
+    other = config.load(lr=0.5, model_name="mlp", compression="topk:0.10", dataset="cifar")
+    assert config.config_hash(other) == "7f0e8df924c7244a"
+
+
+@pytest.mark.parametrize("change", [
+    {"lr": 0.1}, {"model_name": "mlp"}, {"dataset": "mnist"}, {"aggregator": "median"}, {"seed": 3},
+    {"clients_per_round": 2}, {"server_optimizer": "fedadam"}, {"eval_fraction": 0.2}, {"dp_delta": 1e-6},
+])
+def test_a_run_defining_setting_changes_the_resume_hash(change):
+    assert config.SETTINGS[next(iter(change))].setting.defines_run
+    assert config.config_hash(config.load(**change)) != config.config_hash(config.load())
+
+
+@pytest.mark.parametrize("change", [
+    {"port": 1234}, {"host": "0.0.0.0"}, {"rounds": 50}, {"out": "elsewhere"}, {"round_timeout": 5.0},
+    {"data_root": "/data"}, {"max_uploads": 4}, {"min_clients": 5}, {"heartbeat_seconds": 1.0},
+])
+def test_other_settings_leave_the_resume_hash_alone(change):
+    assert not config.SETTINGS[next(iter(change))].setting.defines_run
+    assert config.config_hash(config.load(**change)) == config.config_hash(config.load())
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("batch_size", 0, "'batch_size': must be at least 1, got 0"),
+    ("eval_fraction", 0.7, "'eval_fraction': must be between 0 (off) and 0.5, got 0.7"),
+    ("compression", "zip", "'compression': unknown compression 'zip'"),
+    ("partition", "stripes", "'partition': unknown partition 'stripes'"),
+    ("aggregator", "mean", "'aggregator': unknown aggregator"),
+    ("server_beta2", 1.0, "'server_beta2': must be at least 0 and below 1, got 1.0"),
+    ("max_uploads", -1, "'max_uploads': must be 0 (automatic) or more, got -1"),
+    ("heartbeat_seconds", 0.01, "'heartbeat_seconds': must be between 0.1 and 3600 seconds"),
+])
+def test_each_settings_own_check(tmp_path, key, value, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config.load(write(tmp_path, {key: value}))

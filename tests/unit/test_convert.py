@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -84,3 +86,54 @@ def test_data_chunks_in_other_valid_encodings_are_still_understood():
     # A peer may write the same message differently (here, the field twice: the last one wins).
     odd = pb.UpdateChunk(data=b"first").SerializeToString() + pb.UpdateChunk(data=b"second").SerializeToString()
     assert [bytes(c) for c in convert.data_chunks(iter([odd]), pb.UpdateChunk, "update")] == [b"second"]
+
+
+# --- the training config's hyperparameters: one JSON object ------------------------------------------
+
+def _hyperparameters_reply(text: str) -> pb.JoinReply:
+    return pb.JoinReply(action=pb.WAIT, config=pb.TrainConfig(model=pb.ModelSpec(name="cnn"), hyperparameters=text))
+
+
+def test_every_client_hyperparameter_travels():
+    from common.settings import declared
+
+    cfg = m.TrainConfig(model=SPEC, dataset="mnist", num_clients=7, seed=11, local_epochs=3, batch_size=16, lr=0.01,
+                        momentum=0.5, weight_decay=1e-4, optimizer="adam", compression="topk:0.1",
+                        partition="dirichlet:0.3", mu=0.01, clip_norm=5.0, eval_fraction=0.2)
+    msg = convert.train_config_to_proto(cfg)
+    sent = json.loads(msg.hyperparameters)
+    assert list(sent) == [d.name for d in declared(m.ClientHyperparameters)]
+    assert all(sent[name] == getattr(cfg, name) for name in sent)
+    assert convert.train_config_from_proto(pb.TrainConfig.FromString(msg.SerializeToString())) == cfg
+
+
+def test_a_newer_servers_keys_are_ignored_and_an_older_servers_missing_ones_take_the_default():
+    text = json.dumps({"lr": 0.2, "a_hyperparameter_from_the_future": [1, 2]})
+    cfg = convert.join_decision_from_proto(_hyperparameters_reply(text)).config
+    assert cfg.lr == 0.2 and cfg.batch_size == m.ClientHyperparameters().batch_size
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "no hyperparameters"),
+    ("{nope", "not valid JSON"),
+    ("[" * 100_000 + "]" * 100_000, "not valid JSON"),
+    ("9" * 5000, "not valid JSON"),  # more digits than Python converts
+    ('["lr", 1]', "not a JSON object"),
+    ('"lr"', "not a JSON object"),
+    ('{"lr": "fast"}', "'lr': expected a number"),
+    ('{"lr": NaN}', "'lr': expected a number"),
+    ('{"lr": 1e999}', "'lr': expected a number"),
+    ('{"lr": -1}', "'lr': must be positive"),
+    ('{"local_epochs": 2.5}', "'local_epochs': expected a whole number"),
+    ('{"local_epochs": true}', "'local_epochs': expected a whole number"),
+    ('{"local_epochs": 0}', "'local_epochs': must be at least 1"),
+    ('{"batch_size": null}', "'batch_size': expected a whole number"),
+    ('{"dataset": {"x": 1}}', "'dataset': expected a string"),
+    ('{"dataset": "imagenet"}', "'dataset': unknown data set"),
+    ('{"compression": "zip"}', "'compression': unknown compression"),
+    ('{"seed": 100000000000000000000000}', "'seed' is out of range"),
+    ('{"eval_fraction": 0.9}', "'eval_fraction': must be between"),
+])
+def test_hostile_hyperparameters_are_malformed(text, message):
+    with pytest.raises(convert.MalformedMessage, match=message):
+        convert.join_decision_from_proto(_hyperparameters_reply(text))

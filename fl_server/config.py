@@ -1,0 +1,221 @@
+"""The federation's configuration: one dataclass, read from TOML or JSON, overridden by flags.
+
+Each setting is declared once, as a field with its help, type, default, check and the seed's alias
+(common.settings); the flags, the file reader, docs/config.md, the training config sent to clients and
+the resume hash all come from these declarations. The settings clients receive are declared in
+common/messages.py ClientHyperparameters, which Config includes.
+
+The seed's `conf.json` is read as it is: its keys are aliases of the fields below (`no_models`,
+`type`, `global_epochs`, `k`, `lambda`). The server is the one source of truth for the training
+config; clients receive what they need of it with every `JoinRound` reply.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from common.messages import ClientHyperparameters, ModelSpec, TrainConfig
+from common.models import check_model_name
+from common.settings import (
+    Declared,
+    Parsed,
+    Rule,
+    SettingError,
+    at_least,
+    check_type,
+    check_value,
+    declared,
+    one_of,
+    positive,
+    setting,
+)
+from fl_server.aggregation import parse_aggregator
+
+# One error for a wrong setting, whether the file, a flag or a check found it; it names the key.
+ConfigError = SettingError
+
+_FRACTION = "must be at least 0 and below 1"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config(ClientHyperparameters):
+    # What is trained.
+    model_name: str = setting("cnn", (
+        "model: mlp, cnn, resnet18, autoencoder (trained on reconstruction, MSE), torchvision:NAME (any "
+        "torchvision classifier, random weights), or package.module:ClassName (your nn.Module, built as "
+        "ClassName(input_shape, num_classes); clients must allow it with --allow-model)"),
+        check=Parsed(check_model_name), defines_run=True)
+    data_root: str = setting("data", (
+        "folder holding torchvision data sets (MNIST/raw/..., cifar-10-batches-py/); unused for digits"),
+        defines_run=False)
+    # Rounds.
+    rounds: int = setting(10, "rounds of federated training (seed: global_epochs)", alias="global_epochs",
+                          check=at_least(1), defines_run=False)
+    clients_per_round: int = setting(3, "clients sampled each round (seed: k)", alias="k", check=at_least(1),
+                                     defines_run=True)
+    min_clients: int = setting(0, (
+        "clients that must have joined before the first round starts (0 = clients_per_round)"),
+        check=at_least(0, "must be 0 or more"), defines_run=False)
+    min_fit: int = setting(0, (
+        "updates a round needs at its deadline to be aggregated rather than re-run (0 = clients_per_round)"),
+        check=at_least(0, "must be 0 or more"), defines_run=True)
+    round_timeout: float = setting(300.0, "seconds a round waits for its updates before closing with what arrived",
+                                   check=positive("must be a positive number of seconds"), defines_run=False)
+    heartbeat_seconds: float = setting(2.0, (
+        "how often working clients report in; a selected client silent for 3 heartbeats + 2 s is dropped"),
+        check=Rule(lambda v: 0.1 <= v <= 3600, "must be between 0.1 and 3600 seconds"), defines_run=False)
+    server_lr: float = setting(1.0, (
+        "server learning rate applied to the averaged diff (seed: lambda); 1.0 is plain FedAvg"),
+        alias="lambda", check=positive("must be positive (seed: lambda)"), defines_run=True)
+    aggregator: str = setting("fedavg", (
+        "how updates are combined: fedavg (weighted mean), or robust to malicious clients: median, "
+        "trimmed_mean:BETA, krum:F, multikrum:F:M"), check=Parsed(parse_aggregator), defines_run=True)
+    server_optimizer: str = setting("fedavg", (
+        "how the averaged diff moves the global model: fedavg, fedavgm (momentum), fedadam or fedyogi"),
+        check=one_of("fedavg", "fedavgm", "fedadam", "fedyogi"), defines_run=True)
+    server_momentum: float = setting(0.9, "fedavgm's momentum", check=Rule(lambda v: 0 <= v < 1, _FRACTION),
+                                     defines_run=True)
+    server_beta1: float = setting(0.9, "fedadam/fedyogi first-moment decay",
+                                  check=Rule(lambda v: 0 <= v < 1, _FRACTION), defines_run=True)
+    server_beta2: float = setting(0.99, "fedadam/fedyogi second-moment decay",
+                                  check=Rule(lambda v: 0 <= v < 1, _FRACTION), defines_run=True)
+    server_tau: float = setting(1e-3, "fedadam/fedyogi adaptivity (epsilon)", check=positive(), defines_run=True)
+    dp_noise_multiplier: float = setting(0.0, (
+        "client-level differential privacy (DP-FedAvg): Gaussian noise of this many times dp_clip is added to "
+        "the sum of clipped updates; 0 = off. Epsilon is reported per round"),
+        check=at_least(0, "must be 0 (off) or more"), defines_run=True)
+    # Checked in validate(): only a DP run uses them.
+    dp_clip: float = setting(1.0, "with DP: each update's L2 norm is clipped to this before it is summed",
+                             defines_run=True)
+    dp_delta: float = setting(1e-5, "with DP: the delta at which epsilon is reported", defines_run=True)
+    # The service.
+    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 or [::] for every interface)",
+                        defines_run=False)
+    port: int = setting(50051, "port to listen on; 0 picks a free one",
+                        check=Rule(lambda v: 0 <= v <= 65535, "must be between 0 and 65535"), defines_run=False)
+    max_uploads: int = setting(0, (
+        "updates received at once (one model of memory each); more uploads wait their turn. 0 = as many "
+        "as fit in 64 MiB, at least 1 (one for a 45 MB model). Raise it when clients upload large models "
+        "over slow links, so that one slow client does not hold up the others"),
+        check=at_least(0, "must be 0 (automatic) or more"), defines_run=False)
+    max_downloads: int = setting(8, (
+        "global-model streams served at once (about one 1 MiB chunk of memory each); more wait their turn"),
+        check=at_least(1), defines_run=False)
+    out: str = setting("runs/latest", "folder for metrics.jsonl, checkpoints and final_model.pt", defines_run=False)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def effective_min_clients(self) -> int:
+        return self.min_clients or self.clients_per_round
+
+    @property
+    def effective_min_fit(self) -> int:
+        return self.min_fit or self.clients_per_round
+
+    def train_config(self, spec: ModelSpec) -> TrainConfig:
+        """What every client receives: the model and the settings ClientHyperparameters declares."""
+        values = {}
+        for d in declared(ClientHyperparameters):
+            value = getattr(self, d.name)
+            values[d.name] = value if d.setting.canonical is None else d.setting.canonical(value)
+        return TrainConfig(model=spec, **values)
+
+
+SETTINGS: dict[str, Declared] = {d.name: d for d in declared(Config)}
+ALIASES = {d.setting.alias: d.name for d in SETTINGS.values() if d.setting.alias}  # the seed's conf.json names
+
+
+def sent_to_clients(name: str) -> bool:
+    return any(d.name == name for d in declared(ClientHyperparameters))
+
+
+def config_hash(cfg: Config) -> str:
+    """The settings that define what a run computes, hashed: a checkpoint made under other values is not
+    resumed (mixing two experiments), while rounds, timeouts and addresses may change freely."""
+    defining = {d.name: getattr(cfg, d.name) for d in SETTINGS.values() if d.setting.defines_run}
+    return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def validate(cfg: Config) -> None:
+    # Every type before any value, so that a check never meets a value of the wrong type.
+    for d in SETTINGS.values():
+        check_type(d.name, getattr(cfg, d.name), d.type)
+    for d in SETTINGS.values():
+        check_value(d.name, getattr(cfg, d.name), d.setting.check)
+
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"config key {key!r}: {what}, got {getattr(cfg, key)!r}")
+
+    if cfg.dp_noise_multiplier > 0:
+        need(cfg.dp_clip > 0, "dp_clip", "must be positive")
+        need(0 < cfg.dp_delta < 1, "dp_delta", "must be between 0 and 1")
+        need(cfg.aggregator == "fedavg", "aggregator", "must be fedavg with differential privacy "
+             "(dp_noise_multiplier > 0): the robust rules' outputs have no bounded sensitivity to add noise to")
+    need(cfg.effective_min_fit <= cfg.clients_per_round, "min_fit",
+         f"cannot exceed clients_per_round ({cfg.clients_per_round})")
+    need(cfg.effective_min_fit <= cfg.effective_min_clients, "min_fit",
+         f"cannot exceed min_clients ({cfg.effective_min_clients}), or a round could never reach it")
+
+
+def _normalize(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = ALIASES.get(key, key)
+        if name not in SETTINGS:
+            raise ConfigError(f"{source}: unknown config key {key!r}; known keys are "
+                              f"{', '.join(sorted(SETTINGS))} (and the seed's {', '.join(ALIASES)})")
+        if name in values:
+            raise ConfigError(f"{source}: config key {key!r} is given twice (also as an alias)")
+        d = SETTINGS[name]
+        value = check_type(key, value, d.type)
+        values[name] = d.setting.value_aliases.get(value, value)
+    return values
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    """The file's settings, normalized to field names; TOML or JSON, chosen by the extension."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        if path.suffix == ".toml":
+            raw = tomllib.loads(text)
+        elif path.suffix == ".json":
+            raw = json.loads(text)
+        else:
+            raise ConfigError(f"config file {path} must end in .toml or .json")
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper()}: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a table/object of keys")
+    return _normalize(raw, str(path))
+
+
+def load(path: str | Path | None = None, **overrides: Any) -> Config:
+    """Defaults, then the file, then overrides (flags); None overrides mean "not given"."""
+    values = read_file(path) if path else {}
+    values.update(_normalize({k: v for k, v in overrides.items() if v is not None}, "flags"))
+    return Config(**values)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field (`--clients-per-round`, ...), each defaulting to "not given"."""
+    parser.add_argument("--config", metavar="FILE", help="TOML or JSON config file (the seed's conf.json works)")
+    for d in SETTINGS.values():
+        parser.add_argument("--" + d.name.replace("_", "-"), dest=d.name, type=d.type, default=None,
+                            help=f"{d.setting.help} (default: {d.default})")
+
+
+def from_arguments(args: argparse.Namespace) -> Config:
+    return load(args.config, **{name: getattr(args, name) for name in SETTINGS})
