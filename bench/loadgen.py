@@ -80,6 +80,8 @@ class SimulatedClient:
             if header is None:
                 header = convert.model_header_from_raw(message)
             self.stats.bytes_down += len(message)
+        if header is None:
+            raise RuntimeError(f"{self.client_id}: the model stream was empty")
         payload, data_messages = _shared_change(header.payload.specs)
         update = m.UpdateHeader(client_id=self.client_id, round=decision.round,
                                 model_version=header.model_version, num_samples=self.num_samples,
@@ -89,13 +91,13 @@ class SimulatedClient:
         self.stats.bytes_up += sum(len(x) for x in messages)
         admitted = asyncio.Event()
 
-        async def stream():  # as fl-client does: the data waits for the server's admission
+        async def upload():  # as fl-client does: the data waits for the server's admission
             yield messages[0]
             await admitted.wait()
             for message in messages[1:]:
                 yield message
 
-        call = self.submit(stream(), timeout=600)
+        call = self.submit(upload(), timeout=600)
         try:
             await call.initial_metadata()
         finally:

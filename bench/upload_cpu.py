@@ -3,9 +3,10 @@ meanwhile, for SubmitUpdate, for plain gRPC Python (bench/bare_grpc.py) and for 
 
     python -m bench.upload_cpu [--repeats 8] [--idle 1.0] [--model-name resnet18]
 
-Each upload of the model (by default the ResNet-18-sized state of figure 1, 44.7 MB) follows `--idle` seconds without traffic, as in a
-round. CPU is in cores: CPU seconds over wall seconds, summed over the uploads. With client and server on
-one 2-core machine, a sum near 2 means the transfer is bound by CPU, not by the wire.
+Each upload of the model (by default the ResNet-18-sized state of figure 1, 44.7 MB) follows `--idle`
+seconds without traffic, as in a round. CPU is in cores: CPU seconds over wall seconds, summed over the
+uploads. With client and server on one 2-core machine, a sum near 2 means the transfer is bound by CPU,
+not by the wire.
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ from common import messages as m
 from fl_client.connection import CHANNEL_OPTIONS, ServerConnection
 
 
-def measure(name: str, upload: Callable[[], None], receiver_pid: int | None, repeats: int, idle: float,
-            before: Callable[[], None] = lambda: None) -> None:
+def measure(name: str, upload: Callable[[], object], receiver_pid: int | None, repeats: int, idle: float,
+            before: Callable[[], object] = lambda: None) -> None:
     """Time `upload` `repeats` times after one warm-up, each after `before()` and `idle` seconds."""
     walls, sent, received = [], 0.0, 0.0
     for i in range(repeats + 1):

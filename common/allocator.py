@@ -31,7 +31,8 @@ def keep_freed_memory(arenas: int | None = None) -> bool:
         return False
     try:
         libc = ctypes.CDLL(name)
-        ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+        ok = (bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD))
+              and bool(libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)))
         if arenas is not None:
             ok = bool(libc.mallopt(_M_ARENA_MAX, arenas)) and ok
     except (OSError, AttributeError):

@@ -50,8 +50,8 @@ class ArrayData:
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:
     # scikit-learn's copy of the UCI digits (CC BY 4.0): 64 pixel values in 0..16, then the label.
-    with resources.files("common").joinpath("digits.csv.gz").open("rb") as f:
-        table = np.loadtxt(gzip.open(f), delimiter=",", dtype=np.float32)
+    with resources.files("common").joinpath("digits.csv.gz").open("rb") as f, gzip.open(f) as text:
+        table = np.loadtxt(text, delimiter=",", dtype=np.float32)
     return table[:, :64].reshape(-1, 1, 8, 8) / 16.0, table[:, 64].astype(np.int64)
 
 
@@ -217,8 +217,8 @@ def random_crop_and_flip(x: torch.Tensor, padding: int, fill: torch.Tensor) -> t
     cols = (dx[:, None] + torch.arange(w, device=x.device))
     flip = torch.rand(b, device=x.device) < 0.5
     cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
-    return padded[torch.arange(b, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None],
-                  rows, cols]
+    return padded[torch.arange(b, device=x.device)[:, None, None, None],
+                  torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
 
 
 def model_spec_for(model_name: str, data: ArrayData) -> ModelSpec:

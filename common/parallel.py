@@ -26,7 +26,6 @@ from common.messages import TrainConfig
 from common.models import build_model
 from common.training import TrainResult, train
 
-
 log = logging.getLogger("common.parallel")
 
 

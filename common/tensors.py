@@ -11,6 +11,7 @@ import math
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -129,7 +130,7 @@ def _bytes_view(tensor: torch.Tensor) -> memoryview:
     memory as uint8 first, which works for every dtype."""
     if tensor.numel() == 0:
         return memoryview(b"")
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    return tensor.reshape(-1).view(torch.uint8).numpy().data
 
 
 def encode(state: Mapping[str, torch.Tensor]) -> Payload:
@@ -262,7 +263,8 @@ class PayloadReceiver:
                 if largest == math.inf:
                     bad = self._checked + int((~torch.isfinite(torch.as_tensor(values))).nonzero()[0])
                     raise PayloadError(f"tensor {run.name_at(bad)!r} holds NaN or Inf")
-                self.largest = max(self.largest, largest)
+                # A float here: there are runs to check only when check_values, where it starts at 0.0.
+                self.largest = max(cast(float, self.largest), largest)
                 self._checked = complete
             if complete < len(run.values):
                 return

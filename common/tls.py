@@ -39,7 +39,8 @@ def channel_credentials(ca: str, cert: str | None = None, key: str | None = None
     if (cert is None) != (key is None):
         raise TLSError("give both --tls-cert and --tls-key (a client certificate and its key), or neither")
     return grpc.ssl_channel_credentials(root_certificates=_read(ca, "CA certificate"),
-                                        private_key=_read(key, "TLS key"), certificate_chain=_read(cert, "TLS certificate"))
+                                        private_key=_read(key, "TLS key"),
+                                        certificate_chain=_read(cert, "TLS certificate"))
 
 
 def wants_plaintext(insecure: bool, tls_flags_given: bool, tls_complete: bool, missing: str) -> bool:
@@ -88,11 +89,13 @@ def make_certificates(out: Path, server_names: list[str], client_ids: list[str],
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = (x509.CertificateBuilder().subject_name(name("fedgrpc CA")).issuer_name(name("fedgrpc CA"))
                .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=days))
                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
                .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                             content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                            key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+                                            key_agreement=False, encipher_only=False, decipher_only=False),
+                              critical=True)
                .sign(ca_key, hashes.SHA256()))
     written = []
 

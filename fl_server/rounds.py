@@ -52,7 +52,7 @@ class RoundState:
         self.aggregator = aggregator or FedAvg(specs)
         self.publisher = ModelPublisher(self._global, model_version)
         self.uploads = UploadReceiver(specs, codecs.parse(train_config.compression), self.aggregator.check,
-                                      max_concurrent_uploads)
+                                      max_concurrent_uploads, clock)
         # An accepted update is folded into the sum on this thread, after its client has the answer: the
         # answer rests on the checks, which all run before it, and a checked update cannot fail to fold.
         # The client's upload time then ends with the checks; with more than one receive buffer, the next

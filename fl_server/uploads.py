@@ -39,7 +39,9 @@ class CheckedUpdate:
 
 
 class UploadReceiver:
-    def __init__(self, specs: list[tensors.TensorSpec], codec: codecs.Codec, check: Check, max_concurrent: int = 0):
+    def __init__(self, specs: list[tensors.TensorSpec], codec: codecs.Codec, check: Check, max_concurrent: int = 0,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock  # times the phases of an upload, for the log
         self.specs = specs
         self.codec = codec
         self.check = check
@@ -81,15 +83,15 @@ class UploadReceiver:
         """Wait for a free receive buffer, call `on_admitted()` (the servicer tells the client there that
         it may send its data now), then receive and check the update. Raises InvalidUpdateError, with
         the buffer given back, for anything wrong with it."""
-        queued = time.perf_counter()
+        queued = self.clock()
         buffer = self._buffers.get()
-        waited = time.perf_counter() - queued
+        waited = self.clock() - queued
         try:
             buffer = buffer or bytearray(header.payload.total_bytes)
             on_admitted()
-            started = time.perf_counter()
+            started = self.clock()
             diff, largest = self._receive_into(buffer, header, chunks)
-            received = time.perf_counter()
+            received = self.clock()
             self.check(diff, header.num_samples, largest)
         except (tensors.PayloadError, codecs.CodecError, UpdateRejected) as e:
             self.release(buffer)
@@ -97,7 +99,7 @@ class UploadReceiver:
         except BaseException:
             self.release(buffer)  # None if the allocation failed: allocated next time
             raise
-        return CheckedUpdate(header, diff, buffer, waited, received - started, time.perf_counter() - received)
+        return CheckedUpdate(header, diff, buffer, waited, received - started, self.clock() - received)
 
     def _receive_into(self, buffer: bytearray, header: UpdateHeader,
                       chunks: Iterable[bytes | memoryview]) -> tuple[dict[str, torch.Tensor], float | None]:

@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from common.datasets import (
-    CIFAR_SETS, DataError, augmentation_for, load_dataset, random_crop_and_flip,
+    CIFAR_SETS,
+    DataError,
+    augmentation_for,
+    load_dataset,
+    random_crop_and_flip,
 )
 
 

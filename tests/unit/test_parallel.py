@@ -35,7 +35,7 @@ def test_two_processes_take_the_steps_one_process_takes_on_the_whole_batch():
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
-def test_shards_split_each_batch_and_gather_and_augment_only_their_own_samples(shuffle):
+def test_shards_split_each_batch_and_gather_and_augment_only_their_own_samples(shuffle: bool) -> None:
     train_data, _ = load_digits()
     data = train_data.subset(torch.arange(67))  # batches of 32, 32 and 3; the 3 cannot split among 4
     whole = list(BatchLoader(data, 32, shuffle=shuffle, seed=5))

@@ -6,7 +6,14 @@ import torch
 
 from common.datasets import DIGITS_TEST_SIZE, ArrayData, DataError, load_digits
 from common.partition import (
-    client_share, iid_indices, label_histogram, main, partition, read_shard, split_indices, write_shard,
+    client_share,
+    iid_indices,
+    label_histogram,
+    main,
+    partition,
+    read_shard,
+    split_indices,
+    write_shard,
 )
 
 

@@ -1,3 +1,6 @@
+"""The round state machine, driven directly. Its time is a FakeClock that moves only when a test moves it,
+and threads are ordered by events and by states the test observes, never by a guessed delay: nothing here depends
+on how fast the machine is."""
 import logging
 import threading
 import time
@@ -6,7 +9,16 @@ import pytest
 import torch
 
 from common import tensors
-from common.messages import Action, Encoding, JoinRequest, ModelRequest, ModelSpec, PayloadHeader, TrainConfig, UpdateHeader
+from common.messages import (
+    Action,
+    Encoding,
+    JoinRequest,
+    ModelRequest,
+    ModelSpec,
+    PayloadHeader,
+    TrainConfig,
+    UpdateHeader,
+)
 from fl_server import errors, uploads
 from fl_server.membership import RandomSelector
 from fl_server.rounds import RoundRules, RoundState
@@ -14,13 +26,146 @@ from fl_server.rounds import RoundRules, RoundState
 CONFIG = TrainConfig(model=ModelSpec("mlp", (1, 2, 2), 2), dataset="digits", num_clients=3, seed=0,
                      local_epochs=1, batch_size=4, lr=0.1, momentum=0.0, weight_decay=0.0, optimizer="sgd")
 GLOBAL = {"w": torch.zeros(3), "n": torch.tensor(0, dtype=torch.int64)}
+# Real seconds after which a thread that should have finished counts as hung: a guard against hanging,
+# never a timing assertion. Nothing waits this long unless the behaviour under test is broken.
+GUARD = 30.0
+# A long-poll timeout (in the fake clock's seconds) longer than GUARD: RoundState waits on its condition for
+# as many real seconds (see FakeClock), so a poll that returns within GUARD was woken, not timed out.
+LONG_POLL = 10 * GUARD
 
 
-def make_state(k=2, min_fit=None, timeout=5.0, heartbeat_seconds=2.0, seed=0, global_state=GLOBAL, config=CONFIG,
-               **kw):
+def make_state(k=2, min_fit=None, timeout=5.0, *, global_state=GLOBAL, train_config=CONFIG, clock=None,
+               heartbeat_seconds=2.0, seed=0, **kw):
+    """Every RoundState of these tests is made here, on a FakeClock unless given another clock."""
     rules = RoundRules(clients_per_round=k, min_clients=k, min_fit=min_fit or k, round_timeout=timeout,
                        heartbeat_seconds=heartbeat_seconds)
-    return RoundState(global_state=global_state, train_config=config, rules=rules, selector=RandomSelector(seed), **kw)
+    return RoundState(global_state=global_state, train_config=train_config, rules=rules,
+                      selector=RandomSelector(seed), clock=clock or FakeClock(), **kw)
+
+
+class FakeClock:
+    """A RoundState's clock that stands still until the test advances it.
+
+    It remembers which threads have read it since it last moved, so that a test can wait until a thread
+    has looked at the new time. RoundState's condition waits still time out after real seconds (the
+    difference between the fake deadline and the fake now), so moving this clock wakes no one by itself:
+    `advance` below wakes the state's waiters too."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+        self._changed = threading.Condition()
+        self._moves = 0
+        self._seen: dict[threading.Thread, int] = {}  # thread -> self._moves when it last read the time
+        self._last = threading.local()
+
+    def __call__(self) -> float:
+        with self._changed:
+            self._seen[threading.current_thread()] = self._moves
+            self._last.now = self.now
+            self._changed.notify_all()
+            return self.now
+
+    def last_read(self) -> float:
+        """The time the calling thread read last."""
+        return self._last.now
+
+    def advance(self, seconds: float) -> None:
+        with self._changed:
+            self.now += seconds
+            self._moves += 1
+
+    def wait_until_read_by(self, thread: threading.Thread) -> None:
+        """Until `thread` has read the time since the clock last moved, or has ended."""
+        with self._changed:
+            assert self._changed.wait_for(
+                lambda: self._seen.get(thread) == self._moves or not thread.is_alive(), GUARD), \
+                f"{thread.name} never looked at the time"
+
+    def thread_ended(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+
+# settled() and advance() are the only places these tests reach into RoundState's lock (see the hooks it
+# should provide): to wake its waiters when the fake time moves, and to know a waiter has seen the new time.
+
+def settled(state, thread):
+    """Return once `thread`, which waits in `state` and looks at the time holding the state's lock, has
+    looked at the clock's current time and is waiting again, or has returned."""
+    state.clock.wait_until_read_by(thread)
+    with state._cond:  # it holds the lock from looking at the time until it waits again or returns
+        pass
+
+
+def advance(state, seconds, waiter=None):
+    """Move the state's fake clock and wake its waiters; with `waiter` (a Coordinator), return once it
+    has checked the round at the new time."""
+    with state._cond:  # no one looks at the time while it moves: each check sees one time throughout
+        state.clock.advance(seconds)
+        state._cond.notify_all()
+    if waiter is not None:
+        settled(state, waiter.thread)
+
+
+class Coordinator:
+    """`wait_until_complete` on a thread of its own, as the coordinator's loop calls it."""
+
+    def __init__(self, state):
+        self.state = state
+        self.returned_at = None  # the time wait_until_complete last looked at before it returned
+        self.error = None
+        self.thread = threading.Thread(target=self._run, name="coordinator", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            self.state.wait_until_complete()
+            self.returned_at = self.state.clock.last_read()
+        except BaseException as e:  # re-raised in the test's thread by join()
+            self.error = e
+        finally:
+            self.state.clock.thread_ended()
+
+    def join(self):
+        """Wait for wait_until_complete to return; the fake time at which it decided to."""
+        self.thread.join(GUARD)
+        assert not self.thread.is_alive(), "wait_until_complete did not return"
+        if self.error is not None:
+            raise self.error
+        return self.returned_at
+
+
+def promptly(call, *args, **kwargs):
+    """`call(...)`'s result, if it returns without being woken: the fake clock stands still meanwhile, so a
+    call that waits for time to pass (as a long-poll does) never returns, and this fails after GUARD."""
+    result = {}
+
+    def run():
+        try:
+            result["value"] = call(*args, **kwargs)
+        except BaseException as e:  # re-raised in the test's thread
+            result["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(GUARD)
+    assert not thread.is_alive(), f"{getattr(call, '__name__', call)} was held instead of answered at once"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def wait_until(predicate, what):
+    """Until `predicate()` holds, for states that no event announces (see the hooks RoundState should
+    provide): it orders the test after the state, not after a guessed delay."""
+    give_up = time.monotonic() + GUARD
+    while not predicate():
+        assert time.monotonic() < give_up, f"never saw: {what}"
+        time.sleep(0.001)
+
+
+def client_state(state, cid):
+    return state.status()["clients"][cid]["state"]
 
 
 def join(state, cid, timeout=0.0):
@@ -71,19 +216,16 @@ def test_selected_clients_get_train_with_round_and_version():
 def test_long_poll_wakes_the_moment_a_round_opens():
     state = make_state(k=1)
     result = {}
-
-    def poll():
-        start = time.monotonic()
-        result["decision"] = join(state, "a", timeout=10.0)
-        result["waited"] = time.monotonic() - start
-
-    t = threading.Thread(target=poll)
-    t.start()
-    time.sleep(0.2)
+    poller = threading.Thread(target=lambda: result.update(decision=join(state, "a", timeout=LONG_POLL)),
+                              daemon=True)
+    poller.start()
+    wait_until(lambda: "a" in state.status()["clients"] and client_state(state, "a") == "waiting",
+               "a's long-poll being held")
     state.open_round()
-    t.join(5)
+    # The clock stands still and the poll's timeout is longer than GUARD: only the round opening ends it.
+    poller.join(GUARD)
+    assert not poller.is_alive(), "the long-poll was not woken when the round opened"
     assert result["decision"].action is Action.TRAIN
-    assert result["waited"] < 2.0
 
 
 def test_full_round_aggregates_by_weight():
@@ -197,20 +339,24 @@ def test_lying_size_in_header_is_refused_before_allocating():
 
 
 def test_deadline_closes_round_below_min_fit_without_aggregating():
-    state = started(k=2, min_fit=2, timeout=0.2)
+    state = started(k=2, min_fit=2, timeout=5.0)  # "b"'s silence limit is 8 s: the deadline comes first
+    opened = state.clock.now
     submit(state, "a", diff(1.0))
-    start = time.monotonic()
-    state.wait_until_complete()
-    assert time.monotonic() - start < 2.0
+    coordinator = Coordinator(state)
+    advance(state, 4.9, coordinator)  # it checked the round just before the deadline, and waits on
+    advance(state, 0.2, coordinator)
+    assert coordinator.join() == pytest.approx(opened + 5.1)  # released as soon as the deadline passed
     outcome = state.close_round()
     assert not outcome.aggregated and outcome.dropped == ["b"]
     assert state.model_version == 0 and torch.equal(state.global_state["w"], torch.zeros(3))
 
 
 def test_deadline_with_quorum_aggregates_what_arrived():
-    state = started(k=2, min_fit=1, timeout=0.2)
+    state = started(k=2, min_fit=1, timeout=5.0)
     submit(state, "a", diff(1.0))
-    state.wait_until_complete()
+    coordinator = Coordinator(state)
+    advance(state, 5.1)
+    coordinator.join()
     outcome = state.close_round()
     assert outcome.aggregated and outcome.contributors == ["a"] and outcome.dropped == ["b"]
     assert torch.allclose(state.global_state["w"], torch.ones(3))
@@ -240,15 +386,14 @@ def test_sampling_is_seeded():
 
 
 def heartbeat(state, cid, round_):
-    return state.join(JoinRequest(client_id=cid, num_samples=10, training_round=round_), 10.0)
+    """A heartbeat with a long-poll's timeout, which must be answered at once all the same."""
+    return promptly(state.join, JoinRequest(client_id=cid, num_samples=10, training_round=round_), LONG_POLL)
 
 
 def test_heartbeat_answers_at_once_carry_on_or_stop():
     state = started()
-    start = time.monotonic()
-    d = heartbeat(state, "a", 1)
+    d = heartbeat(state, "a", 1)  # never held as a long-poll, whatever the answer
     assert d.action is Action.TRAIN and d.round == 1 and d.heartbeat_seconds == 2.0
-    assert time.monotonic() - start < 1.0  # not held as a long-poll
     assert heartbeat(state, "a", 5).action is Action.WAIT  # not the open round
     submit(state, "a", diff(1.0))
     assert heartbeat(state, "a", 1).action is Action.WAIT  # already delivered
@@ -257,11 +402,14 @@ def test_heartbeat_answers_at_once_carry_on_or_stop():
 
 
 def test_silent_client_is_given_up_on_long_before_the_deadline():
-    state = started(k=2, min_fit=1, timeout=60.0, heartbeat_seconds=0.1)  # silence limit 2.3 s
+    state = started(k=2, min_fit=1, timeout=60.0)  # heartbeats every 2 s: silence limit 3 * 2 + 2 = 8 s
+    opened = state.clock.now
     submit(state, "a", diff(1.0))
-    start = time.monotonic()
-    state.wait_until_complete()
-    assert 2.0 < time.monotonic() - start < 10.0
+    coordinator = Coordinator(state)
+    advance(state, state.members.silence_limit - 0.5, coordinator)
+    assert client_state(state, "b") == "training"  # quiet, but not for long enough
+    advance(state, 1.0, coordinator)
+    assert coordinator.join() == pytest.approx(opened + state.members.silence_limit + 0.5)  # not the 60 s deadline
     outcome = state.close_round()
     assert outcome.aggregated and outcome.contributors == ["a"]
     assert "silent" in outcome.drop_reasons["b"]
@@ -271,28 +419,27 @@ def test_silent_client_is_given_up_on_long_before_the_deadline():
 
 
 def test_a_client_that_keeps_sending_heartbeats_is_waited_for():
-    state = started(k=2, min_fit=2, timeout=60.0, heartbeat_seconds=0.1)
+    state = started(k=2, min_fit=2, timeout=60.0)  # silence limit 8 s
+    opened = state.clock.now
     submit(state, "a", diff(1.0))
-    stop = threading.Event()
-
-    def beat():
-        while not stop.wait(0.1):
-            heartbeat(state, "b", 1)
-
-    t = threading.Thread(target=beat)
-    t.start()
-    threading.Timer(3.5, lambda: (stop.set(), submit(state, "b", diff(3.0)))).start()
-    state.wait_until_complete()
-    t.join()
+    coordinator = Coordinator(state)
+    for _ in range(6):  # 12 s of training in all, well past the silence limit
+        advance(state, state.rules.heartbeat_seconds, coordinator)
+        assert client_state(state, "b") == "training"
+        assert heartbeat(state, "b", 1).action is Action.TRAIN
+    submit(state, "b", diff(3.0))
+    assert coordinator.join() == pytest.approx(opened + 12.0)  # waited until b's update came in
     outcome = state.close_round()
     assert outcome.contributors == ["a", "b"] and outcome.drop_reasons == {}
     assert torch.allclose(state.global_state["w"], torch.full((3,), 2.0))
 
 
 def test_rerun_below_quorum_records_why():
-    state = started(k=2, min_fit=2, timeout=0.3)
+    state = started(k=2, min_fit=2, timeout=5.0)
     submit(state, "a", diff(1.0))
-    state.wait_until_complete()
+    coordinator = Coordinator(state)
+    advance(state, 5.1)
+    coordinator.join()
     outcome = state.close_round()
     assert not outcome.aggregated
     assert outcome.drop_reasons == {"b": "no update by the round's deadline"}
@@ -303,7 +450,7 @@ def test_compressed_updates_are_decoded_and_other_codecs_refused():
 
     from common import codecs
 
-    state = make_state(k=1, config=replace(CONFIG, compression="int8"))
+    state = make_state(k=1, train_config=replace(CONFIG, compression="int8"))
     join(state, "a")
     state.open_round()
     with pytest.raises(errors.InvalidUpdateError, match="compressed with 'none'"):
@@ -334,46 +481,68 @@ def test_data_is_read_only_after_the_upload_is_admitted():
 
 def test_an_upload_waits_for_a_free_buffer_before_it_is_admitted(caplog):
     caplog.set_level(logging.INFO, logger="fl_server.rounds")
-    state = started(max_concurrent_uploads=1)
+    clock = FakeClock()
+    state = started(max_concurrent_uploads=1, clock=clock)
     header_a, payload_a = update(state, "a", diff(1.0))
     header_b, payload_b = update(state, "b", diff(3.0))
-    release_a, b_admitted = threading.Event(), threading.Event()
+    a_admitted, release_a, b_admitted = threading.Event(), threading.Event(), threading.Event()
+    a_released_when_b_was_admitted = []
 
-    def slow_chunks():
-        release_a.wait(5)
+    def held_chunks():
+        assert release_a.wait(GUARD)
         yield from payload_a.chunks()
 
-    uploading_a = threading.Thread(target=state.submit, args=(header_a, slow_chunks()))
+    def admit_b():
+        a_released_when_b_was_admitted.append(release_a.is_set())
+        b_admitted.set()
+
+    uploading_a = threading.Thread(target=state.submit, args=(header_a, held_chunks()),
+                                   kwargs={"on_admitted": a_admitted.set}, daemon=True)
     uploading_a.start()
-    time.sleep(0.1)  # a holds the only buffer now
+    assert a_admitted.wait(GUARD)  # a holds the only buffer now, until its update is in and folded
     uploading_b = threading.Thread(target=state.submit, args=(header_b, payload_b.chunks()),
-                                   kwargs={"on_admitted": b_admitted.set})
+                                   kwargs={"on_admitted": admit_b}, daemon=True)
     uploading_b.start()
-    assert not b_admitted.wait(0.3)
+    clock.wait_until_read_by(uploading_b)  # b noted when it began to wait for a buffer
+    assert client_state(state, "b") == "uploading"
+    # A bounded look for a wrong admission, which cannot fail a correct RoundState however slow the machine.
+    assert not b_admitted.wait(0.1)
+    advance(state, 5.0)  # b waits 5 s (of the fake clock) for a's buffer
     release_a.set()
-    assert b_admitted.wait(5)
-    uploading_a.join(5)
-    uploading_b.join(5)
+    assert b_admitted.wait(GUARD)
+    uploading_a.join(GUARD)
+    uploading_b.join(GUARD)
+    assert a_released_when_b_was_admitted == [True]
     state.wait_until_complete()
     assert state.close_round().contributors == ["a", "b"]
     assert torch.equal(state.global_state["w"], torch.full((3,), 2.0))
-    # The log says how long each upload waited for its buffer: b at least the 0.3 s it was held back.
+    # The log says how long each upload waited for its buffer: a not at all, b the 5 s it was held back.
     waits = {m.split()[4]: float(m.split("waited ")[1].split()[0]) for m in caplog.messages if "waited" in m}
-    assert waits["a"] < 0.3 <= waits["b"]
+    assert waits == {"a": 0.0, "b": 5.0}
 
 
 def test_closing_a_round_waits_for_accepted_updates_to_be_folded(monkeypatch):
     state = started()
     real_fold = state.aggregator.fold
+    folds_may_run = threading.Event()
 
-    def slow_fold(*args):
-        time.sleep(0.3)
+    def held_fold(*args):
+        assert folds_may_run.wait(GUARD)
         real_fold(*args)
 
-    monkeypatch.setattr(state.aggregator, "fold", slow_fold)
-    assert submit(state, "a", diff(1.0)).accepted  # answered before its fold is done
+    monkeypatch.setattr(state.aggregator, "fold", held_fold)
+    assert submit(state, "a", diff(1.0)).accepted  # answered while its fold is held back
     assert submit(state, "b", diff(3.0)).accepted
-    outcome = state.close_round()
+    closing = {}
+    closer = threading.Thread(target=lambda: closing.update(outcome=state.close_round()), daemon=True)
+    closer.start()
+    # Closed to uploads, and waiting (status() takes the lock close_round releases only to wait).
+    wait_until(lambda: state.status()["phase"] == "waiting", "the round closed to uploads")
+    assert "outcome" not in closing
+    folds_may_run.set()
+    closer.join(GUARD)
+    assert not closer.is_alive(), "close_round did not return once the folds were done"
+    outcome = closing["outcome"]
     assert outcome.aggregated and outcome.contributors == ["a", "b"]
     assert torch.equal(state.global_state["w"], torch.full((3,), 2.0))
 
@@ -385,8 +554,10 @@ def test_a_round_reuses_the_replaced_model_as_its_sums():
     state.close_round()  # round 1's model lives in round 1's sums; the initial model is retired
     after_round_1 = state.global_state["w"]
     state.open_round()
-    threading.Thread(target=lambda: (time.sleep(0.1), submit(state, "a", diff(2.0)))).start()
-    state.wait_until_complete()  # prepares round 2's sums in the retired model's memory
+    coordinator = Coordinator(state)  # wait_until_complete prepares round 2's sums in the retired model's memory
+    settled(state, coordinator.thread)  # ...before it checks the round, and waits
+    submit(state, "a", diff(2.0))
+    coordinator.join()
     state.close_round()
     assert torch.equal(state.global_state["w"], torch.full((3,), 3.0))
     assert state.global_state["w"].data_ptr() == initial.data_ptr()

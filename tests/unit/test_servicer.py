@@ -10,6 +10,7 @@ from common.messages import ModelRequest, ModelSpec, TrainConfig
 from fl_server.rounds import RoundRules, RoundState
 from fl_server.servicer import FederationServicer
 
+GUARD = 30.0  # real seconds after which a thread that should have finished counts as hung; never a timing assertion
 CONFIG = TrainConfig(model=ModelSpec("mlp", (1, 2, 2), 2), dataset="digits", num_clients=1, seed=0,
                      local_epochs=1, batch_size=4, lr=0.1, momentum=0.0, weight_decay=0.0, optimizer="sgd")
 
@@ -19,11 +20,13 @@ class Aborted(Exception):
 
 
 class Context:
-    def __init__(self, time_remaining=None):
+    def __init__(self, time_remaining=None, on_time_remaining=lambda: None):
         self._time_remaining = time_remaining
+        self._on_time_remaining = on_time_remaining  # the servicer asks just before it waits for a slot
         self.code = None
 
     def time_remaining(self):
+        self._on_time_remaining()
         return self._time_remaining
 
     def abort(self, code, details):
@@ -48,16 +51,22 @@ def test_downloads_beyond_the_limit_wait_their_turn():
     s = servicer(max_downloads=1)
     first = s.GetGlobalModel(request(), Context())
     next(first)  # holds the only slot while streaming
-    second_done = threading.Event()
+    # No slot is left for another download meanwhile: one that may not wait at all is turned away.
+    impatient = Context(time_remaining=0)
+    with pytest.raises(Aborted, match="try again"):
+        next(s.GetGlobalModel(request(), impatient))
+    assert impatient.code is grpc.StatusCode.UNAVAILABLE
+    second_waits, second_done = threading.Event(), threading.Event()
 
     def second():
-        list(s.GetGlobalModel(request(), Context()))
+        list(s.GetGlobalModel(request(), Context(on_time_remaining=second_waits.set)))
         second_done.set()
 
     threading.Thread(target=second, daemon=True).start()
-    assert not second_done.wait(0.3)
+    assert second_waits.wait(GUARD)  # it is about to wait for the slot, with no deadline
+    assert not second_done.is_set()
     list(first)  # the first stream ends and frees its slot
-    assert second_done.wait(5)
+    assert second_done.wait(GUARD)
 
 
 def test_a_download_that_cannot_get_a_slot_before_its_deadline_is_told_to_retry():

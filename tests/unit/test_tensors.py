@@ -1,7 +1,6 @@
-import xxhash
-
 import pytest
 import torch
+import xxhash
 
 from common import tensors
 from common.tensors import CHUNK_SIZE, PayloadError, PayloadReceiver, TensorSpec
