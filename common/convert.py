@@ -169,7 +169,7 @@ def model_stream(header: m.ModelHeader, payload: Payload, chunk_size: int) -> li
     return [first.SerializeToString(), *(encode_data_chunk(p) for p in payload.pieces(chunk_size))]
 
 
-def model_header_from_raw(raw: bytes) -> m.ModelHeader:
+def model_header_from_raw(raw: bytes | None) -> m.ModelHeader:
     h = _header_of(raw, pb.ModelChunk, "model").header
     return m.ModelHeader(round=h.round, model_version=h.model_version,
                          payload=payload_header_from_proto(h.payload))
@@ -186,7 +186,7 @@ def update_stream(header: m.UpdateHeader, payload: Payload, chunk_size: int) -> 
         yield encode_data_chunk(pieces)
 
 
-def update_header_from_raw(raw: bytes) -> m.UpdateHeader:
+def update_header_from_raw(raw: bytes | None) -> m.UpdateHeader:
     h = _header_of(raw, pb.UpdateChunk, "update").header
     return m.UpdateHeader(client_id=_client_id(h.client_id), round=h.round, model_version=h.model_version,
                           num_samples=h.num_samples, payload=payload_header_from_proto(h.payload),

@@ -16,8 +16,8 @@ import torch  # noqa: E402
 
 from common import allocator, logs, tls, tokens
 from common.datasets import DataError
-from common.partition import read_shard
 from common.parallel import DataParallelError
+from common.partition import read_shard
 from common.training import AUTOCAST, check_autocast, select_device
 from fl_client.connection import RequestRefusedError, ServerConnection, ServerUnreachableError
 from fl_client.daemon import ClientDaemon, ClientOptions

@@ -155,9 +155,8 @@ class ServerConnection:
         def fetch() -> tuple[m.ModelHeader, dict[str, torch.Tensor]]:
             stream = self._get_global_model(convert.model_request_to_proto(req), timeout=TRANSFER_DEADLINE,
                                             metadata=self._metadata)
-            # An empty stream (None) is refused as malformed there, but the signature says `raw: bytes`:
-            # the ignore goes once common/convert.py's header readers take `bytes | None`.
-            header = convert.model_header_from_raw(next(stream, None))  # type: ignore[arg-type]
+            # An empty stream (None) is refused as malformed there.
+            header = convert.model_header_from_raw(next(stream, None))
             size = sum(s.nbytes for s in header.payload.specs)
             if self._model_buffer is None or len(self._model_buffer) != size:
                 self._model_buffer = bytearray(size)

@@ -155,6 +155,7 @@ class Coordinator:
     def _add_privacy_spent(self, record: RoundRecord) -> None:
         """Epsilon spent by every aggregated round so far, this one included (rounds re-run for lack of
         updates published nothing, so they cost nothing)."""
+        assert self.privacy is not None, "only DP runs report privacy spent"
         noise_multiplier, delta = self.privacy
         rounds = [(r.population, len(r.selected)) for r in [*self.metrics, record] if r.aggregated]
         record.epsilon, record.delta = epsilon(noise_multiplier, rounds, delta), delta

@@ -45,7 +45,8 @@ class FederationCollector(Collector):
         yield gauge("fl_clients_selected", "Clients selected for the round in progress", len(status["selected"]))
         yield CounterMetricFamily("fl_clients_dropped", "Selected clients that did not contribute, over all rounds",
                                   value=sum(len(r.dropped) for r in records))
-        yield CounterMetricFamily("fl_bytes_received", "Payload bytes of counted updates", value=status["bytes_received"])
+        yield CounterMetricFamily("fl_bytes_received", "Payload bytes of counted updates",
+                                  value=status["bytes_received"])
         yield CounterMetricFamily("fl_bytes_sent", "Bytes of global-model streams served", value=status["bytes_sent"])
         yield SummaryMetricFamily("fl_round_seconds", "Duration of aggregated rounds", count_value=len(done),
                                   sum_value=sum(r.seconds for r in done))

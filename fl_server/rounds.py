@@ -19,10 +19,23 @@ from typing import Any
 import torch
 
 from common import codecs, tensors
-from common.messages import PROTOCOL_VERSION, Action, JoinDecision, JoinRequest, ModelRequest, SubmitResult, TrainConfig, UpdateHeader
+from common.messages import (
+    PROTOCOL_VERSION,
+    Action,
+    JoinDecision,
+    JoinRequest,
+    ModelRequest,
+    SubmitResult,
+    TrainConfig,
+    UpdateHeader,
+)
 from fl_server.aggregation import Aggregator, FedAvg
 from fl_server.errors import (
-    NotSelectedError, ProtocolMismatchError, StaleRoundError, UnknownClientError, UploadInProgressError,
+    NotSelectedError,
+    ProtocolMismatchError,
+    StaleRoundError,
+    UnknownClientError,
+    UploadInProgressError,
 )
 from fl_server.membership import ClientSelector, Membership, RandomSelector
 from fl_server.publication import ModelPublisher, ModelSnapshot
@@ -138,7 +151,7 @@ class RoundState:
                                   f"{snapshot.version}: join again")
         return snapshot
 
-    def submit(self, header: UpdateHeader, chunks: Iterable[bytes],
+    def submit(self, header: UpdateHeader, chunks: Iterable[bytes | memoryview],
                on_admitted: Callable[[], None] = lambda: None) -> SubmitResult:
         """Receive one update and fold it into the round's aggregate, or refuse it untouched.
         `on_admitted()` runs once a receive buffer is reserved for the update, just before its data is

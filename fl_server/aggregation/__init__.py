@@ -11,7 +11,12 @@ from __future__ import annotations
 
 from common.tensors import TensorSpec
 from fl_server.aggregation.base import (
-    MAX_WEIGHTED_MAGNITUDE, Aggregator, UpdateRejected, add, check_update, spec_mismatch,
+    MAX_WEIGHTED_MAGNITUDE,
+    Aggregator,
+    UpdateRejected,
+    add,
+    check_update,
+    spec_mismatch,
 )
 from fl_server.aggregation.dp import DPFedAvg, epsilon
 from fl_server.aggregation.fedavg import FedAvg

@@ -13,7 +13,11 @@ import torch
 
 from common.tensors import DTYPES, TensorSpec
 from fl_server.aggregation.base import (
-    MAX_WEIGHTED_MAGNITUDE, UpdateRejected, accumulator_dtype, check_update, check_weight,
+    MAX_WEIGHTED_MAGNITUDE,
+    UpdateRejected,
+    accumulator_dtype,
+    check_update,
+    check_weight,
 )
 from fl_server.aggregation.optimizers import ServerOptimizer
 

@@ -37,7 +37,7 @@ class RobustAggregator:
     def _spill_file(self) -> np.memmap:
         if self._rows is None:
             # An anonymous temporary file: deleted when closed, never left behind by a crash.
-            self._file = tempfile.TemporaryFile(prefix="fl-updates-")
+            self._file = tempfile.TemporaryFile(prefix="fl-updates-")  # noqa: SIM115 - open as long as the aggregator
             self._rows = np.memmap(self._file, dtype=np.float32, mode="w+",
                                    shape=(max(self.capacity, 1), max(self.total, 1)))
         return self._rows

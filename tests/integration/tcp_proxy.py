@@ -2,6 +2,7 @@
 a link that breaks in the middle of an upload, without needing a real network."""
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 
@@ -54,10 +55,8 @@ class CuttingProxy:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
                 s.close()
 
     def close(self) -> None:

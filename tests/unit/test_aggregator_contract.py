@@ -10,7 +10,14 @@ import torch
 
 from common.tensors import specs_of
 from fl_server.aggregation import (
-    Aggregator, DPFedAvg, FedAvg, RobustAggregator, ServerOptimizer, UpdateRejected, add, make_aggregator,
+    Aggregator,
+    DPFedAvg,
+    FedAvg,
+    RobustAggregator,
+    ServerOptimizer,
+    UpdateRejected,
+    add,
+    make_aggregator,
 )
 
 _GLOBAL = {"w": torch.tensor([[1.0, -2.0], [0.5, 4.0]]), "b": torch.tensor([0.25, -0.75], dtype=torch.float64),

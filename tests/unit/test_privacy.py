@@ -4,7 +4,7 @@ import torch
 from dp_accounting.rdp import RdpAccountant
 
 from common.tensors import specs_of
-from fl_server.aggregation import DPFedAvg, UpdateRejected, add, epsilon, make_aggregator
+from fl_server.aggregation import DPFedAvg, UpdateRejected, epsilon, make_aggregator
 
 GLOBAL = {"w": torch.zeros(20_000), "n": torch.tensor(3)}
 SPECS = specs_of(GLOBAL)
