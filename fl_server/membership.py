@@ -6,9 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fl_server.round_types import OpenRound
 
 
 @dataclass
@@ -82,3 +85,21 @@ class Membership:
     def silent_for(self, client_id: str, since: float) -> float:
         """Seconds since the client was last heard from, or since `since` if that is later."""
         return self.clock() - max(self.clients[client_id].last_seen, since)
+
+    def describe(self, r: OpenRound | None) -> dict[str, dict[str, Any]]:
+        """Each client's state in words (for `fl-server status`), given the open round if any."""
+        now, out = self.clock(), {}
+        for c, info in sorted(self.clients.items()):
+            if r is not None and c in r.submitted:
+                what = "submitted"
+            elif r is not None and c in r.silent:
+                what = "silent"
+            elif r is not None and c in r.selected:
+                what = "uploading" if c in r.uploading else "training"
+            elif info.polls > 0:
+                what = "waiting"
+            else:
+                what = "away" if now - info.last_seen > self.silence_limit else "idle"
+            out[c] = {"state": what, "num_samples": info.num_samples, "device": info.device,
+                      "seconds_since_seen": round(now - info.last_seen, 1)}
+        return out

@@ -253,21 +253,8 @@ class RoundState:
     def status(self) -> dict[str, Any]:
         """What the server is doing, for `fl-server status` and the metrics endpoint."""
         with self._cond:
-            r, now = self._round, self.clock()
-            clients = {}
-            for c, info in sorted(self.members.clients.items()):
-                if r is not None and c in r.submitted:
-                    what = "submitted"
-                elif r is not None and c in r.silent:
-                    what = "silent"
-                elif r is not None and c in r.selected:
-                    what = "uploading" if c in r.uploading else "training"
-                elif info.polls > 0:
-                    what = "waiting"
-                else:
-                    what = "away" if now - info.last_seen > self.members.silence_limit else "idle"
-                clients[c] = {"state": what, "num_samples": info.num_samples, "device": info.device,
-                              "seconds_since_seen": round(now - info.last_seen, 1)}
+            r = self._round
+            clients = self.members.describe(r)
             return {
                 "phase": "finished" if self.finished else "training" if r is not None else "waiting",
                 "round": r.number if r is not None else self.model_version + (0 if self.finished else 1),
