@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from common.datasets import load_digits, load_mnist
-from fl_server import simulation
 from fl_server.privacy import epsilon
+from fl_tools import simulation
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 CLIENTS, PER_ROUND, CLIP, DELTA = 1000, 100, 1.0, 1e-5

@@ -37,7 +37,7 @@ from common.models import build_model
 from common.proto import federation_pb2 as pb
 from common.training import train
 from fl_client.connection import ServerConnection
-from fl_server.demo import ServerProcess, start_client
+from tests.harness import ServerProcess, start_client
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"

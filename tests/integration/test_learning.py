@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from fl_server import simulation
 from common.datasets import load_mnist
+from fl_tools import simulation
 
 pytestmark = pytest.mark.integration
 SHARED_MNIST = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"

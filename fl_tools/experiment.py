@@ -9,7 +9,7 @@
     FedProx.
 
 Every run goes through the server's own round state and aggregation and the clients' own training loop,
-in one process (fl_server.simulation); the test accuracy and loss of every round are evaluated on the
+in one process (fl_tools.simulation); the test accuracy and loss of every round are evaluated on the
 held-out test set. Writes results.md (the tables), results.json (every round of every run) and one PNG
 per comparison (accuracy and loss per round) into --out.
 """
@@ -29,7 +29,7 @@ from common import logs
 from common.datasets import ArrayData, DataError, load_dataset
 from common.partition import client_share
 from common.training import EvalResult
-from fl_server import simulation
+from fl_tools import simulation
 
 TARGET = 0.95  # the accuracy whose first round the tables report
 

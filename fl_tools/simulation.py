@@ -1,0 +1,88 @@
+"""A federation in one process, through the server's own classes: `RoundState` (validation, sampling,
+aggregation) and each client's own round (fl_client.round: federated evaluation, training,
+compression), without the network. For experiments that are about learning, not transport:
+fl-experiment, model poisoning (fl_tools.poisoning), differential privacy (bench/privacy.py), accuracy
+on real data (tests)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from common.datasets import ArrayData, BatchLoader, model_spec_for
+from common.messages import JoinRequest, TrainConfig
+from common.models import build_model
+from common.partition import client_share
+from common.training import EvalResult, evaluate
+from fl_client.round import ClientRound, State
+from fl_server.rounds import InvalidUpdateError, RoundOutcome, RoundState
+
+Tamper = Callable[[int, State], State]  # (client index, diff) -> sent diff
+
+
+def _tamper_of(tamper: Tamper | None, index: int) -> Callable[[State], State] | None:
+    return None if tamper is None else lambda diff: tamper(index, diff)
+
+
+def run(train_data: ArrayData, test_data: ArrayData, *, model: str = "mlp", clients: int = 10, rounds: int = 5,
+        local_epochs: int = 2, aggregator: str = "fedavg", seed: int = 0, tamper: Tamper | None = None,
+        on_round: Callable[[int, EvalResult], None] | None = None, clients_per_round: int | None = None,
+        dp_noise_multiplier: float = 0.0, dp_clip: float = 1.0, partition: str = "iid", mu: float = 0.0,
+        lr: float = 0.05, optimizer: str = "sgd", dataset: str = "",
+        on_final: Callable[[dict[str, torch.Tensor]], None] | None = None, compression: str = "none",
+        eval_fraction: float = 0.0, on_outcome: Callable[[RoundOutcome], None] | None = None) -> float:
+    """Train `rounds` rounds of `clients_per_round` sampled clients (all by default) on shares of
+    `train_data` split by `partition`; return the final test accuracy, and give `on_round` the test
+    result of every round. `tamper` may change what a client sends (an attack); updates the server
+    refuses are skipped. `mu` > 0 is FedProx. `on_final` is given the final global model. `dataset`
+    names the data set, for its training augmentation (CIFAR's). `compression` and `eval_fraction`
+    are fl-server's options of those names; `on_outcome` is given each round's outcome as the server
+    records it (the clients' metrics, federated evaluation's among them)."""
+    per_round = clients_per_round or clients
+    spec = model_spec_for(model, train_data)
+    cfg = TrainConfig(model=spec, dataset=dataset, num_clients=clients, seed=seed, local_epochs=local_epochs,
+                      batch_size=32, lr=lr, momentum=0.9, weight_decay=0.0, optimizer=optimizer, mu=mu,
+                      partition=partition, compression=compression, eval_fraction=eval_fraction)
+    state = RoundState(global_state=build_model(spec, seed=seed).state_dict(), train_config=cfg,
+                       clients_per_round=per_round, min_clients=clients, min_fit=1, round_timeout=600,
+                       aggregator=aggregator, seed=seed, dp_noise_multiplier=dp_noise_multiplier, dp_clip=dp_clip)
+    # One model for all the clients (they train one after the other): a thousand clients hold a
+    # thousand shares, not a thousand models.
+    net, device = build_model(spec), torch.device("cpu")
+    members = [ClientRound(str(i), client_share(train_data, i, clients, seed, partition), device, model=net,
+                           tamper=_tamper_of(tamper, i)) for i in range(clients)]
+    for member in members:
+        member.configure(cfg)
+    test_loader = BatchLoader(test_data, 1000)
+    accuracy = 0.0
+    for _ in range(rounds):
+        # Every client calls again before each round, as fl-client does: the server samples only the
+        # clients it heard from lately, and a slow round must not age the early finishers out.
+        for member in members:
+            state.join(JoinRequest(client_id=member.client_id, num_samples=len(member.data)), 0)
+        selected = state.open_round()
+        start = {k: v.clone() for k, v in state.global_state.items()}
+        version = state.model_version
+        for client in selected:
+            member = members[int(client)]
+            update = member.prepare(start, cfg, version + 1)
+            try:
+                reply = state.submit(update.header(version), update.payload.chunks())
+            except InvalidUpdateError:
+                continue  # e.g. an honest client whose training diverged on a model an attack has wrecked
+            if reply.accepted:
+                member.commit(update)
+        # Every update is in (or refused): close at once rather than wait for a silence or a deadline.
+        outcome = state.close_round()
+        if on_outcome is not None:
+            on_outcome(outcome)
+        if not outcome.aggregated:
+            break  # every update refused: the model is lost
+        net.load_state_dict(state.global_state)
+        result = evaluate(net, test_loader, device)
+        accuracy = result.accuracy
+        if on_round is not None:
+            on_round(state.model_version, result)
+    if on_final is not None:
+        on_final(state.global_state)
+    return accuracy
