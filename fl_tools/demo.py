@@ -71,7 +71,8 @@ def stop(proc: subprocess.Popen, timeout: float = 30.0) -> int:
     return proc.wait(timeout)
 
 
-def start_client(client_id: str, server: str, extra: list[str], log_file: Path, env: dict[str, str]) -> subprocess.Popen:
+def start_client(client_id: str, server: str, extra: list[str], log_file: Path,
+                 env: dict[str, str]) -> subprocess.Popen:
     out = open(log_file, "w")  # noqa: SIM115 - lives as long as the process
     return subprocess.Popen([*command("fl-client"), "--id", client_id, "--server", server, *extra, "--insecure"],
                             stdout=out, stderr=subprocess.STDOUT, env=env)

@@ -116,7 +116,8 @@ def table(key: str, runs: list[Run]) -> str:
     for r in runs:
         reached = r.first_round_reaching(TARGET)
         lines.append(f"| {r.name} | {r.accuracy[0]:.2%} | {r.final:.2%} | {max(r.accuracy):.2%} | "
-                     f"{reached or 'not reached'} | {r.loss[-1]:.3f} | {(r.final - reference.final) * 100:+.1f} points |")
+                     f"{reached or 'not reached'} | {r.loss[-1]:.3f} | "
+                     f"{(r.final - reference.final) * 100:+.1f} points |")
     return "\n".join(lines) + "\n"
 
 

@@ -55,5 +55,6 @@ def table(rounds: int, seeds: list[int]) -> str:
         attacked = [(attack, s) for attack in ATTACKS[1:] for s in seeds]
         vs_fedavg = max(results["fedavg", "none", s] - results[a, attack, s] for attack, s in attacked)
         vs_own = max(results[a, "none", s] - results[a, attack, s] for attack, s in attacked)
-        lines.append(f"| {a} | " + " | ".join(cells) + f" | {vs_fedavg * 100:+.1f} points | {vs_own * 100:+.1f} points |")
+        lines.append(f"| {a} | " + " | ".join(cells) +
+                     f" | {vs_fedavg * 100:+.1f} points | {vs_own * 100:+.1f} points |")
     return "\n".join(lines) + "\n"

@@ -36,8 +36,8 @@ class ServerProcess:
             args = [*args, "--insecure"]
         self.args = args
         self.lines: list[str] = []
-        self.proc = subprocess.Popen([*(prefix or []), *command("fl-server"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=env)
+        self.proc = subprocess.Popen([*(prefix or []), *command("fl-server"), *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=env)
         self.stderr_lines: list[str] = []
         self._listening = threading.Event()
         self.port = 0

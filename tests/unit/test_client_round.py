@@ -46,7 +46,8 @@ class Recorder:
 
 class FakeConnection:
     def __init__(self, global_state, reply: m.SubmitResult):
-        self.global_state, self.reply, self.submitted = global_state, reply, []
+        self.global_state, self.reply = global_state, reply
+        self.submitted: list[tuple[m.UpdateHeader, tensors.Payload]] = []
 
     def fetch_model(self, request):
         return m.ModelHeader(round=1, model_version=request.model_version, payload=None), self.global_state

@@ -25,7 +25,7 @@ KNOWN = {
 def imported_packages(path: Path) -> set[str]:
     """The top-level package of every import in the module, those inside functions too."""
     package = path.relative_to(ROOT).parent.parts
-    names = set()
+    names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
@@ -52,13 +52,16 @@ def test_the_check_sees_imports_inside_functions():
 
 
 def scripts() -> dict[str, str]:
-    section = re.search(r"^\[project\.scripts\]\n(.*?)(?=^\[)", (ROOT / "pyproject.toml").read_text(), re.MULTILINE | re.DOTALL)
+    text = (ROOT / "pyproject.toml").read_text()
+    section = re.search(r"^\[project\.scripts\]\n(.*?)(?=^\[)", text, re.MULTILINE | re.DOTALL)
+    assert section is not None
     return dict(re.findall(r'^([\w-]+) = "([\w.:]+)"$', section.group(1), re.MULTILINE))
 
 
 def test_every_command_names_a_function_of_an_installed_package():
-    packages = re.search(r"^packages = \[(.*)\]$", (ROOT / "pyproject.toml").read_text(), re.MULTILINE).group(1)
-    installed = set(re.findall(r'"([\w.]+)"', packages))
+    packages = re.search(r"^packages = \[(.*)\]$", (ROOT / "pyproject.toml").read_text(), re.MULTILINE)
+    assert packages is not None
+    installed = set(re.findall(r'"([\w.]+)"', packages.group(1)))
     assert installed >= {p.parent.relative_to(ROOT).as_posix().replace("/", ".")
                          for package in FORBIDDEN for p in (ROOT / package).rglob("__init__.py")}
     commands = scripts()
