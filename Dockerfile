@@ -9,6 +9,7 @@ COPY proto proto
 COPY common common
 COPY fl_server fl_server
 COPY fl_client fl_client
+COPY fl_tools fl_tools
 RUN python -c "import torch" 2>/dev/null || pip install --no-cache-dir --index-url ${TORCH_INDEX} torch torchvision; \
     pip install --no-cache-dir .
 # gRPC port of fl-server.

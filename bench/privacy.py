@@ -4,7 +4,7 @@
 
 1000 clients hold IID shares of MNIST (the copy in ../shared/data/mnist; the built-in digits when it is
 absent); each round samples 100 of them, which train the MLP for one local epoch. The server is the real
-`RoundState` with its DP-FedAvg aggregator (fl_server/privacy.py), in one process. Prints a markdown
+`RoundState` with its DP-FedAvg aggregator (fl_server/aggregation/dp.py), in one process. Prints a markdown
 table (the one in docs/security.md): final test accuracy and the epsilon spent, per noise multiplier.
 """
 from __future__ import annotations
@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import torch
-from fl_server.privacy import epsilon
 
 from common.datasets import load_digits, load_mnist
-from fl_server import simulation
+from fl_server.aggregation import epsilon
+from fl_tools import simulation
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 CLIENTS, PER_ROUND, CLIP, DELTA = 1000, 100, 1.0, 1e-5

@@ -37,8 +37,8 @@ from common.models import build_model
 from common.proto import federation_pb2 as pb
 from common.training import train
 from fl_client.connection import ServerConnection
-from fl_server.demo import ServerProcess, start_client
 from fl_server.records import read_jsonl
+from tests.harness import ServerProcess, start_client
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"

@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="let the server have this client build your own model class (the server names "
                              "the model, and importing a module runs its code: allow only what you trust)")
     parser.add_argument("--download", action="store_true",
-                        help="fetch the federation's torchvision data set into --data-root if missing (needs the internet)")
+                        help="fetch the federation's torchvision data set into --data-root if missing "
+                             "(needs the internet)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (there is none off a terminal anyway)")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     parser.add_argument("--log-file", help="also write the log to this file")

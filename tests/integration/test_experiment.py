@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from common.datasets import load_digits
-from fl_server import experiment
+from fl_tools import experiment
 from tests.integration.conftest import ENV
 
 pytestmark = pytest.mark.integration

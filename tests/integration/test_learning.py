@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from common.datasets import load_mnist
-from fl_server import simulation
+from fl_tools import simulation
 
 pytestmark = pytest.mark.integration
 SHARED_MNIST = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"

@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from fl_server import anomaly
+from fl_tools import anomaly
 
 
 def brute_force_auc(scores, labels):

@@ -2,7 +2,7 @@
 (The full table, with more rounds, is `python -m bench.poisoning`, in docs/security.md.)"""
 import pytest
 
-from bench.poisoning import simulate
+from fl_tools.poisoning import simulate
 
 
 @pytest.mark.parametrize("attack", ["scale:-10", "noise"])

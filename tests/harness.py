@@ -1,14 +1,10 @@
-"""`fl-demo` (what `make demo` runs): a server and three clients as separate processes on localhost.
-
-Also the one way the integration tests start real processes (`start_server`, `start_client`).
+"""Starts real fl-server / fl-client processes for the integration tests and the benchmark
+(`python -m bench.run`, from the repository root): the installed entry points beside this Python, or
+`python -m` where they are missing.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -40,8 +36,8 @@ class ServerProcess:
             args = [*args, "--insecure"]
         self.args = args
         self.lines: list[str] = []
-        self.proc = subprocess.Popen([*(prefix or []), *command("fl-server"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=env)
+        self.proc = subprocess.Popen([*(prefix or []), *command("fl-server"), *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=env)
         self.stderr_lines: list[str] = []
         self._listening = threading.Event()
         self.port = 0
@@ -94,40 +90,3 @@ def start_client(client_id: str, server: str, extra: list[str] | None = None, lo
         extra.append("--insecure")  # plaintext on localhost, as the server helper
     return subprocess.Popen([*(prefix or []), *command("fl-client"), "--id", client_id, "--server", server, *extra],
                             stdout=out, stderr=subprocess.STDOUT, env=env)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fl-demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--model", default="cnn", help="mlp or cnn")
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"))
-    args = parser.parse_args(argv)
-
-    shutil.rmtree(args.out, ignore_errors=True)  # a demo starts afresh rather than resuming the last one
-    args.out.mkdir(parents=True)
-    # Each process trains with one thread: 2 cores shared by 4 processes go further without oversubscription.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    print(f"fl-demo: starting fl-server and {args.clients} fl-client processes on localhost (built-in digits, "
-          f"{args.model}, {args.rounds} rounds); logs in {args.out}/", flush=True)
-    server = ServerProcess(["--port", "0", "--rounds", str(args.rounds), "--num-clients", str(args.clients),
-                            "--clients-per-round", str(args.clients), "--model-name", args.model,
-                            "--round-timeout", "120", "--out", str(args.out),
-                            "--log-file", str(args.out / "server.log")], echo=sys.stdout, env=env)
-    print(f"fl-demo: server listening on {server.address}", flush=True)
-    clients = [start_client(str(i), server.address, ["--device", "cpu", "--give-up-after", "60"],
-                            args.out / f"client{i}.log", env=env) for i in range(args.clients)]
-    codes = [c.wait() for c in clients]
-    server_code = server.stop()
-    metrics = [json.loads(line) for line in (args.out / "metrics.jsonl").read_text().splitlines()]
-    if any(codes) or server_code or len(metrics) < args.rounds:
-        print(f"fl-demo: something failed (client exit codes {codes}, server {server_code}); see {args.out}/*.log",
-              file=sys.stderr)
-        return 1
-    print(f"fl-demo: final test accuracy {metrics[-1]['accuracy']:.2%} after {len(metrics)} rounds; "
-          f"model in {args.out}/final_model.pt, metrics in {args.out}/metrics.jsonl", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,7 +15,7 @@ As a command:
     fl-anomaly example [--holdout 9] [--rounds 30]
 
 `example` trains the autoencoder federated (10 clients, in one process through the server's own round
-state, fl_server.simulation) on digits none of which is a `--holdout`, then scores the test digits and
+state, fl_tools.simulation) on digits none of which is a `--holdout`, then scores the test digits and
 prints the ROC AUC with which the held-out digit stands out as anomalous.
 """
 from __future__ import annotations
@@ -81,7 +81,7 @@ def without_class(data: ArrayData, label: int) -> ArrayData:
 def example(holdout: int = 9, rounds: int = 30, clients: int = 10, seed: int = 0) -> tuple[float, float, float]:
     """Federated training on digits without `holdout`; returns (ROC AUC, mean score of normal test digits,
     mean score of the held-out ones)."""
-    from fl_server import simulation  # noqa: PLC0415 - the server side, needed only here
+    from fl_tools import simulation  # noqa: PLC0415 - the server's round state: only the example needs it
 
     train, test = load_digits()
     model = build_model(ModelSpec("autoencoder", train.input_shape, train.num_classes))

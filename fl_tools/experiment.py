@@ -9,7 +9,7 @@
     FedProx.
 
 Every run goes through the server's own round state and aggregation and the clients' own training loop,
-in one process (fl_server.simulation); the test accuracy and loss of every round are evaluated on the
+in one process (fl_tools.simulation); the test accuracy and loss of every round are evaluated on the
 held-out test set. Writes results.md (the tables), results.json (every round of every run) and one PNG
 per comparison (accuracy and loss per round) into --out.
 """
@@ -29,7 +29,7 @@ from common import logs
 from common.datasets import ArrayData, DataError, load_dataset
 from common.partition import client_share
 from common.training import EvalResult
-from fl_server import simulation
+from fl_tools import simulation
 
 TARGET = 0.95  # the accuracy whose first round the tables report
 
@@ -116,7 +116,8 @@ def table(key: str, runs: list[Run]) -> str:
     for r in runs:
         reached = r.first_round_reaching(TARGET)
         lines.append(f"| {r.name} | {r.accuracy[0]:.2%} | {r.final:.2%} | {max(r.accuracy):.2%} | "
-                     f"{reached or 'not reached'} | {r.loss[-1]:.3f} | {(r.final - reference.final) * 100:+.1f} points |")
+                     f"{reached or 'not reached'} | {r.loss[-1]:.3f} | "
+                     f"{(r.final - reference.final) * 100:+.1f} points |")
     return "\n".join(lines) + "\n"
 
 
