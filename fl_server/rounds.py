@@ -266,6 +266,13 @@ class RoundState:
                 "bytes_sent": self.bytes_sent,
             }
 
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Block until `predicate()` (run under the state's lock, so it may call `status()`) holds, or
+        `timeout` seconds pass; whether it holds. Every change a client or the coordinator can see wakes
+        it: for tests and tools that must act once the state has reached a point."""
+        with self._cond:
+            return self._cond.wait_for(predicate, timeout)
+
     def count_sent(self, nbytes: int) -> None:
         with self._cond:
             self.bytes_sent += nbytes
@@ -317,6 +324,7 @@ class RoundState:
             r = self._round
             assert r is not None, "no round is open"
             self._round = None  # no more uploads are accepted into it...
+            self._cond.notify_all()
             while r.folding:  # ...and those accepted are all folded in
                 self._cond.wait()
             aggregated = len(r.submitted) >= self.rules.min_fit and not self.stopping

@@ -3,7 +3,6 @@ and threads are ordered by events and by states the test observes, never by a gu
 on how fast the machine is."""
 import logging
 import threading
-import time
 
 import pytest
 import torch
@@ -155,13 +154,10 @@ def promptly(call, *args, **kwargs):
     return result["value"]
 
 
-def wait_until(predicate, what):
-    """Until `predicate()` holds, for states that no event announces (see the hooks RoundState should
-    provide): it orders the test after the state, not after a guessed delay."""
-    give_up = time.monotonic() + GUARD
-    while not predicate():
-        assert time.monotonic() < give_up, f"never saw: {what}"
-        time.sleep(0.001)
+def wait_until(state, predicate, what):
+    """Until `predicate()` holds: RoundState wakes its waiters at every change, so the test is ordered
+    after the state, not after a guessed delay."""
+    assert state.wait_for(predicate, GUARD), f"never saw: {what}"
 
 
 def client_state(state, cid):
@@ -219,7 +215,7 @@ def test_long_poll_wakes_the_moment_a_round_opens():
     poller = threading.Thread(target=lambda: result.update(decision=join(state, "a", timeout=LONG_POLL)),
                               daemon=True)
     poller.start()
-    wait_until(lambda: "a" in state.status()["clients"] and client_state(state, "a") == "waiting",
+    wait_until(state, lambda: "a" in state.status()["clients"] and client_state(state, "a") == "waiting",
                "a's long-poll being held")
     state.open_round()
     # The clock stands still and the poll's timeout is longer than GUARD: only the round opening ends it.
@@ -537,7 +533,7 @@ def test_closing_a_round_waits_for_accepted_updates_to_be_folded(monkeypatch):
     closer = threading.Thread(target=lambda: closing.update(outcome=state.close_round()), daemon=True)
     closer.start()
     # Closed to uploads, and waiting (status() takes the lock close_round releases only to wait).
-    wait_until(lambda: state.status()["phase"] == "waiting", "the round closed to uploads")
+    wait_until(state, lambda: state.status()["phase"] == "waiting", "the round closed to uploads")
     assert "outcome" not in closing
     folds_may_run.set()
     closer.join(GUARD)
