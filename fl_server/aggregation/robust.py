@@ -8,8 +8,14 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from common.tensors import TensorSpec
-from fl_server.aggregation.base import MAX_WEIGHTED_MAGNITUDE, UpdateRejected, check_update, check_weight
+from common.tensors import DTYPES, TensorSpec
+from fl_server.aggregation.base import (
+    MAX_WEIGHTED_MAGNITUDE,
+    UpdateRejected,
+    accumulator_dtype,
+    check_update,
+    check_weight,
+)
 from fl_server.aggregation.optimizers import ServerOptimizer
 
 ROBUST_RULES = ("median", "trimmed_mean", "krum", "multikrum")
@@ -96,9 +102,12 @@ class RobustAggregator:
         new_state = {}
         for spec, offset in zip(self.specs, self.offsets):
             current = global_state[spec.name]
-            step = aggregate[offset:offset + spec.numel].reshape(spec.shape).clone()
+            step = aggregate[offset:offset + spec.numel].reshape(spec.shape)
             if current.is_floating_point():
-                new_state[spec.name] = self.optimizer.step(spec.name, step).add_(current).to(current.dtype)
+                # Added in the model's precision: a float64 model keeps its float64 values.
+                step = step.to(accumulator_dtype(current.dtype), copy=True)
+                new = self.optimizer.step(spec.name, step).add_(current)
+                new_state[spec.name] = new if new.dtype == current.dtype else new.to(current.dtype)
             else:
                 new_state[spec.name] = step.double().add_(current).round_().to(current.dtype)
         self.discard()
@@ -111,7 +120,7 @@ class RobustAggregator:
         self.optimizer.load_state_dict(dict(state))
 
     def memory_claim(self) -> int:
-        """Updates live on disk; RAM holds the server optimizer's float32 moments, and one aggregate
-        (float32, whole model) while finish() runs."""
-        floats = sum(s.numel for s in self.specs)
-        return 4 * floats * (self.optimizer.moments() + 1)
+        """Updates live on disk; RAM holds the server optimizer's moments (in the model's precision), and
+        one aggregate (float32, whole model) while finish() runs."""
+        moments = sum(s.numel * accumulator_dtype(DTYPES[s.dtype]).itemsize for s in self.specs)
+        return 4 * sum(s.numel for s in self.specs) + self.optimizer.moments() * moments
