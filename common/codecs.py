@@ -11,7 +11,9 @@ names, dtypes and shapes before the first byte arrives and refuses anything else
   int32 indices, with error feedback: what was not sent is kept by the client and added to its next
   diff (Stich et al., 2018, "Sparsified SGD with Memory"), so small changes are delayed, not lost.
 
-Integer tensors (BatchNorm's counters) always travel as they are.
+Integer and bool tensors (BatchNorm's counters, uint8 or bool buffers) always travel as they are: they
+are the client's new values, not diffs (fl_server/aggregation/values.py), and take no part in top-k's
+error feedback.
 """
 from __future__ import annotations
 

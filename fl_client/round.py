@@ -194,7 +194,11 @@ class ClientRound:
             RoundTask(model, global_state, self.data, cfg, round_, seed, self.device, should_stop))
         if should_stop():
             raise TrainingStopped
-        diff = {name: local[name] - global_state[name] for name in global_state}
+        # Floating-point tensors travel as local - global; integer and bool ones (BatchNorm's counters, a
+        # uint8 or bool buffer) as the local values themselves, which cannot wrap around (see
+        # fl_server/aggregation/values.py; torch cannot even subtract bools).
+        diff = {name: local[name] - g if g.is_floating_point() else local[name].to(g.dtype, copy=True)
+                for name, g in global_state.items()}
         if self.tamper is not None:
             diff = self.tamper(diff)
         codec = codecs.parse(cfg.compression)

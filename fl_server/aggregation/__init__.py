@@ -6,6 +6,7 @@ built-in rules that keep it, and one factory from the config's `aggregator` text
     optimizers.py  server optimizers applied to the averaged diff (FedAvgM, FedAdam, FedYogi)
     robust.py      median, trimmed mean, Krum, multi-Krum (updates spilled to disk)
     dp.py          DP-FedAvg (clipping and Gaussian noise) and its privacy accounting
+    values.py      integer and bool tensors, which updates carry as values: combined exactly
 """
 from __future__ import annotations
 

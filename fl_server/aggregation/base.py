@@ -23,7 +23,8 @@ class UpdateRejected(ValueError):
 
 @runtime_checkable
 class Aggregator(Protocol):
-    """How a round's updates (diffs: local - global) become the next global model.
+    """How a round's updates become the next global model. An update holds local - global for each
+    floating-point tensor and the client's new values for each integer or bool tensor (values.py).
 
     - `check` raises UpdateRejected unless the update can be folded in, and changes nothing: a rejected
       update leaves the aggregate exactly as it was, and an update that passed cannot fail to fold.
@@ -64,8 +65,9 @@ def add(aggregator: Aggregator, diff: Mapping[str, torch.Tensor], weight: int) -
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Integer buffers (BatchNorm's num_batches_tracked) and float64 are summed in float64 so their
-    # mean is exact enough to round back; half precisions are summed in float32 to avoid overflow.
+    # Integer and bool buffers (their values' offsets, see values.py) and float64 are summed in float64,
+    # so that integer means are exact enough to round back; half precisions are summed in float32 to
+    # avoid overflow. It is also the precision a rule adds its step to the model in.
     return torch.float32 if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float64
 
 

@@ -33,8 +33,8 @@ logging.getLogger("absl").setLevel(logging.ERROR)
 
 class DPFedAvg(FedAvg):
     """FedAvg with clipping, equal weights and Gaussian noise.
-    Integer buffers (BatchNorm's batch counter) are left as they were: their mean would publish a
-    function of the clients' data without noise."""
+    Integer and bool buffers (BatchNorm's batch counter), which updates carry as values, are left as
+    they were: their mean would publish a function of the clients' data without noise."""
 
     def __init__(self, specs: list[TensorSpec], noise_multiplier: float, clip: float, clients_per_round: int,
                  optimizer: ServerOptimizer | None = None):

@@ -4,6 +4,10 @@
 
 (McMahan et al., 2017, with the server learning rate of Reddi et al., 2021, "Adaptive Federated
 Optimization"; server_lr = 1 is plain FedAvg, and the seed's `lambda`.)
+
+Integer and bool tensors arrive as the clients' values, not diffs (values.py): they take the
+sample-weighted mean of the values, rounded (integers), or the weighted majority (bools; a tie keeps
+the current value). The server optimizer does not touch them.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from fl_server.aggregation.base import (
     check_weight,
 )
 from fl_server.aggregation.optimizers import ServerOptimizer
+from fl_server.aggregation.values import is_value, offsets, reference_of, settle
 
 
 class FedAvg:
@@ -29,6 +34,9 @@ class FedAvg:
         self.specs = specs
         self.optimizer = optimizer or ServerOptimizer("fedavg", server_lr)
         self._sums: dict[str, torch.Tensor] = {}
+        # Integer and bool tensors: the first update's values, which the sums hold offsets from (exact
+        # for large counters; see values.py).
+        self._references: dict[str, torch.Tensor] = {}
         # A global state that finish() replaced: its memory becomes the next round's sums, so that rounds
         # do not keep asking the allocator for a fresh model's worth of memory (which, across threads, it
         # tends to hold on to rather than reuse).
@@ -41,11 +49,13 @@ class FedAvg:
         the round state pays while clients train rather than when the first update lands."""
         spare, self._spare = self._spare, None
         self._sums = self._empty_sums(spare)
+        self._references = {}
         self.total_weight = 0
         self.count = 0
 
     def discard(self) -> None:
         self._sums = {}
+        self._references = {}
         self.total_weight = 0
         self.count = 0
 
@@ -73,12 +83,19 @@ class FedAvg:
         self.count += 1
 
     def _accumulate(self, tensors: Iterable[tuple[str, torch.Tensor]], alpha: float) -> None:
-        """sums[name] += alpha * tensor, in the accumulator's dtype."""
+        """sums[name] += alpha * tensor, in the accumulator's dtype; for an integer or bool tensor (values),
+        alpha * its offset from the round's reference values."""
         if not self._sums:
             self._sums = self._empty_sums()
         for name, tensor in tensors:
             acc = self._sums[name]
-            acc.add_(tensor.to(acc.dtype), alpha=alpha)
+            if is_value(tensor):
+                reference = self._references.get(name)
+                if reference is None:
+                    reference = self._references[name] = reference_of(tensor)
+                acc.add_(offsets(tensor, reference), alpha=alpha)
+            else:
+                acc.add_(tensor.to(acc.dtype), alpha=alpha)
 
     def _stepped(self, name: str, mean: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
         """`current` moved by the server optimizer's step for the mean diff `mean` (whose memory it takes)."""
@@ -95,8 +112,8 @@ class FedAvg:
             if current.is_floating_point():
                 new_state[name] = self._stepped(name, mean, current)
             else:
-                # Counters take the plain mean. Round, not truncate: a mean step of 0.99 must not become 0.
-                new_state[name] = mean.add_(current).round_().to(current.dtype)
+                # The weighted mean of the values, rounded (not truncated), or the weighted majority.
+                new_state[name] = settle(self._references[name], mean, current)
         self.discard()
         self._spare = global_state
         return new_state
@@ -108,8 +125,10 @@ class FedAvg:
         self.optimizer.load_state_dict(dict(state))
 
     def memory_claim(self) -> int:
-        """The sums, plus the server optimizer's moments (one accumulator-sized copy of each float tensor)."""
+        """The sums, the integer and bool tensors' int64 reference values, plus the server optimizer's
+        moments (one accumulator-sized copy of each float tensor)."""
         sums = sum(s.numel * accumulator_dtype(DTYPES[s.dtype]).itemsize for s in self.specs)
         floats = sum(s.numel * accumulator_dtype(DTYPES[s.dtype]).itemsize for s in self.specs
                      if DTYPES[s.dtype].is_floating_point)
-        return sums + self.optimizer.moments() * floats
+        references = sum(s.numel * 8 for s in self.specs if is_value(DTYPES[s.dtype]))
+        return sums + references + self.optimizer.moments() * floats

@@ -15,8 +15,8 @@ class ServerOptimizer:
     - `fedadam`, `fedyogi`: m = b1 m + (1 - b1) diff; v = b2 v + (1 - b2) diff^2 (Adam) or
       v = v - (1 - b2) diff^2 sign(v - diff^2) (Yogi); step = lr * m / (sqrt(v) + tau).
 
-    Only floating-point tensors go through it; integer buffers take the plain mean. Its state is
-    checkpointed with the model.
+    Only floating-point tensors go through it; integer and bool buffers take the rule's combination of
+    the clients' values (values.py). Its state is checkpointed with the model.
     """
 
     KINDS = ("fedavg", "fedavgm", "fedadam", "fedyogi")

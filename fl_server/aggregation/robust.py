@@ -17,13 +17,17 @@ from fl_server.aggregation.base import (
     check_weight,
 )
 from fl_server.aggregation.optimizers import ServerOptimizer
+from fl_server.aggregation.values import is_value, offsets, settle
 
 ROBUST_RULES = ("median", "trimmed_mean", "krum", "multikrum")
 
 
 class RobustAggregator:
-    """Updates are spilled to a `numpy.memmap` on disk, one float32 row per client, so the server holds
-    one model in RAM whatever the number of clients. Sample counts do not weight these rules: a weight is
+    """Floating-point diffs are spilled to a `numpy.memmap` on disk, one float32 row per client, so the
+    server holds one model in RAM whatever the number of clients; the step the rule computes is added to
+    the model in the model's own precision (float64 for a float64 model). Integer and bool tensors are
+    the clients' values (values.py), tiny in real models: they are held in RAM as int64 rows, exactly, and
+    take the same rule's statistic of the values. Sample counts do not weight these rules: a weight is
     what a liar would inflate."""
 
     COLUMNS = 1 << 20  # columns processed at a time: bounds the memory of sorting and distances
@@ -32,12 +36,18 @@ class RobustAggregator:
                  optimizer: ServerOptimizer | None = None):
         self.specs, self.rule, self.params, self.capacity = specs, rule, params, capacity
         self.optimizer = optimizer or ServerOptimizer("fedavg", 1.0)
-        self.offsets, total = [], 0
+        # Each tensor's first column among the float rows (diffs) or the int64 rows (values).
+        self.starts: list[int] = []
+        self.total = self.value_total = 0
         for spec in specs:
-            self.offsets.append(total)
-            total += spec.numel
-        self.total = total
+            if is_value(DTYPES[spec.dtype]):
+                self.starts.append(self.value_total)
+                self.value_total += spec.numel
+            else:
+                self.starts.append(self.total)
+                self.total += spec.numel
         self._rows: np.memmap | None = None
+        self._values: np.ndarray | None = None
         self.count = 0
 
     def _spill_file(self) -> np.memmap:
@@ -48,8 +58,14 @@ class RobustAggregator:
                                    shape=(max(self.capacity, 1), max(self.total, 1)))
         return self._rows
 
+    def _value_rows(self) -> np.ndarray:
+        if self._values is None:
+            self._values = np.zeros((max(self.capacity, 1), self.value_total), dtype=np.int64)
+        return self._values
+
     def begin_round(self) -> None:
         self._spill_file()
+        self._value_rows()
         self.count = 0
 
     def discard(self) -> None:
@@ -64,52 +80,82 @@ class RobustAggregator:
             raise UpdateRejected(f"this round already holds {self.capacity} updates")
 
     def fold(self, diff: Mapping[str, torch.Tensor], weight: int) -> None:
-        row = self._spill_file()[self.count]
-        for spec, offset in zip(self.specs, self.offsets):
-            row[offset:offset + spec.numel] = diff[spec.name].reshape(-1).to(torch.float32).numpy()
+        row, values = self._spill_file()[self.count], self._value_rows()[self.count]
+        for spec, start in zip(self.specs, self.starts):
+            tensor = diff[spec.name].reshape(-1)
+            if is_value(tensor):
+                values[start:start + spec.numel] = tensor.to(torch.int64).numpy()
+            else:
+                row[start:start + spec.numel] = tensor.to(torch.float32).numpy()
         self.count += 1
 
-    def _aggregate(self) -> np.ndarray:
+    def _value_offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The round's integer and bool values as float64 offsets from the first update's (exact for
+        values within 2**53 of each other), and those reference values (int64)."""
+        rows = torch.from_numpy(self._value_rows()[:self.count])
+        reference = rows[0].clone()
+        return offsets(rows, reference), reference
+
+    def _chosen(self, value_offsets: np.ndarray) -> np.ndarray | None:
+        """Krum and multi-Krum: the indices of the updates the rule keeps, in order; None for other rules."""
+        if self.rule not in ("krum", "multikrum"):
+            return None
+        rows, n, f = self._spill_file(), self.count, int(self.params[0])
+        gram = np.zeros((n, n))
+        for start in range(0, self.total, self.COLUMNS):
+            block = np.asarray(rows[:n, start:start + self.COLUMNS], dtype=np.float64)
+            gram += block @ block.T
+        norms = np.diag(gram)
+        distances = np.maximum(norms[:, None] + norms[None, :] - 2 * gram, 0)
+        # Integer and bool values: their differences (which are the diffs' differences), directly, not
+        # through a Gram matrix whose squares of large counters would cancel catastrophically.
+        for i in range(n if value_offsets.shape[1] else 0):
+            distances[i] += np.square(value_offsets - value_offsets[i]).sum(axis=1)
+        neighbours = max(n - f - 2, 1)
+        scores = [np.sort(np.delete(distances[i], i))[:neighbours].sum() for i in range(n)]
+        keep = 1 if self.rule == "krum" else min(int(self.params[1]), n)
+        return np.sort(np.argsort(scores)[:keep])
+
+    def _statistic(self, block: np.ndarray, chosen: np.ndarray | None) -> np.ndarray:
+        """The rule's per-column statistic of `block` (one row per update)."""
+        if chosen is not None:
+            return np.asarray(block[chosen], dtype=np.float64).mean(axis=0)
+        if self.rule == "median":
+            return np.median(block, axis=0)
+        n = block.shape[0]
+        cut = int(self.params[0] * n)
+        return np.sort(block, axis=0)[cut:n - cut].mean(axis=0)
+
+    def _aggregate(self, chosen: np.ndarray | None) -> np.ndarray:
+        """The rule's statistic of the float diffs, in float32."""
         rows, n = self._spill_file(), self.count
-        if self.rule in ("krum", "multikrum"):
-            f = int(self.params[0])
-            gram = np.zeros((n, n))
-            for start in range(0, self.total, self.COLUMNS):
-                block = np.asarray(rows[:n, start:start + self.COLUMNS], dtype=np.float64)
-                gram += block @ block.T
-            norms = np.diag(gram)
-            distances = np.maximum(norms[:, None] + norms[None, :] - 2 * gram, 0)
-            neighbours = max(n - f - 2, 1)
-            scores = [np.sort(np.delete(distances[i], i))[:neighbours].sum() for i in range(n)]
-            keep = 1 if self.rule == "krum" else min(int(self.params[1]), n)
-            chosen = np.argsort(scores)[:keep]
-            return np.asarray(rows[np.sort(chosen)], dtype=np.float64).mean(axis=0).astype(np.float32)
         out = np.empty(self.total, dtype=np.float32)
-        cut = int(self.params[0] * n) if self.rule == "trimmed_mean" else 0
         for start in range(0, self.total, self.COLUMNS):
             block = np.asarray(rows[:n, start:start + self.COLUMNS])
-            if self.rule == "median":
-                out[start:start + block.shape[1]] = np.median(block, axis=0)
-            else:
-                ordered = np.sort(block, axis=0)
-                out[start:start + block.shape[1]] = ordered[cut:n - cut].mean(axis=0)
+            out[start:start + block.shape[1]] = self._statistic(block, chosen)
         return out
 
     def finish(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.count == 0:
             raise ValueError("no updates to aggregate")
-        aggregate = torch.from_numpy(self._aggregate())
+        value_offsets, reference = self._value_offsets()
+        chosen = self._chosen(value_offsets.numpy())
+        aggregate = torch.from_numpy(self._aggregate(chosen))
+        value_aggregate = torch.zeros(0, dtype=torch.float64)
+        if self.value_total:
+            value_aggregate = torch.from_numpy(np.asarray(self._statistic(value_offsets.numpy(), chosen),
+                                                          dtype=np.float64))
         new_state = {}
-        for spec, offset in zip(self.specs, self.offsets):
+        for spec, start in zip(self.specs, self.starts):
             current = global_state[spec.name]
-            step = aggregate[offset:offset + spec.numel].reshape(spec.shape)
+            columns = slice(start, start + spec.numel)
             if current.is_floating_point():
                 # Added in the model's precision: a float64 model keeps its float64 values.
-                step = step.to(accumulator_dtype(current.dtype), copy=True)
+                step = aggregate[columns].reshape(spec.shape).to(accumulator_dtype(current.dtype), copy=True)
                 new = self.optimizer.step(spec.name, step).add_(current)
                 new_state[spec.name] = new if new.dtype == current.dtype else new.to(current.dtype)
             else:
-                new_state[spec.name] = step.double().add_(current).round_().to(current.dtype)
+                new_state[spec.name] = settle(reference[columns], value_aggregate[columns], current)
         self.discard()
         return new_state
 
@@ -120,7 +166,10 @@ class RobustAggregator:
         self.optimizer.load_state_dict(dict(state))
 
     def memory_claim(self) -> int:
-        """Updates live on disk; RAM holds the server optimizer's moments (in the model's precision), and
-        one aggregate (float32, whole model) while finish() runs."""
-        moments = sum(s.numel * accumulator_dtype(DTYPES[s.dtype]).itemsize for s in self.specs)
-        return 4 * sum(s.numel for s in self.specs) + self.optimizer.moments() * moments
+        """Float updates live on disk; RAM holds the integer and bool values (int64, one row per update),
+        the server optimizer's moments (in the model's precision), and one float32 aggregate while
+        finish() runs."""
+        floats = [s for s in self.specs if not is_value(DTYPES[s.dtype])]
+        moments = sum(s.numel * accumulator_dtype(DTYPES[s.dtype]).itemsize for s in floats)
+        return (4 * sum(s.numel for s in floats) + self.optimizer.moments() * moments
+                + 8 * self.value_total * max(self.capacity, 1))

@@ -42,9 +42,9 @@ def test_server_lr_scales_the_averaged_diff(server_lr):
 def test_integer_buffers_are_rounded_not_truncated():
     g = {"num_batches_tracked": torch.tensor(100, dtype=torch.int64)}
     agg = make(g)
-    # Mean step 14.75: truncation would give 114, rounding gives 115.
-    add(agg, {"num_batches_tracked": torch.tensor(15, dtype=torch.int64)}, weight=3)
-    add(agg, {"num_batches_tracked": torch.tensor(14, dtype=torch.int64)}, weight=1)
+    # Integer tensors travel as the clients' values. Mean 114.75: truncation would give 114, rounding 115.
+    add(agg, {"num_batches_tracked": torch.tensor(115, dtype=torch.int64)}, weight=3)
+    add(agg, {"num_batches_tracked": torch.tensor(114, dtype=torch.int64)}, weight=1)
     new = agg.finish(g)
     assert new["num_batches_tracked"].dtype == torch.int64
     assert new["num_batches_tracked"].item() == 115
@@ -53,7 +53,7 @@ def test_integer_buffers_are_rounded_not_truncated():
 def test_large_integer_buffers_keep_exact_values():
     g = {"n": torch.tensor(2**40, dtype=torch.int64)}
     agg = make(g)
-    add(agg, {"n": torch.tensor(3, dtype=torch.int64)}, weight=10)
+    add(agg, {"n": torch.tensor(2**40 + 3, dtype=torch.int64)}, weight=10)
     assert agg.finish(g)["n"].item() == 2**40 + 3
 
 
@@ -131,7 +131,7 @@ def test_each_server_optimizer_reaches_the_clients_optimum(kind, lr):
     for _ in range(300):
         agg = FedAvg(specs_of(g), optimizer=optimizer)
         for optimum, weight in zip(optima, weights):
-            add(agg, {"w": optimum - g["w"], "n": torch.tensor(1)}, weight)
+            add(agg, {"w": optimum - g["w"], "n": g["n"] + 1}, weight)  # a counter's new value
         g = agg.finish(g)
     assert torch.allclose(g["w"], target, atol=0.05), (kind, g["w"], target)
     assert g["n"].item() == 300  # counters take the plain mean, whatever the optimizer
@@ -190,7 +190,9 @@ def test_robust_rules_spill_updates_to_disk_and_reset_between_rounds():
     assert isinstance(agg, RobustAggregator)
     for value in (1.0, 2.0, 3.0):
         add(agg, {"w": torch.full((3,), value), "n": torch.tensor(2)}, weight=1)
-    assert isinstance(agg._rows, np.memmap) and agg._rows.shape == (3, 4)
+    # Float diffs on disk; the integer values in RAM, as int64.
+    assert isinstance(agg._rows, np.memmap) and agg._rows.shape == (3, 3)
+    assert agg._values is not None and agg._values.shape == (3, 1) and agg._values.dtype == np.int64
     with pytest.raises(UpdateRejected, match="already holds 3"):
         add(agg, {"w": torch.zeros(3), "n": torch.tensor(0)}, weight=1)
     new = agg.finish(g)

@@ -21,7 +21,9 @@ from fl_server.aggregation import (
 )
 
 _GLOBAL = {"w": torch.tensor([[1.0, -2.0], [0.5, 4.0]]), "b": torch.tensor([0.25, -0.75], dtype=torch.float64),
-          "steps": torch.tensor(40, dtype=torch.int64)}
+          "steps": torch.tensor(40, dtype=torch.int64),
+          "level": torch.tensor([5, 250, 0], dtype=torch.uint8),
+          "flags": torch.tensor([True, False, True])}
 
 
 def fresh_global() -> dict[str, torch.Tensor]:
@@ -32,10 +34,15 @@ def fresh_global() -> dict[str, torch.Tensor]:
 GLOBAL = fresh_global()
 
 
-def update(scale: float, steps: int = 3) -> dict[str, torch.Tensor]:
+def update(scale: float, steps: int = 43, level: tuple[int, ...] = (7, 255, 1),
+           flags: tuple[bool, ...] = (False, True, True)) -> dict[str, torch.Tensor]:
+    """Floating-point tensors are diffs (local - global); integer and bool tensors are the client's new
+    values (as diffs, uint8 ones would wrap around, and bools have none)."""
     return {"w": torch.tensor([[1.0, 2.0], [-3.0, 0.5]]) * scale,
             "b": torch.tensor([0.125, -1.0], dtype=torch.float64) * scale,
-            "steps": torch.tensor(steps, dtype=torch.int64)}
+            "steps": torch.tensor(steps, dtype=torch.int64),
+            "level": torch.tensor(level, dtype=torch.uint8),
+            "flags": torch.tensor(flags)}
 
 
 def held_bytes(obj: object, seen: set[int] | None = None, depth: int = 0) -> int:
@@ -66,10 +73,12 @@ def held_bytes(obj: object, seen: set[int] | None = None, depth: int = 0) -> int
 
 class AggregatorContract:
     """Subclasses set `make(specs, capacity)`; `optimizer` (the server optimizer it applies to the
-    aggregate) and `integers` ("mean": integer buffers take the rounded mean; "keep": left as they were)."""
+    aggregate) and `integers` ("values": integer and bool buffers take the rule's combination of the
+    values the updates carry, which is those values when the updates agree on them; "keep": they are
+    left as they were)."""
 
     optimizer = "fedavg"
-    integers = "mean"
+    integers = "values"
 
     def make(self, specs, capacity: int) -> Aggregator:
         raise NotImplementedError
@@ -84,8 +93,8 @@ class AggregatorContract:
         for name, current in GLOBAL.items():
             if current.is_floating_point():
                 out[name] = current + reference.step(name, mean[name].clone().to(torch.float64)).to(current.dtype)
-            elif self.integers == "mean":
-                out[name] = (current.double() + mean[name].double()).round().to(current.dtype)
+            elif self.integers == "values":
+                out[name] = mean[name].clone()  # the values the (agreeing) updates carry
             else:
                 out[name] = current.clone()
         return out
@@ -115,13 +124,29 @@ class AggregatorContract:
             add(agg, update(0.5), weight)
         self.assert_state(agg.finish(fresh_global()), self.expected(update(0.5)))
 
-    def test_integer_buffers_keep_their_dtype(self):
+    def test_integer_and_bool_buffers_take_the_values_updates_carry_in_their_dtype(self):
         agg = self.started(2)
-        add(agg, update(1.0, steps=3), 1)
-        add(agg, update(1.0, steps=3), 1)
+        add(agg, update(1.0, steps=43, level=(7, 255, 1), flags=(False, True, True)), 1)
+        add(agg, update(1.0, steps=43, level=(7, 255, 1), flags=(False, True, True)), 3)
         new = agg.finish(fresh_global())
-        assert new["steps"].dtype == torch.int64
-        assert int(new["steps"]) == (43 if self.integers == "mean" else 40)
+        assert [new[k].dtype for k in ("steps", "level", "flags")] == [torch.int64, torch.uint8, torch.bool]
+        if self.integers == "values":  # the values, not the global ones plus them (83; 12, 249 wrapped, 1)
+            assert int(new["steps"]) == 43 and new["level"].tolist() == [7, 255, 1]
+            assert new["flags"].tolist() == [False, True, True]
+        else:
+            assert int(new["steps"]) == 40 and new["level"].tolist() == [5, 250, 0]
+            assert new["flags"].tolist() == [True, False, True]
+
+    def test_integer_values_are_combined_within_their_range_never_wrapped(self):
+        agg = self.started(2)
+        add(agg, update(1.0, steps=2**40 + 1, level=(3, 250, 0)), 1)
+        add(agg, update(1.0, steps=2**40 + 5, level=(7, 255, 2)), 1)
+        new = agg.finish(fresh_global())
+        if self.integers == "values":  # whatever the rule's statistic: between the clients' values
+            assert 2**40 + 1 <= int(new["steps"]) <= 2**40 + 5
+            assert [lo <= v <= hi for v, lo, hi in zip(new["level"].tolist(), (3, 250, 0), (7, 255, 2))] == [True] * 3
+        else:
+            assert int(new["steps"]) == 40 and new["level"].tolist() == [5, 250, 0]
 
     @pytest.mark.parametrize("bad", [
         {**update(1.0), "w": torch.full((2, 2), float("nan"))},
@@ -168,12 +193,14 @@ class AggregatorContract:
             self.started(1).finish(fresh_global())
 
     def test_memory_is_what_it_claims_whatever_the_number_of_updates(self):
-        specs = specs_of({"w": torch.zeros(256, 128), "steps": torch.tensor(0)})
-        agg = self.make(specs, 6)
+        model = {"w": torch.zeros(256, 128), "steps": torch.tensor(0), "level": torch.zeros(64, dtype=torch.uint8),
+                 "flags": torch.zeros(64, dtype=torch.bool)}
+        agg = self.make(specs_of(model), 6)
         claim = agg.memory_claim()
         agg.begin_round()
         for i in range(6):
-            add(agg, {"w": torch.full((256, 128), float(i)), "steps": torch.tensor(i)}, 1)
+            add(agg, {"w": torch.full((256, 128), float(i)), "steps": torch.tensor(i),
+                      "level": torch.full((64,), i, dtype=torch.uint8), "flags": torch.full((64,), i % 2 == 1)}, 1)
             assert held_bytes(agg) <= claim
         assert agg.memory_claim() == claim
 
