@@ -12,7 +12,8 @@ from common.settings import Parsed, Rule, at_least, one_of, positive, setting
 from common.tensors import TensorSpec
 
 # 2: TrainConfig carries the hyperparameters as one JSON object.
-PROTOCOL_VERSION = 2
+# 3: an update's integer and bool tensors are the client's new values, not local - global.
+PROTOCOL_VERSION = 3
 
 
 class Action(enum.Enum):
