@@ -30,7 +30,8 @@ class LoadStats:
 
 
 def tiny_change(specs: list[tensors.TensorSpec], seed: int = 0) -> tensors.Payload:
-    """A diff of the model's exact shape: zeros but for a few small random values."""
+    """A diff of the model's exact shape: zeros but for a few small random values. (Integer tensors travel
+    as values, so this would set them to 0: the benchmark's models have none.)"""
     generator = torch.Generator().manual_seed(seed)
     diff = {}
     for spec in specs:

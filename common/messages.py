@@ -24,7 +24,7 @@ class Action(enum.Enum):
 
 class Encoding(enum.Enum):
     FULL_WEIGHTS = 1  # the tensors themselves
-    DIFF = 2  # local - global, in each tensor's own dtype
+    DIFF = 2  # floating-point tensors as local - global; integer and bool ones as the local values
 
 
 @dataclass(frozen=True)
