@@ -9,8 +9,7 @@ simulation in one process (fl_tools.simulation).
 
 `prepare` evaluates the global model on the held-out data (federated evaluation), trains through a
 training function (`TrainFn`; `LocalTraining` is the built-in one), and encodes local - global (integer
-and bool tensors: their local values, which cannot wrap) with
-the round's codec. A training function gets a `RoundTask` and returns a `TrainOutput`.
+and bool tensors: their local values, which cannot wrap) with the round's codec. A training function gets a `RoundTask` and returns a `TrainOutput`.
 """
 from __future__ import annotations
 
