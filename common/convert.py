@@ -21,6 +21,7 @@ MAX_TENSORS = 100_000
 MAX_NAME_LENGTH = 1_000
 MAX_RANK = 16
 MAX_CLIENT_ID_LENGTH = 200
+MAX_METRICS = 1_000  # an update's metrics; the server's own limits (max_metrics...) are tighter
 
 
 class MalformedMessage(ValueError):
@@ -186,11 +187,20 @@ def update_stream(header: m.UpdateHeader, payload: Payload, chunk_size: int) -> 
         yield encode_data_chunk(pieces)
 
 
+def _metrics(metrics: Any) -> dict[str, float]:
+    """All of them or none: an update with too many metrics, or absurdly long names, is refused rather
+    than cut (what is kept would depend on the map's order on the wire)."""
+    _require(len(metrics) <= MAX_METRICS, f"an update may carry at most {MAX_METRICS} metrics, got {len(metrics)}")
+    _require(all(0 < len(name) <= MAX_NAME_LENGTH for name in metrics),
+             f"metric names must be 1 to {MAX_NAME_LENGTH} characters")
+    return dict(metrics)
+
+
 def update_header_from_raw(raw: bytes | None) -> m.UpdateHeader:
     h = _header_of(raw, pb.UpdateChunk, "update").header
     return m.UpdateHeader(client_id=_client_id(h.client_id), round=h.round, model_version=h.model_version,
                           num_samples=h.num_samples, payload=payload_header_from_proto(h.payload),
-                          metrics=dict(list(h.metrics.items())[:50]), protocol_version=h.protocol_version)
+                          metrics=_metrics(h.metrics), protocol_version=h.protocol_version)
 
 
 # --- stream framing ----------------------------------------------------------------------------------

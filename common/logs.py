@@ -28,3 +28,15 @@ def brief(error: BaseException, line: int = 0, limit: int = 200) -> str:
     """One line of an exception's message, for an error sentence: its first (or, with line=-1, its last)
     line, cut to `limit` characters; the exception's type when it has no message."""
     return (str(error).strip().splitlines() or [type(error).__name__])[line][:limit]
+
+
+def safe(value: object, limit: int = 64) -> str:
+    """A value a peer sent (a client id, a device, a metric name), fit for one log line: control and other
+    unprintable characters escaped (a newline cannot forge a line), cut to `limit` characters with "..." saying
+    so."""
+    text = str(value)
+    cut = len(text) > limit
+    text = text[:limit]
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return text + "..." if cut else text

@@ -24,11 +24,12 @@ from fl_server.aggregation import ServerOptimizer, make_aggregator
 from fl_server.checkpoint import CheckpointError, RunFolder
 from fl_server.config import ConfigError, config_hash
 from fl_server.coordinator import Coordinator
-from fl_server.membership import RandomSelector
+from fl_server.membership import RandomSelector, RegistryLimits
 from fl_server.monitoring import MonitoringServer
 from fl_server.records import RoundRecord
 from fl_server.rounds import RoundRules, RoundState
 from fl_server.servicer import FederationServicer, PortInUseError, create_server
+from fl_server.uploads import MetricLimits
 
 log = logging.getLogger("fl_server")
 
@@ -133,9 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         rules = RoundRules(clients_per_round=cfg.clients_per_round, min_clients=cfg.effective_min_clients,
                            min_fit=cfg.effective_min_fit, round_timeout=cfg.round_timeout,
                            heartbeat_seconds=cfg.heartbeat_seconds)
+        # Without client tokens or mutual TLS anyone may join under any id: bound how many the server keeps.
+        open_mode = not args.client_tokens and args.tls_client_ca is None
+        registry = RegistryLimits(max_clients=cfg.max_clients if open_mode else 0,
+                                  forget_after=cfg.forget_clients_after)
+        metric_limits = MetricLimits(cfg.max_metrics, cfg.max_metric_name_length, cfg.max_metric_value)
         return RoundState(global_state=global_state, train_config=cfg.train_config(spec), rules=rules,
                           aggregator=aggregator, selector=RandomSelector(cfg.seed), model_version=model_version,
-                          max_concurrent_uploads=cfg.max_uploads)
+                          max_concurrent_uploads=cfg.max_uploads, registry=registry, metric_limits=metric_limits)
 
     if checkpoint is None:
         state = round_state(build_model(spec, seed=cfg.seed).state_dict())

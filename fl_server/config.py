@@ -108,6 +108,22 @@ class Config(ClientHyperparameters):
         "global-model streams served at once (about one 1 MiB chunk of memory each); more wait their turn"),
         check=at_least(1), defines_run=False)
     out: str = setting("runs/latest", "folder for metrics.jsonl, checkpoints and final_model.pt", defines_run=False)
+    # What clients may send and make the server remember (docs/security.md).
+    max_clients: int = setting(1000, (
+        "open mode only (no --client-tokens, no --tls-client-ca): clients the server keeps track of at once. "
+        "A new one beyond it takes the place of the one gone longest, or is refused (RESOURCE_EXHAUSTED) "
+        "while all are active. 0 = no limit"), check=at_least(0, "must be 0 (no limit) or more"), defines_run=False)
+    forget_clients_after: float = setting(600.0, (
+        "seconds after which a client not heard from is forgotten (it joins again as new); never one "
+        "selected in the round in progress"), check=at_least(60, "must be at least 60 seconds"), defines_run=False)
+    max_metrics: int = setting(32, "metrics a client may send with an update; an update with more is refused",
+                               check=at_least(1), defines_run=False)
+    max_metric_name_length: int = setting(64, (
+        "characters in a metric's name (letters, digits and _ . : / - only); an update with a longer one is "
+        "refused"), check=Rule(lambda v: 1 <= v <= 1000, "must be between 1 and 1000"), defines_run=False)
+    max_metric_value: float = setting(1e15, (
+        "largest magnitude of a metric's value; an update with a larger one, NaN or infinity is refused"),
+        check=positive(), defines_run=False)
 
     def __post_init__(self) -> None:
         validate(self)

@@ -5,6 +5,7 @@ aggregate is checkpointed, and each round's accuracy is filled into `metrics.jso
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -70,9 +71,9 @@ class Coordinator:
                     log.warning("round %d: only %d of %d updates (min_fit %d); re-running it with a fresh "
                                 "sample; dropped: %s", outcome.round, len(outcome.contributors),
                                 len(outcome.selected), self.state.rules.min_fit, outcome.drop_reasons)
-                    self._add_record(RoundRecord.of(outcome))
+                    self._add_record(self._record_of(outcome))
                     continue
-                record = RoundRecord.of(outcome)
+                record = self._record_of(outcome)
                 if self.privacy is not None:
                     self._add_privacy_spent(record)
                 # The previous round's evaluation has had a whole round to finish; waiting for it here
@@ -111,11 +112,26 @@ class Coordinator:
         self.model.load_state_dict(state)
         return evaluate(self.model, self.test_loader, self.device)
 
+    def _record_of(self, outcome: RoundOutcome) -> RoundRecord:
+        """The round's record; without the clients' metrics if they cannot be recorded (they were checked
+        when received, so that is a bug): one client's metrics never stop the server."""
+        try:
+            return RoundRecord.of(outcome)
+        except Exception:
+            log.exception("round %d: the clients' metrics could not be recorded; recording the round without "
+                          "them", outcome.round)
+            return RoundRecord.of(dataclasses.replace(outcome, client_metrics={}))
+
     def _evaluate_round(self, record: RoundRecord, state: dict[str, torch.Tensor], outcome: RoundOutcome) -> None:
-        result = self.evaluate(state)
+        try:
+            result = self.evaluate(state)
+        except Exception:
+            # The round's model is published and checkpointed already: it stays without a test result.
+            log.exception("round %d: evaluating the model failed; carrying on without its accuracy", outcome.round)
+            return
         with self._metrics_lock:
             record.accuracy, record.loss = _accuracy(result), result.loss
-            self.run_folder.write_metrics(self.metrics)
+            self._write_metrics()
         line = (f"round {outcome.round}/{self.rounds}: {record.quality()}, "
                 f"clients {outcome.contributors}, {outcome.seconds:.2f} s")
         if record.epsilon is not None:
@@ -141,7 +157,15 @@ class Coordinator:
     def _add_record(self, record: RoundRecord) -> None:
         with self._metrics_lock:
             self.metrics.append(record)
+            self._write_metrics()
+
+    def _write_metrics(self) -> None:
+        """metrics.jsonl rewritten, under the metrics lock. A failure is logged and the run carries on: the
+        records stay in memory and in the checkpoints, and the next write has them all."""
+        try:
             self.run_folder.write_metrics(self.metrics)
+        except Exception:
+            log.exception("writing %s failed; the round loop carries on", self.run_folder.path / "metrics.jsonl")
 
     def save(self) -> None:
         with self._metrics_lock:

@@ -28,3 +28,11 @@ class UploadInProgressError(FederationError):
 
 class InvalidUpdateError(FederationError):
     """The update is malformed or does not fit the model; it never touches the aggregate."""
+
+
+class InvalidJoinError(FederationError):
+    """The join names something the server cannot serve (a client without data whose id is no share)."""
+
+
+class RegistryFullError(FederationError):
+    """The server knows as many clients as it may keep (open mode) and none of them can be forgotten."""

@@ -4,14 +4,20 @@ Not thread-safe on its own: the round state calls it under its lock.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from common.logs import safe
+from fl_server.errors import RegistryFullError
+
 if TYPE_CHECKING:
     from fl_server.round_types import OpenRound
+
+log = logging.getLogger("fl_server.membership")
 
 
 @dataclass
@@ -20,6 +26,15 @@ class ClientInfo:
     device: str
     last_seen: float  # last time the client called us (join, heartbeat, fetch, upload)
     polls: int = 0  # JoinRound long-polls of this client being held open right now
+
+
+@dataclass(frozen=True)
+class RegistryLimits:
+    """How many clients the server keeps track of, and for how long (the server's max_clients and
+    forget_clients_after settings)."""
+
+    max_clients: int = 0  # 0 = no limit; fl-server sets one in open mode (no client tokens, no mTLS)
+    forget_after: float = 600.0  # seconds without a word after which a client is forgotten
 
 
 class ClientSelector(Protocol):
@@ -53,21 +68,63 @@ class RandomSelector:
 class Membership:
     """The clients the server knows, and when each was last heard from."""
 
-    def __init__(self, heartbeat_seconds: float, clock: Callable[[], float]):
+    def __init__(self, heartbeat_seconds: float, clock: Callable[[], float], limits: RegistryLimits | None = None):
         self.clock = clock
         # Working clients report every heartbeat; three missed ones (plus slack for a busy machine) means
         # the client is gone: it is dropped from its round and not sampled until it calls again.
         self.silence_limit = 3 * heartbeat_seconds + 2.0
+        # A round samples only clients that are there now: waiting in a long-poll, or heard from within a
+        # heartbeat (a working client sends one that often; an idle one polls without a break). An id
+        # that joined once and left is not sampled, though it counts as live for a while.
+        self.recent = heartbeat_seconds + 1.0
+        self.limits = limits or RegistryLimits()
         self.clients: dict[str, ClientInfo] = {}
+        self._pruned = -float("inf")  # when forget() last went through every client
 
-    def seen(self, client_id: str, num_samples: int, device: str) -> tuple[ClientInfo, bool]:
-        """Register or refresh a client; the second value says whether it is new."""
+    def seen(self, client_id: str, num_samples: int, device: str,
+             keep: Collection[str] = ()) -> tuple[ClientInfo, bool]:
+        """Register or refresh a client; the second value says whether it is new. A new client may first
+        make the registry forget others (never those in `keep`: the open round's); RegistryFullError when
+        it is full of clients that are all still there."""
         info = self.clients.get(client_id)
         new = info is None
         if info is None:
+            self._make_room(keep)
             info = self.clients[client_id] = ClientInfo(num_samples, device, self.clock())
         info.num_samples, info.device, info.last_seen = num_samples, device, self.clock()
         return info, new
+
+    def forget(self, keep: Collection[str] = ()) -> list[str]:
+        """Forget the clients not heard from for `forget_after` seconds, and not polling nor in `keep`;
+        returns them. One that calls again joins as new."""
+        now = self.clock()
+        self._pruned = now
+        gone = [c for c, info in self.clients.items()
+                if info.polls == 0 and now - info.last_seen > self.limits.forget_after and c not in keep]
+        for c in gone:
+            del self.clients[c]
+        return gone
+
+    def _make_room(self, keep: Collection[str]) -> None:
+        now = self.clock()
+        if now - self._pruned >= 1.0:  # at most once a second: a burst of joins goes through the registry once
+            gone = self.forget(keep)
+            if gone:
+                log.info("forgot %d client(s) not heard from for %.0f s", len(gone), self.limits.forget_after)
+        cap = self.limits.max_clients
+        if not cap or len(self.clients) < cap:
+            return
+        # Full: make room by forgetting the client gone longest, if one has been gone past the silence limit.
+        away = [(info.last_seen, c) for c, info in self.clients.items()
+                if info.polls == 0 and now - info.last_seen > self.silence_limit and c not in keep]
+        if not away:
+            raise RegistryFullError(f"the server already keeps track of {cap} clients, its limit (max_clients), "
+                                    "and all of them are active; try again later, or ask its operator to raise "
+                                    "max_clients")
+        last_seen, oldest = min(away)
+        del self.clients[oldest]
+        log.info("client registry full (%d): forgot client %s, not heard from for %.0f s", cap, safe(oldest),
+                 now - last_seen)
 
     def touch(self, client_id: str) -> None:
         if client_id in self.clients:
@@ -81,6 +138,11 @@ class Membership:
         now = self.clock()
         return sorted(c for c, info in self.clients.items()
                       if info.polls > 0 or now - info.last_seen <= self.silence_limit)
+
+    def present(self) -> list[str]:
+        """Clients polling now, or heard from within a heartbeat: those a round may sample."""
+        now = self.clock()
+        return sorted(c for c, info in self.clients.items() if info.polls > 0 or now - info.last_seen <= self.recent)
 
     def silent_for(self, client_id: str, since: float) -> float:
         """Seconds since the client was last heard from, or since `since` if that is later."""

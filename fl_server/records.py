@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,8 @@ class RoundRecord:
 
     def quality(self) -> str:
         """How good the round's model is, in words: its test accuracy and loss, or an autoencoder's error."""
+        if self.loss is None:
+            return "not evaluated"
         if self.accuracy is None:
             return f"reconstruction error (MSE) {self.loss:.4f}"
         return f"accuracy {self.accuracy:.4f}, loss {self.loss:.4f}"
@@ -92,16 +95,35 @@ class RoundRecord:
 
 def federated_evaluation(client_metrics: dict[str, dict[str, float]], model_version: int) -> dict[str, Any] | None:
     """The clients' evaluations of the model they trained from (version `model_version`, the previous
-    round's), on the data each holds out, weighted by sample count; None when no client evaluated."""
-    reports = [m for m in client_metrics.values() if m.get("eval_samples", 0) > 0]
+    round's), on the data each holds out, weighted by sample count; None when no client evaluated.
+    The server checks these fields when it receives them (fl_server/uploads.py check_metrics); a report
+    that is still incomplete or out of range here is left out rather than allowed to fail the round."""
+    reports = [m for m in client_metrics.values() if _evaluation_report(m)]
     if not reports:
         return None
+    # Plain sums: they overflow to infinity (left out below) where math.fsum would raise.
     samples = sum(m["eval_samples"] for m in reports)
+    loss = sum(m["eval_loss"] * m["eval_samples"] for m in reports) / samples
+    if not (_finite(samples) and _finite(loss)):
+        return None
     out: dict[str, Any] = {"model_version": model_version, "clients": len(reports), "samples": int(samples),
-                           "loss": sum(m["eval_loss"] * m["eval_samples"] for m in reports) / samples}
-    if all("eval_accuracy" in m for m in reports):
-        out["accuracy"] = sum(m["eval_accuracy"] * m["eval_samples"] for m in reports) / samples
+                           "loss": loss}
+    if all(_finite(m.get("eval_accuracy")) for m in reports):
+        accuracy = sum(m["eval_accuracy"] * m["eval_samples"] for m in reports) / samples
+        if _finite(accuracy):
+            out["accuracy"] = accuracy
     return out
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _evaluation_report(metrics: dict[str, float]) -> bool:
+    """A client's federated evaluation, complete and usable: a finite loss over a finite, positive number
+    of samples."""
+    samples, loss = metrics.get("eval_samples", 0.0), metrics.get("eval_loss", math.nan)
+    return _finite(samples) and _finite(loss) and samples > 0
 
 
 def to_jsonl(records: list[RoundRecord]) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from common import codecs, tensors
+from common.logs import safe
 from common.messages import (
     PROTOCOL_VERSION,
     Action,
@@ -29,18 +30,20 @@ from common.messages import (
     TrainConfig,
     UpdateHeader,
 )
+from fl_client.round import client_index
 from fl_server.aggregation import Aggregator, FedAvg
 from fl_server.errors import (
+    InvalidJoinError,
     NotSelectedError,
     ProtocolMismatchError,
     StaleRoundError,
     UnknownClientError,
     UploadInProgressError,
 )
-from fl_server.membership import ClientSelector, Membership, RandomSelector
+from fl_server.membership import ClientSelector, Membership, RandomSelector, RegistryLimits
 from fl_server.publication import ModelPublisher, ModelSnapshot
 from fl_server.round_types import OpenRound, RoundOutcome, RoundRules  # noqa: F401 - RoundRules, RoundOutcome: part of the API
-from fl_server.uploads import CheckedUpdate, UploadReceiver
+from fl_server.uploads import CheckedUpdate, MetricLimits, UploadReceiver
 
 log = logging.getLogger("fl_server.rounds")
 
@@ -48,12 +51,15 @@ log = logging.getLogger("fl_server.rounds")
 class RoundState:
     def __init__(self, *, global_state: Mapping[str, torch.Tensor], train_config: TrainConfig, rules: RoundRules,
                  aggregator: Aggregator | None = None, selector: ClientSelector | None = None, model_version: int = 0,
-                 max_concurrent_uploads: int = 0, clock: Callable[[], float] = time.monotonic):
+                 max_concurrent_uploads: int = 0, clock: Callable[[], float] = time.monotonic,
+                 registry: RegistryLimits | None = None, metric_limits: MetricLimits | None = None):
+        """`registry`: how many clients to keep track of, and for how long; `metric_limits`: what the
+        metrics sent with an update may be (both: the defaults of their classes unless given)."""
         self.train_config = train_config
         self.rules = rules
         self.clock = clock
         self.selector = selector or RandomSelector()
-        self.members = Membership(rules.heartbeat_seconds, clock)
+        self.members = Membership(rules.heartbeat_seconds, clock, registry)
         self.finished = False
         self.stopping = False
         self.bytes_received = 0  # payload bytes of every counted update
@@ -66,6 +72,7 @@ class RoundState:
         self.publisher = ModelPublisher(self._global, model_version)
         self.uploads = UploadReceiver(specs, codecs.parse(train_config.compression), self.aggregator.check,
                                       max_concurrent_uploads, clock)
+        self.uploads.metric_limits = metric_limits or MetricLimits()
         # An accepted update is folded into the sum on this thread, after its client has the answer: the
         # answer rests on the checks, which all run before it, and a checked update cannot fail to fold.
         # The client's upload time then ends with the checks; with more than one receive buffer, the next
@@ -96,12 +103,22 @@ class RoundState:
     def join(self, req: JoinRequest, timeout: float) -> JoinDecision:
         """Register the client and hold the call until there is something for it to do, or `timeout`."""
         self._check_protocol(req.protocol_version)
+        self._check_share(req)
         deadline = self.clock() + timeout
         with self._cond:
-            info, new = self.members.seen(req.client_id, req.num_samples, req.device)
+            known = self.members.clients.get(req.client_id)
+            samples_before = known.num_samples if known is not None else 0
+            info, new = self.members.seen(req.client_id, req.num_samples, req.device,
+                                          keep=self._round.selected if self._round is not None else ())
             if new:
-                log.info("client %s joined (%d samples, %s); %d known", req.client_id, req.num_samples,
-                         req.device or "?", len(self.members.clients))
+                # Without --data a client trains on its share of the federation's data set, whose size it
+                # reports once it has loaded it.
+                data = (f"{req.num_samples} samples" if req.num_samples else
+                        f"share {client_index(req.client_id)} of {self.train_config.dataset}")
+                log.info("client %s joined (%s, %s); %d known", safe(req.client_id), data,
+                         safe(req.device or "?"), len(self.members.clients))
+            elif req.num_samples and not samples_before:
+                log.info("client %s trains on %d samples", safe(req.client_id), req.num_samples)
             if req.training_round:
                 return self._heartbeat_reply(req.client_id, req.training_round)
             self._cond.notify_all()  # the coordinator may be waiting for enough clients
@@ -117,6 +134,19 @@ class RoundState:
                 info.polls -= 1
         return decision or JoinDecision(Action.WAIT, self.train_config, message="no round needs you yet")
 
+    def _check_share(self, req: JoinRequest) -> None:
+        """A client without data (num_samples 0) trains on share client_index(id) of the federation's data
+        set: refused here, with the reason, if there is no such share, rather than selected and waited for."""
+        if req.num_samples:
+            return
+        n = self.train_config.num_clients
+        index = client_index(req.client_id)
+        if not 0 <= index < n:
+            raise InvalidJoinError(
+                f"client {safe(req.client_id)} has no data of its own (no --data), so it would train on share "
+                f"{index} of the federation's {self.train_config.dataset}, which has only shares 0..{n - 1} "
+                f"(num_clients {n}); start it with --id 0..{n - 1} or give it --data")
+
     def _train(self, r: OpenRound, message: str = "") -> JoinDecision:
         return JoinDecision(Action.TRAIN, self.train_config, round=r.number, model_version=self.model_version,
                             heartbeat_seconds=self.rules.heartbeat_seconds, message=message)
@@ -125,7 +155,7 @@ class RoundState:
         r = self._round
         if r is not None and r.number == training_round and client_id in r.selected and client_id not in r.submitted:
             if r.silent.pop(client_id, None):
-                log.info("round %d: client %s is back after being given up on", r.number, client_id)
+                log.info("round %d: client %s is back after being given up on", r.number, safe(client_id))
             return self._train(r, "carry on")
         return JoinDecision(Action.WAIT, self.train_config,
                             message=f"round {training_round} is over for this client; stop working on it")
@@ -193,7 +223,7 @@ class RoundState:
             r.metrics[header.client_id] = dict(header.metrics)
             self.members.touch(header.client_id)
             log.info("round %d: update from %s (%d samples, %.1f MB; waited %.3f s for a receive buffer, received "
-                     "in %.3f s, checked in %.3f s), %d/%d in", r.number, header.client_id, header.num_samples,
+                     "in %.3f s, checked in %.3f s), %d/%d in", r.number, safe(header.client_id), header.num_samples,
                      header.payload.total_bytes / 1e6, update.waited, update.received, update.checked,
                      len(r.submitted), len(r.selected))
             self._cond.notify_all()
@@ -213,7 +243,7 @@ class RoundState:
                 self._begin(r)
                 self.aggregator.fold(update.diff, update.header.num_samples)
         except Exception as e:  # a bug, since the update passed every check: count it out, loudly
-            log.exception("round %d: folding the update from %s failed", r.number, client_id)
+            log.exception("round %d: folding the update from %s failed", r.number, safe(client_id))
             with self._cond:
                 r.submitted.pop(client_id, None)
                 r.silent[client_id] = f"its update could not be folded in ({e})"
@@ -245,9 +275,9 @@ class RoundState:
     def wait_for_clients(self) -> None:
         """Block until `min_clients` live clients have joined (or we are stopping)."""
         with self._cond:
-            if len(self.members.live()) < self.rules.min_clients:
-                log.info("waiting for %d clients (%d connected)", self.rules.min_clients, len(self.members.live()))
-            while len(self.members.live()) < self.rules.min_clients and not self.stopping:
+            if len(self.members.present()) < self.rules.min_clients:
+                log.info("waiting for %d clients (%d connected)", self.rules.min_clients, len(self.members.present()))
+            while len(self.members.present()) < self.rules.min_clients and not self.stopping:
                 self._cond.wait(1.0)  # joins wake us at once; the timeout only lets silent clients age out
 
     def status(self) -> dict[str, Any]:
@@ -278,15 +308,20 @@ class RoundState:
             self.bytes_sent += nbytes
 
     def open_round(self) -> list[str]:
-        """Sample `clients_per_round` of the live clients and wake them; returns who was selected."""
+        """Sample `clients_per_round` of the clients there now (see Membership.present) and wake them;
+        returns who was selected. Clients gone for a long while are forgotten first."""
         with self._cond:
-            live = self.members.live()
+            gone = self.members.forget()
+            if gone:
+                log.info("forgot %d client(s) not heard from for %.0f s", len(gone),
+                         self.members.limits.forget_after)
+            live = self.members.present()
             selected = self.selector.select(live, self.rules.clients_per_round)
             now = self.clock()
             self._round = OpenRound(number=self.model_version + 1, selected=selected,
                                      deadline=now + self.rules.round_timeout, started=now, opened_at=time.time(),
                                      population=len(live))
-            log.info("round %d started with %s", self._round.number, selected)
+            log.info("round %d started with %s", self._round.number, ", ".join(map(safe, selected)))
             self._cond.notify_all()
             return selected
 
@@ -316,7 +351,7 @@ class RoundState:
             silent_for = self.members.silent_for(c, r.started)
             if silent_for > self.members.silence_limit:
                 r.silent[c] = f"silent for {silent_for:.1f} s (no heartbeat)"
-                log.warning("round %d: client %s %s; giving up on it", r.number, c, r.silent[c])
+                log.warning("round %d: client %s %s; giving up on it", r.number, safe(c), r.silent[c])
 
     def close_round(self) -> RoundOutcome:
         """Close the open round: aggregate if at least `min_fit` updates arrived, else discard them."""

@@ -40,6 +40,8 @@ STATUS_FOR = {
     errors.StaleRoundError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.NotSelectedError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.UploadInProgressError: grpc.StatusCode.ABORTED,
+    errors.InvalidJoinError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.RegistryFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 

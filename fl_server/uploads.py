@@ -4,14 +4,17 @@ decoded diff checked by the aggregator. What comes out is an update that cannot 
 from __future__ import annotations
 
 import logging
+import math
 import queue
+import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from common import codecs, tensors
+from common.logs import safe
 from common.messages import Encoding, UpdateHeader
 from fl_server.aggregation import UpdateRejected, spec_mismatch
 from fl_server.errors import InvalidUpdateError
@@ -23,6 +26,51 @@ MAX_AUTO_UPLOADS = 256  # ...and at most this many: each upload being received h
 MAX_NUM_SAMPLES = 10**12  # a FedAvg weight beyond this is a lie that would drown every honest client
 
 Check = Callable[[dict[str, torch.Tensor], int, float | None], None]  # the aggregator's check
+
+METRIC_NAME = re.compile(r"[A-Za-z0-9_.:/-]+")  # a metric name's characters: safe in a log, a file, a plot
+# Federated evaluation's fields (fl_client/round.py): loss and samples together, accuracy only with them
+# (an autoencoder has none).
+EVALUATION = ("eval_loss", "eval_samples", "eval_accuracy")
+
+
+@dataclass(frozen=True)
+class MetricLimits:
+    """What the metrics sent with an update may be (the server's max_metrics, max_metric_name_length and
+    max_metric_value settings). They are recorded in metrics.jsonl, every checkpoint and /status, round
+    after round, so their size is bounded here, before the update is admitted."""
+
+    max_metrics: int = 32
+    max_name_length: int = 64
+    max_value: float = 1e15  # the largest magnitude of a value
+
+
+def check_metrics(metrics: Mapping[str, float], limits: MetricLimits) -> None:
+    """InvalidUpdateError, naming the first problem, unless every metric fits the limits and the
+    evaluation fields are complete and in range."""
+    if len(metrics) > limits.max_metrics:
+        raise InvalidUpdateError(f"an update may carry at most {limits.max_metrics} metrics, got {len(metrics)} "
+                                 "(server setting max_metrics)")
+    for name, value in metrics.items():
+        if len(name) > limits.max_name_length or not METRIC_NAME.fullmatch(name):
+            raise InvalidUpdateError(f"metric name '{safe(name)}' must be 1 to {limits.max_name_length} letters, "
+                                     "digits or _ . : / - (server setting max_metric_name_length)")
+        if not (isinstance(value, float | int) and math.isfinite(value) and abs(value) <= limits.max_value):
+            raise InvalidUpdateError(f"metric {name} must be a finite number of magnitude at most "
+                                     f"{limits.max_value:g}, got {value!r} (server setting max_metric_value)")
+    present = [key for key in EVALUATION if key in metrics]
+    if not present:
+        return
+    if "eval_loss" not in metrics or "eval_samples" not in metrics:
+        raise InvalidUpdateError(f"federated evaluation's metrics come as eval_loss and eval_samples (and "
+                                 f"eval_accuracy) together, got only {', '.join(present)}")
+    samples = metrics["eval_samples"]
+    if not (samples == int(samples) and 1 <= samples <= MAX_NUM_SAMPLES):
+        raise InvalidUpdateError(f"eval_samples must be a whole number between 1 and {MAX_NUM_SAMPLES}, "
+                                 f"got {samples!r}")
+    if metrics["eval_loss"] < 0:
+        raise InvalidUpdateError(f"eval_loss must be 0 or more, got {metrics['eval_loss']!r}")
+    if "eval_accuracy" in metrics and not 0 <= metrics["eval_accuracy"] <= 1:
+        raise InvalidUpdateError(f"eval_accuracy must be between 0 and 1, got {metrics['eval_accuracy']!r}")
 
 
 @dataclass
@@ -39,6 +87,8 @@ class CheckedUpdate:
 
 
 class UploadReceiver:
+    metric_limits = MetricLimits()  # RoundState sets the server's
+
     def __init__(self, specs: list[tensors.TensorSpec], codec: codecs.Codec, check: Check, max_concurrent: int = 0,
                  clock: Callable[[], float] = time.perf_counter):
         self.clock = clock  # times the phases of an upload, for the log
@@ -63,7 +113,8 @@ class UploadReceiver:
 
     def check_header(self, header: UpdateHeader) -> None:
         """Compared against the model we hold before anything is allocated: a header claiming 100 GB is
-        refused here, not after an attempt to allocate it."""
+        refused here, not after an attempt to allocate it; so is every value the client sent with it."""
+        check_metrics(header.metrics, self.metric_limits)
         p = header.payload
         if p.encoding is not Encoding.DIFF:
             raise InvalidUpdateError(f"update must be encoded as DIFF, got {p.encoding.name}")

@@ -117,3 +117,26 @@ def test_bad_log_level_and_unwritable_paths(tmp_path):
     blocker.write_text("")
     assert_clear_error(run("fl-server", "--out", str(blocker / "run")), "cannot use", "--out")
     assert_clear_error(run("fl-client", "--id", "0", "--log-file", str(blocker / "x.log")), "cannot write the log file")
+
+
+def test_client_without_data_and_without_a_share_is_refused_at_its_join(federation):
+    """Items 10 and 11: refused by the server at once (not selected and waited for), and a client without
+    data that has a share is logged with it rather than as `0 samples`."""
+    import time
+
+    federation.start_server("--num-clients", "3", "--clients-per-round", "1", "--rounds", "1")
+    assert_clear_error(run("fl-client", "--id", "7", "--server", federation.server.address, "--insecure",
+                           "--device", "cpu"),
+                       "the server refused this client", "share 7", "--id 0..2 or give it --data", "INVALID_ARGUMENT")
+    assert_clear_error(run("fl-client", "--id", "alice", "--server", federation.server.address, "--insecure",
+                           "--device", "cpu"), "has no data of its own", "INVALID_ARGUMENT")
+    federation.start_client("0")
+    assert federation.wait_clients() == {"0": 0}
+    federation.server.stop()  # after its last round a server keeps serving the final model
+    deadline = time.monotonic() + 10
+    while "stopped" not in "".join(federation.server.stderr_lines) and time.monotonic() < deadline:
+        time.sleep(0.1)  # the reader thread may still be catching up with the exited server's output
+    log = "".join(federation.server.stderr_lines)
+    assert "client 0 joined (share 0 of digits, cpu)" in log and "(0 samples" not in log
+    assert "client 0 trains on " in log
+    assert "client 7 " not in log.replace("client 7 has no data", "")  # never admitted
