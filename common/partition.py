@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,12 @@ from common.datasets import ArrayData, DataError, load_dataset
 
 SHARD_ARRAYS = "shard.npz"
 SHARD_META = "meta.json"
+
+
+def client_index(client_id: str) -> int:
+    """A number for seeding and for picking a share of the built-in data: the id itself when numeric.
+    The server uses it too, to refuse a client without data whose id has no share."""
+    return int(client_id) if client_id.isdigit() else zlib.crc32(client_id.encode()) % 1_000_000
 
 
 def iid_indices(num_samples: int, num_clients: int, seed: int) -> list[np.ndarray]:

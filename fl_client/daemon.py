@@ -14,10 +14,10 @@ import torch
 from common import messages as m
 from common.datasets import ArrayData, DataError, load_dataset
 from common.models import is_custom
-from common.partition import client_share
+from common.partition import client_index, client_share
 from common.training import TrainingStopped
 from fl_client.connection import RequestRefusedError, ServerConnection
-from fl_client.round import ClientRound, LocalTraining, client_index
+from fl_client.round import ClientRound, LocalTraining
 
 log = logging.getLogger("fl_client")
 

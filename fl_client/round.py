@@ -9,13 +9,13 @@ simulation in one process (fl_tools.simulation).
 
 `prepare` evaluates the global model on the held-out data (federated evaluation), trains through a
 training function (`TrainFn`; `LocalTraining` is the built-in one), and encodes local - global (integer
-and bool tensors: their local values, which cannot wrap) with the round's codec. A training function gets a `RoundTask` and returns a `TrainOutput`.
+and bool tensors: their local values, which cannot wrap) with the round's codec. A training function
+gets a `RoundTask` and returns a `TrainOutput`.
 """
 from __future__ import annotations
 
 import logging
 import sys
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -30,17 +30,13 @@ from common.convert import payload_header_of
 from common.datasets import ArrayData, BatchLoader, DataError, augmentation_for
 from common.models import build_model
 from common.parallel import train_data_parallel
+from common.partition import client_index
 from common.training import TrainingStopped, evaluate, train
 
 log = logging.getLogger("fl_client")
 tqdm.monitor_interval = 0  # no monitor thread: the bars are short-lived and only shown on a terminal
 
 State = dict[str, torch.Tensor]
-
-
-def client_index(client_id: str) -> int:
-    """A number for seeding and for picking a share of the built-in data: the id itself when numeric."""
-    return int(client_id) if client_id.isdigit() else zlib.crc32(client_id.encode()) % 1_000_000
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ class FederationCollector(Collector):
         if latest is not None and latest.accuracy is not None and latest.loss is not None:
             yield gauge("fl_accuracy", "Test accuracy of the newest evaluated global model", latest.accuracy)
             yield gauge("fl_loss", "Test loss of the newest evaluated global model", latest.loss)
-        yield gauge("fl_clients_known", "Clients that have joined since the server started", len(status["clients"]))
+        yield gauge("fl_clients_known", "Clients the server knows (joined, not yet forgotten)", len(status["clients"]))
         yield gauge("fl_clients_connected", "Clients heard from recently", status["live_clients"])
         yield gauge("fl_clients_selected", "Clients selected for the round in progress", len(status["selected"]))
         yield CounterMetricFamily("fl_clients_dropped", "Selected clients that did not contribute, over all rounds",

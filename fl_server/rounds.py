@@ -30,7 +30,7 @@ from common.messages import (
     TrainConfig,
     UpdateHeader,
 )
-from fl_client.round import client_index
+from common.partition import client_index
 from fl_server.aggregation import Aggregator, FedAvg
 from fl_server.errors import (
     InvalidJoinError,
