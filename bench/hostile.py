@@ -20,11 +20,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -138,7 +136,7 @@ async def stalled_uploads(address: str, seconds: float, codes: Counter) -> None:
                 yield first
                 await asyncio.sleep(3600)
 
-            await submit(header_then_nothing(), timeout=max(1.0, stop - time.monotonic()))
+            await submit(header_then_nothing(), timeout=120)  # the server's progress deadline ends it first
             codes["OK"] += 1
         except grpc.aio.AioRpcError as e:
             codes[code_of(e)] += 1
@@ -199,14 +197,30 @@ def newline_device(address: str, codes: Counter) -> None:
             codes[e.code().name] += 1
 
 
-def run_async(coro_factory: Callable[[], object]) -> threading.Thread:
-    thread = threading.Thread(target=lambda: asyncio.run(coro_factory()), daemon=True)  # type: ignore[arg-type]
-    thread.start()
-    return thread
+def run_attack(name: str, address: str, metrics_port: int, count: int, seconds: float, codes: Counter) -> None:
+    """One attack, in this process (`python -m bench.hostile --attack ...` runs it in a process of its own:
+    grpc.aio serves one event loop per process)."""
+    if name == "idle":
+        asyncio.run(idle_streams(address, count, seconds, codes))
+    elif name == "fakes":
+        asyncio.run(fake_ids(address, count, seconds, codes))
+    elif name == "both":
+        async def together() -> None:
+            await asyncio.gather(idle_streams(address, count, seconds, codes),
+                                 fake_ids(address, count, seconds, codes))
+        asyncio.run(together())
+    elif name == "stall":
+        # Long enough for two stalls of the default upload_progress_timeout (30 s).
+        asyncio.run(stalled_uploads(address, max(seconds, 70.0), codes))
+    elif name == "http":
+        half_sent_http(metrics_port, 50, seconds, codes)
+    elif name == "newline":
+        newline_device(address, codes)
+    else:
+        raise ValueError(name)
 
 
-def measure(name: str, attack: Callable[[ServerProcess, float, Counter], threading.Thread], phase: float,
-            server_args: list[str], workdir: Path) -> dict:
+def measure(name: str, attack: str, count: int, phase: float, server_args: list[str], workdir: Path) -> dict:
     out = workdir / name.replace(" ", "_")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     server = ServerProcess(["--port", "0", "--metrics-port", "0", "--out", str(out), "--rounds", "100000",
@@ -221,12 +235,18 @@ def measure(name: str, attack: Callable[[ServerProcess, float, Counter], threadi
         time.sleep(phase)
         before = proc_stats(server.proc.pid)
         t1 = time.time()
-        thread = attack(server, phase, codes)
+        attacker = subprocess.Popen([sys.executable, "-m", "bench.hostile", "--attack", attack, server.address,
+                                     str(server.metrics_port), str(count), str(phase)], env=env, cwd=ROOT,
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         peak_threads, peak_rss = before
-        while thread.is_alive() and time.time() < t1 + phase + 120:
+        while attacker.poll() is None and time.time() < t1 + phase + 120:
             threads, rss = proc_stats(server.proc.pid)
             peak_threads, peak_rss = max(peak_threads, threads), max(peak_rss, rss)
-            thread.join(0.5)
+            time.sleep(0.5)
+        if attacker.poll() is None:
+            attacker.kill()
+        lines = attacker.communicate()[0].strip().splitlines()
+        codes.update(json.loads(lines[-1]) if lines else {"attacker failed": 1})
         t2 = time.time()
         time.sleep(phase)
         after = proc_stats(server.proc.pid)
@@ -245,7 +265,9 @@ def measure(name: str, attack: Callable[[ServerProcess, float, Counter], threadi
         if not done:
             return f"none closed ({len(rounds)} re-run)" if rounds else "none closed"
         rerun = len(rounds) - len(done)
-        return f"{statistics.median(done):.2f} s ({len(done)} rounds{f', {rerun} re-run' if rerun else ''})"
+        longest = max(r["seconds"] for r in rounds)
+        return (f"{statistics.median(done):.2f} s ({len(done)} rounds{f', {rerun} re-run' if rerun else ''}; "
+                f"longest {longest:.1f} s)")
 
     return {"attack": name, "codes": dict(codes), "alive": alive,
             "threads": (before[0], peak_threads, after[0]), "rss": (before[1], peak_rss, after[1]),
@@ -253,40 +275,15 @@ def measure(name: str, attack: Callable[[ServerProcess, float, Counter], threadi
             "legit_errors": legit_out.strip()[-600:]}
 
 
-def attacks(count: int) -> dict[str, tuple[list[str], Callable[[ServerProcess, float, Counter], threading.Thread]]]:
-    def idle(server: ServerProcess, seconds: float, codes: Counter) -> threading.Thread:
-        return run_async(lambda: idle_streams(server.address, count, seconds, codes))
-
-    def fakes(server: ServerProcess, seconds: float, codes: Counter) -> threading.Thread:
-        return run_async(lambda: fake_ids(server.address, count, seconds, codes))
-
-    def both(server: ServerProcess, seconds: float, codes: Counter) -> threading.Thread:
-        async def together() -> None:
-            await asyncio.gather(idle_streams(server.address, count, seconds, codes),
-                                 fake_ids(server.address, count, seconds, codes))
-        return run_async(together)
-
-    def stall(server: ServerProcess, seconds: float, codes: Counter) -> threading.Thread:
-        return run_async(lambda: stalled_uploads(server.address, seconds, codes))
-
-    def http(server: ServerProcess, seconds: float, codes: Counter) -> threading.Thread:
-        thread = threading.Thread(target=half_sent_http, args=(server.metrics_port, 50, seconds, codes), daemon=True)
-        thread.start()
-        return thread
-
-    def newline(server: ServerProcess, seconds: float, codes: Counter) -> threading.Thread:
-        thread = threading.Thread(target=newline_device, args=(server.address, codes), daemon=True)
-        thread.start()
-        return thread
-
+def attacks(count: int) -> dict[str, tuple[list[str], str]]:
     return {
-        f"{count} idle update streams": ([], idle),
-        f"{count} fake client ids": ([], fakes),
-        f"{count} idle streams + {count} fake ids": ([], both),
+        f"{count} idle update streams": ([], "idle"),
+        f"{count} fake client ids": ([], "fakes"),
+        f"{count} idle streams + {count} fake ids": ([], "both"),
         # One receive buffer, as the automatic max_uploads gives models of 32 MB and more.
-        "stalled upload (max_uploads 1)": (["--max-uploads", "1"], stall),
-        "50 half-sent HTTP requests to /metrics": ([], http),
-        "newline in the device string": ([], newline),
+        "stalled upload (max_uploads 1)": (["--max-uploads", "1"], "stall"),
+        "50 half-sent HTTP requests to /metrics": ([], "http"),
+        "newline in the device string": ([], "newline"),
     }
 
 
@@ -322,8 +319,14 @@ async def honest(address: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if (argv if argv is not None else sys.argv[1:])[:1] == ["--honest"]:
-        asyncio.run(honest((argv or sys.argv[1:])[1]))
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--honest"]:
+        asyncio.run(honest(argv[1]))
+        return 0
+    if argv[:1] == ["--attack"]:
+        codes: Counter = Counter()
+        run_attack(argv[1], argv[2], int(argv[3]), int(argv[4]), float(argv[5]), codes)
+        print(json.dumps(codes))
         return 0
     parser = argparse.ArgumentParser(prog="python -m bench.hostile", description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=2000, help="idle streams and fake ids (at most 5000)")
@@ -338,10 +341,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.only and not any(word in name for word in args.only):
                 continue
             print(f"{name}...", flush=True)
-            results.append(measure(name, attack, phase, server_args, Path(tmp)))
+            results.append(measure(name, attack, count, phase, server_args, Path(tmp)))
             print(json.dumps(results[-1]), flush=True)
-    command = "python -m bench.hostile" + ("" if argv is None and len(sys.argv) == 1 else
-                                           " " + " ".join(argv if argv is not None else sys.argv[1:]))
+    command = " ".join(["python -m bench.hostile", *argv])
     text = table(results, command)
     Path(args.out).write_text(text)
     print(text)
