@@ -22,6 +22,13 @@ T = TypeVar("T")
 
 # Only these can get better by trying again: the server is down or restarting, or the network is slow.
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# ...and the server's cap on calls served at once (its max_rpcs), which gRPC reports with this text.
+# Other RESOURCE_EXHAUSTED refusals (a message over the size limit) would fail again the same way.
+BUSY = "concurrent rpc limit"
+
+
+def retryable(code: grpc.StatusCode, details: str) -> bool:
+    return code in RETRYABLE or (code is grpc.StatusCode.RESOURCE_EXHAUSTED and BUSY in details.lower())
 JOIN_DEADLINE = 30.0  # above the server's long-poll (10 s), so a healthy long-poll never times out here
 TRANSFER_DEADLINE = 600.0  # a whole model up or down; generous for slow links
 
@@ -118,7 +125,7 @@ class ServerConnection:
                 return fn()
             except grpc.RpcError as e:
                 code, details = e.code(), e.details() or ""
-                if code not in RETRYABLE:
+                if not retryable(code, details):
                     raise RequestRefusedError(code, details) from None
                 if "handshake failed" in details.lower():  # the server's certificate: no retry will change it
                     raise ServerUnreachableError(

@@ -6,6 +6,7 @@ import ipaddress
 import json
 import logging
 import signal
+import ssl
 import sys
 import threading
 import urllib.request
@@ -81,12 +82,19 @@ def status_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="fl-server status", description=status_main.__doc__)
     parser.add_argument("--server", required=True, help="HOST:PORT of the server's --metrics-port")
     parser.add_argument("--json", action="store_true", help="print the raw JSON")
+    parser.add_argument("--token-file", help="the secret of the server's metrics_token_file")
+    parser.add_argument("--tls-ca", help="the CA that signed the server's certificate (the endpoint is HTTPS when "
+                                         "the server runs with TLS)")
     args = parser.parse_args(argv)
-    url = f"http://{args.server}/status"
+    url = f"{'https' if args.tls_ca else 'http'}://{args.server}/status"
+    request = urllib.request.Request(url)
     try:
-        with urllib.request.urlopen(url, timeout=10) as reply:
+        if args.token_file:
+            request.add_header("Authorization", f"Bearer {tokens.read_secret(args.token_file)}")
+        context = ssl.create_default_context(cafile=args.tls_ca) if args.tls_ca else None
+        with urllib.request.urlopen(request, timeout=10, context=context) as reply:
             status = json.load(reply)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError) as e:  # TokenError is a ValueError
         return logs.fail("fl-server status", f"cannot read {url} ({getattr(e, 'reason', e)}); is fl-server running "
                          "there with --metrics-port?")
     if args.json:
@@ -141,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         metric_limits = MetricLimits(cfg.max_metrics, cfg.max_metric_name_length, cfg.max_metric_value)
         return RoundState(global_state=global_state, train_config=cfg.train_config(spec), rules=rules,
                           aggregator=aggregator, selector=RandomSelector(cfg.seed), model_version=model_version,
-                          max_concurrent_uploads=cfg.max_uploads, registry=registry, metric_limits=metric_limits)
+                          max_concurrent_uploads=cfg.max_uploads, registry=registry, metric_limits=metric_limits,
+                          upload_progress_timeout=cfg.upload_progress_timeout)
 
     if checkpoint is None:
         state = round_state(build_model(spec, seed=cfg.seed).state_dict())
@@ -171,8 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     health = HealthServicer()
     try:
         servicer = FederationServicer(state, check_identity=args.tls_client_ca is not None,
-                                      client_tokens=client_tokens, max_downloads=cfg.max_downloads)
-        server, port = create_server(servicer, cfg.host, cfg.port, health=health, credentials=credentials)
+                                      client_tokens=client_tokens, max_downloads=cfg.max_downloads,
+                                      first_message_timeout=cfg.first_message_timeout)
+        server, port = create_server(servicer, cfg.host, cfg.port, max_workers=cfg.max_rpcs, health=health,
+                                     credentials=credentials, thread_stack_kib=cfg.rpc_thread_stack_kib,
+                                     keepalive_seconds=cfg.keepalive_seconds, keepalive_timeout=cfg.keepalive_timeout)
     except PortInUseError as e:
         return logs.fail("fl-server", str(e))
     coordinator = Coordinator(state, rounds=cfg.rounds, model_spec=spec, test_data=test_data, run=run,
@@ -182,18 +194,28 @@ def main(argv: list[str] | None = None) -> int:
     monitoring = None
     if args.metrics_port is not None:
         try:
-            monitoring = MonitoringServer(state, coordinator.records, cfg.host, args.metrics_port)
+            metrics_token = tokens.read_secret(cfg.metrics_token_file) if cfg.metrics_token_file else None
+        except tokens.TokenError as e:
+            server.stop(None)
+            return logs.fail("fl-server", f"metrics_token_file: {e}")
+        if not _is_loopback(cfg.metrics_host) and metrics_token is None:
+            log.warning("the monitoring endpoint listens on %s without a token: anyone who can reach it can read "
+                        "client ids and metrics; set metrics_token_file", cfg.metrics_host)
+        try:
+            monitoring = MonitoringServer(state, coordinator.records, cfg.metrics_host, args.metrics_port,
+                                          token=metrics_token, request_timeout=cfg.metrics_request_timeout,
+                                          tls=(args.tls_cert, args.tls_key) if credentials is not None else None)
         except OSError as e:
             server.stop(None)
-            return logs.fail("fl-server", f"cannot serve metrics on {cfg.host}:{args.metrics_port} ({e.strerror}); "
-                             "pick another --metrics-port (0 picks a free one)")
+            return logs.fail("fl-server", f"cannot serve metrics on {cfg.metrics_host}:{args.metrics_port} "
+                             f"({e.strerror}); pick another --metrics-port (0 picks a free one) or metrics_host")
     server.start()
     for service in ("", SERVICE):
         health.set(service, health_pb2.HealthCheckResponse.SERVING)
     print(f"listening on {cfg.host}:{port}", flush=True)
     if monitoring is not None:
         monitoring.start()
-        print(f"metrics on {cfg.host}:{monitoring.port}", flush=True)
+        print(f"metrics on {cfg.metrics_host}:{monitoring.port}", flush=True)
     stop = threading.Event()
     failure: list[str] = []
 

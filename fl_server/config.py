@@ -107,6 +107,40 @@ class Config(ClientHyperparameters):
     max_downloads: int = setting(8, (
         "global-model streams served at once (about one 1 MiB chunk of memory each); more wait their turn"),
         check=at_least(1), defines_run=False)
+    # Resource limits that hold before a request is authenticated (docs/security.md, "No client can stop,
+    # starve or bloat the server").
+    max_rpcs: int = setting(8192, (
+        "calls served at once, each on its own thread (a JoinRound long-poll holds one for 10 s, an upload "
+        "for its transfer); more get RESOURCE_EXHAUSTED at once. Size it above clients + the calls an attacker "
+        "can open within first_message_timeout"), check=at_least(16), defines_run=False)
+    rpc_thread_stack_kib: int = setting(512, (
+        "stack of each call's thread, in KiB (0 = the system's, usually 8 MiB): idle calls hold threads, "
+        "so their address space is kept small"),
+        check=Rule(lambda v: v == 0 or 256 <= v <= 65536, "must be 0 (system default) or 256 to 65536 KiB"),
+        defines_run=False)
+    first_message_timeout: float = setting(10.0, (
+        "seconds an update stream may take to send its header (fl-client sends it at once); then the call is "
+        "ended with DEADLINE_EXCEEDED and its thread freed. Identity is checked on the header, so this bounds "
+        "what an unauthenticated caller holds"), check=positive(), defines_run=False)
+    upload_progress_timeout: float = setting(30.0, (
+        "seconds an admitted upload may go without sending data (a 1 MiB chunk) before it is ended with "
+        "DEADLINE_EXCEEDED, its receive buffer and thread freed, and its client given up on for the round"),
+        check=positive(), defines_run=False)
+    keepalive_seconds: float = setting(30.0, (
+        "the server pings each connection this often (HTTP/2 keepalive) to find peers that vanished"),
+        check=Rule(lambda v: v >= 1, "must be at least 1 second"), defines_run=False)
+    keepalive_timeout: float = setting(10.0, "seconds without a ping's answer after which a connection is closed",
+                                       check=Rule(lambda v: v >= 1, "must be at least 1 second"), defines_run=False)
+    metrics_host: str = setting("127.0.0.1", (
+        "address the monitoring endpoint (--metrics-port) listens on; loopback by default, since /status lists "
+        "client ids"), defines_run=False)
+    metrics_token_file: str = setting("", (
+        "a file holding a secret that monitoring requests must present as `Authorization: Bearer SECRET` "
+        "(empty = none). With --tls-cert the endpoint is HTTPS with the gRPC port's certificate"),
+        defines_run=False)
+    metrics_request_timeout: float = setting(10.0, (
+        "seconds the monitoring endpoint waits on a socket of one request (each is served on its own thread)"),
+        check=positive(), defines_run=False)
     out: str = setting("runs/latest", "folder for metrics.jsonl, checkpoints and final_model.pt", defines_run=False)
     # What clients may send and make the server remember (docs/security.md).
     max_clients: int = setting(1000, (

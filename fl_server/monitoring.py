@@ -3,10 +3,13 @@
 scrape time, so nothing in the round loop has to remember to update them."""
 from __future__ import annotations
 
+import hmac
 import json
 import logging
+import ssl
 import threading
 from collections.abc import Callable, Iterator
+from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -54,19 +57,51 @@ class FederationCollector(Collector):
                                   count_value=len(done), sum_value=sum(r.aggregate_seconds for r in done))
 
 
-class _QuietHandler(WSGIRequestHandler):
+class _Handler(WSGIRequestHandler):
+    timeout = 10.0  # the socket timeout of each request (StreamRequestHandler sets it in setup)
+
+    def setup(self) -> None:
+        super().setup()  # sets the socket timeout
+        if isinstance(self.connection, ssl.SSLSocket):
+            # The TLS handshake, on this request's own thread and under its timeout, not in accept() on
+            # the thread that serves everyone.
+            self.connection.do_handshake()
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         log.debug("%s " + format, self.client_address[0], *args)
 
 
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    """One thread per request, so a client that sends half a request holds only its own thread, until
+    its socket timeout."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("monitoring request from %s failed", client_address, exc_info=True)
+
+
 class MonitoringServer:
-    def __init__(self, state: RoundState, records: Callable[[], list[RoundRecord]], host: str, port: int):
+    def __init__(self, state: RoundState, records: Callable[[], list[RoundRecord]], host: str, port: int,
+                 token: str | None = None, tls: tuple[str, str] | None = None, request_timeout: float = 10.0):
+        """`token`: a secret every request must present as `Authorization: Bearer TOKEN` (401 otherwise).
+        `tls`: (certificate, key) PEM files; the endpoint is then HTTPS."""
         self.state = state
         self.records = records
+        self._token = token.encode() if token else None
         registry = CollectorRegistry()
         registry.register(FederationCollector(state, records))
         self._metrics_app = make_wsgi_app(registry)
-        self._server: WSGIServer = make_server(host, port, self._app, handler_class=_QuietHandler)
+        handler = type("Handler", (_Handler,), {"timeout": request_timeout})
+        self._server: WSGIServer = make_server(host, port, self._app, server_class=_ThreadingServer,
+                                               handler_class=handler)
+        if tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(*tls)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True,
+                                                      do_handshake_on_connect=False)
+        self.scheme = "https" if tls is not None else "http"
         self.port = self._server.server_port
         self._thread = threading.Thread(target=self._server.serve_forever, name="monitoring", daemon=True)
 
@@ -74,7 +109,17 @@ class MonitoringServer:
         records = self.records()
         return {**self.state.status(), "latest": records[-1].to_dict() if records else None}
 
+    def _authorized(self, environ: dict) -> bool:
+        if self._token is None:
+            return True
+        presented = environ.get("HTTP_AUTHORIZATION", "").encode()
+        return hmac.compare_digest(presented, b"Bearer " + self._token)
+
     def _app(self, environ: dict, start_response: Callable) -> list[bytes]:
+        if not self._authorized(environ):
+            start_response("401 Unauthorized", [("Content-Type", "text/plain"),
+                                                ("WWW-Authenticate", 'Bearer realm="fl-server"')])
+            return [b"a bearer token is needed (the server's metrics_token_file)\n"]
         path = environ.get("PATH_INFO", "/")
         if path == "/status":
             body = json.dumps(self.status()).encode()

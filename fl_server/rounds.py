@@ -43,7 +43,7 @@ from fl_server.errors import (
 from fl_server.membership import ClientSelector, Membership, RandomSelector, RegistryLimits
 from fl_server.publication import ModelPublisher, ModelSnapshot
 from fl_server.round_types import OpenRound, RoundOutcome, RoundRules  # noqa: F401 - RoundRules, RoundOutcome: part of the API
-from fl_server.uploads import CheckedUpdate, MetricLimits, UploadReceiver
+from fl_server.uploads import UPLOAD_PROGRESS_TIMEOUT, CheckedUpdate, MetricLimits, UploadReceiver, UploadStalledError
 
 log = logging.getLogger("fl_server.rounds")
 
@@ -52,7 +52,8 @@ class RoundState:
     def __init__(self, *, global_state: Mapping[str, torch.Tensor], train_config: TrainConfig, rules: RoundRules,
                  aggregator: Aggregator | None = None, selector: ClientSelector | None = None, model_version: int = 0,
                  max_concurrent_uploads: int = 0, clock: Callable[[], float] = time.monotonic,
-                 registry: RegistryLimits | None = None, metric_limits: MetricLimits | None = None):
+                 registry: RegistryLimits | None = None, metric_limits: MetricLimits | None = None,
+                 upload_progress_timeout: float = UPLOAD_PROGRESS_TIMEOUT):
         """`registry`: how many clients to keep track of, and for how long; `metric_limits`: what the
         metrics sent with an update may be (both: the defaults of their classes unless given)."""
         self.train_config = train_config
@@ -66,12 +67,15 @@ class RoundState:
         self.bytes_sent = 0  # bytes of every model stream served in full
         self._cond = threading.Condition()
         self._round: OpenRound | None = None
+        # Clients of the open round whose upload stalled (uploads.UploadStalledError): given up on for the
+        # round, they are neither reinstated by a heartbeat nor offered the round again.
+        self._stalled: set[str] = set()
         self._global = {name: t.detach().cpu().clone() for name, t in global_state.items()}
         specs = tensors.specs_of(self._global)
         self.aggregator = aggregator or FedAvg(specs)
         self.publisher = ModelPublisher(self._global, model_version)
         self.uploads = UploadReceiver(specs, codecs.parse(train_config.compression), self.aggregator.check,
-                                      max_concurrent_uploads, clock)
+                                      max_concurrent_uploads, clock, upload_progress_timeout)
         self.uploads.metric_limits = metric_limits or MetricLimits()
         # An accepted update is folded into the sum on this thread, after its client has the answer: the
         # answer rests on the checks, which all run before it, and a checked update cannot fail to fold.
@@ -153,7 +157,8 @@ class RoundState:
 
     def _heartbeat_reply(self, client_id: str, training_round: int) -> JoinDecision:
         r = self._round
-        if r is not None and r.number == training_round and client_id in r.selected and client_id not in r.submitted:
+        if (r is not None and r.number == training_round and client_id in r.selected and client_id not in r.submitted
+                and client_id not in self._stalled):
             if r.silent.pop(client_id, None):
                 log.info("round %d: client %s is back after being given up on", r.number, safe(client_id))
             return self._train(r, "carry on")
@@ -167,7 +172,8 @@ class RoundState:
         if self.stopping:
             return JoinDecision(Action.WAIT, self.train_config, retry_after=1.0, message="server is stopping")
         r = self._round
-        if r is not None and client_id in r.selected and client_id not in r.submitted:
+        given_up = client_id in self._stalled
+        if r is not None and client_id in r.selected and client_id not in r.submitted and not given_up:
             return self._train(r)
         return None
 
@@ -182,16 +188,22 @@ class RoundState:
         return snapshot
 
     def submit(self, header: UpdateHeader, chunks: Iterable[bytes | memoryview],
-               on_admitted: Callable[[], None] = lambda: None) -> SubmitResult:
+               on_admitted: Callable[[], None] = lambda: None,
+               interrupt: Callable[[str], None] = lambda why: None) -> SubmitResult:
         """Receive one update and fold it into the round's aggregate, or refuse it untouched.
         `on_admitted()` runs once a receive buffer is reserved for the update, just before its data is
-        read: the servicer tells the client there that it may send the data now."""
+        read: the servicer tells the client there that it may send the data now. `interrupt(why)` ends
+        the call of an upload that stalled (uploads.UploadReceiver.receive); its client is then given up
+        on for the round, as a silent one is."""
         self._check_protocol(header.protocol_version)
         with self._cond:
             r = self._check_submittable(header)
             if header.client_id in r.submitted:
                 return SubmitResult(accepted=True, duplicate=True,
                                     message=f"update for round {r.number} was already counted")
+            if header.client_id in self._stalled:
+                raise NotSelectedError(f"client {header.client_id!r} was given up on for round {r.number}: "
+                                       f"{r.silent.get(header.client_id, 'its upload stalled')}")
             if header.client_id in r.uploading:
                 raise UploadInProgressError(f"an upload from client {header.client_id} for round {r.number} "
                                             "is already in progress")
@@ -199,11 +211,22 @@ class RoundState:
             r.uploading.add(header.client_id)
         try:
             # Outside the lock: uploads from different clients stream in parallel.
-            update = self.uploads.receive(header, chunks, on_admitted)
+            update = self.uploads.receive(header, chunks, on_admitted, interrupt)
             return self._count(r, update)
+        except UploadStalledError as e:
+            self._give_up_on_stalled(r, header.client_id, str(e))
+            raise
         finally:
             with self._cond:
                 r.uploading.discard(header.client_id)
+
+    def _give_up_on_stalled(self, r: OpenRound, client_id: str, why: str) -> None:
+        with self._cond:
+            if self._round is r and client_id not in r.submitted:
+                self._stalled.add(client_id)
+                r.silent[client_id] = why
+                log.warning("round %d: client %s: %s; giving up on it", r.number, client_id, why)
+                self._cond.notify_all()
 
     def _count(self, r: OpenRound, update: CheckedUpdate) -> SubmitResult:
         """Count a checked update into its round and queue its fold, which owns its buffer from then on."""
@@ -317,6 +340,7 @@ class RoundState:
                          self.members.limits.forget_after)
             live = self.members.present()
             selected = self.selector.select(live, self.rules.clients_per_round)
+            self._stalled.clear()
             now = self.clock()
             self._round = OpenRound(number=self.model_version + 1, selected=selected,
                                      deadline=now + self.rules.round_timeout, started=now, opened_at=time.time(),

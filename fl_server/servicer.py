@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
-from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 from typing import NoReturn
 
 import grpc
@@ -15,12 +15,19 @@ from common import convert, tls, tokens
 from common.proto import federation_pb2 as pb
 from common.tensors import CHUNK_SIZE
 from fl_server import errors
+from fl_server.deadlines import DEADLINES, Deadlines
 from fl_server.publication import ModelSnapshot
 from fl_server.rounds import RoundState
+from fl_server.uploads import UploadStalledError
 
 log = logging.getLogger("fl_server.servicer")
 
 LONG_POLL_SECONDS = 10.0  # how long JoinRound holds a call open before answering WAIT
+FIRST_MESSAGE_TIMEOUT = 10.0  # seconds an update stream may take to send its header (config: first_message_timeout)
+MAX_RPCS = 8192  # calls served at once, one thread each (config: max_rpcs)
+THREAD_STACK_KIB = 512  # each call thread's stack (config: rpc_thread_stack_kib)
+KEEPALIVE_SECONDS, KEEPALIVE_TIMEOUT = 30.0, 10.0  # server pings (config: keepalive_seconds, keepalive_timeout)
+
 
 class IdentityMismatchError(Exception):
     """The client's credentials belong to another client than its request names."""
@@ -42,6 +49,7 @@ STATUS_FOR = {
     errors.UploadInProgressError: grpc.StatusCode.ABORTED,
     errors.InvalidJoinError: grpc.StatusCode.INVALID_ARGUMENT,
     errors.RegistryFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    UploadStalledError: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 
@@ -55,12 +63,33 @@ def _abort(context: grpc.ServicerContext, error: Exception) -> NoReturn:
 _REFUSABLE = tuple(STATUS_FOR)
 
 
+def end_call(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> None:
+    """End a call from another thread than its handler's, with `code` and `details` for the client; the
+    handler's blocked read then returns (the stream looks ended) or raises. grpc's Python API can cancel
+    a call from elsewhere only with CANCELLED and no details; the call object under the context can give
+    a status, so it is used when present (grpc 1.85), else the plain cancel."""
+    call = getattr(getattr(context, "_rpc_event", None), "call", None)
+    try:
+        if call is not None:
+            call.cancel(code.value[0], details)
+        else:
+            context.cancel()
+    except Exception:  # noqa: BLE001 - the call may have ended meanwhile; nothing is left to free then
+        log.debug("ending a call failed", exc_info=True)
+
+
 class FederationServicer:
     """The three RPCs. The streaming ones take and give serialized messages (see common.convert)."""
 
     def __init__(self, state: RoundState, long_poll: float = LONG_POLL_SECONDS, check_identity: bool = False,
-                 client_tokens: dict[str, str] | None = None, max_downloads: int = 8):
+                 client_tokens: dict[str, str] | None = None, max_downloads: int = 8,
+                 first_message_timeout: float = FIRST_MESSAGE_TIMEOUT, deadlines: Deadlines = DEADLINES):
         self.state = state
+        # An update stream's identity is checked on its first message (the header), so a stream that
+        # never sends one is anonymous: it holds a server thread only until this deadline.
+        self.first_message_timeout = first_message_timeout
+        self.deadlines = deadlines
+        self.idle_streams_ended = 0  # streams ended for sending no header in time
         # Each stream being served holds about one chunk in gRPC's send path; bounding how many are
         # served at once bounds that memory whatever the number of clients (measured: 50 concurrent
         # streams held 1.4 models of memory, 10 held 0.27). The others wait their turn, which costs no
@@ -139,15 +168,37 @@ class FederationServicer:
                                          "join again")
         return cached[1]
 
-    def SubmitUpdate(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.SubmitReply:
+    def _first_message(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> bytes | None:
+        """The stream's first message, or the call ended with DEADLINE_EXCEEDED if it takes longer than
+        first_message_timeout."""
+        why = (f"no update header within {self.first_message_timeout:g} s (first_message_timeout); "
+               "fl-client sends it at once")
+        timer = self.deadlines.arm(self.first_message_timeout,
+                                   lambda: end_call(context, grpc.StatusCode.DEADLINE_EXCEEDED, why))
         try:
-            header = convert.update_header_from_raw(next(request_iterator, None))
+            first = next(request_iterator, None)
+        except grpc.RpcError:
+            first = None
+            if not timer.cancel():
+                raise
+        if timer.cancel():
+            self.idle_streams_ended += 1
+            log.info("%s: update stream ended: %s", context.peer(), why)
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, why)  # already told; this ends the handler quietly
+        return first
+
+    def SubmitUpdate(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.SubmitReply:
+        first = self._first_message(request_iterator, context)
+        try:
+            header = convert.update_header_from_raw(first)
             self._check_identity(context, header.client_id)
             chunks = convert.data_chunks(request_iterator, pb.UpdateChunk, "update")
             # The client sends its data only once it has our initial metadata (see fl_client.connection),
-            # which goes out when a receive buffer is free: waiting uploads then cost no memory.
+            # which goes out when a receive buffer is free: waiting uploads then cost no memory. An upload
+            # that then stalls is ended by the receiver's progress deadline, through `interrupt`.
             return convert.submit_result_to_proto(self.state.submit(
-                header, chunks, on_admitted=lambda: context.send_initial_metadata(convert.UPLOAD_ADMITTED)))
+                header, chunks, on_admitted=lambda: context.send_initial_metadata(convert.UPLOAD_ADMITTED),
+                interrupt=lambda why: end_call(context, grpc.StatusCode.DEADLINE_EXCEEDED, why)))
         except _REFUSABLE as e:
             _abort(context, e)
 
@@ -194,20 +245,65 @@ SERVER_OPTIONS = [
     # would answer such pings on idle connections with GOAWAY "too_many_pings".
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    # The server's own pings: a connection whose peer vanished (no RST: power cut, NAT entry dropped) is
+    # closed after keepalive_timeout without an answer, with every call on it, instead of holding their
+    # threads until each call's deadline. Pings go out on idle connections too.
+    ("grpc.keepalive_time_ms", int(KEEPALIVE_SECONDS * 1000)),
+    ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT * 1000)),
+    ("grpc.http2.max_pings_without_data", 0),
 ]
 
 
-def create_server(servicer: FederationServicer, host: str, port: int, max_workers: int = 1024,
+def server_options(keepalive_seconds: float = KEEPALIVE_SECONDS,
+                   keepalive_timeout: float = KEEPALIVE_TIMEOUT) -> list[tuple[str, int]]:
+    """SERVER_OPTIONS with the keepalive settings given."""
+    values = {"grpc.keepalive_time_ms": int(keepalive_seconds * 1000),
+              "grpc.keepalive_timeout_ms": int(keepalive_timeout * 1000)}
+    return [(key, values.get(key, value)) for key, value in SERVER_OPTIONS]
+
+
+class CallThreads(ThreadPoolExecutor):
+    """The calls' thread pool, its threads made with a stack of `stack_kib` KiB (0 = the system's).
+
+    A thread blocked on a socket costs no CPU, but each reserves its stack's address space (8 MiB by
+    default, touched only as used). Python sets the size of the threads it creates next, process-wide,
+    so it is set around this pool's thread creation only, under a lock."""
+
+    _stack_lock = threading.Lock()
+
+    def __init__(self, max_workers: int, stack_kib: int = THREAD_STACK_KIB):
+        super().__init__(max_workers=max_workers, thread_name_prefix="rpc")
+        self.stack_kib = stack_kib
+
+    def _adjust_thread_count(self) -> None:
+        if not self.stack_kib:
+            super()._adjust_thread_count()
+            return
+        with CallThreads._stack_lock:
+            previous = threading.stack_size(self.stack_kib * 1024)
+            try:
+                super()._adjust_thread_count()
+            finally:
+                threading.stack_size(previous)
+
+
+def create_server(servicer: FederationServicer, host: str, port: int, max_workers: int = MAX_RPCS,
                   health: HealthServicer | None = None,
-                  credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.Server, int]:
+                  credentials: grpc.ServerCredentials | None = None, *, thread_stack_kib: int = THREAD_STACK_KIB,
+                  keepalive_seconds: float = KEEPALIVE_SECONDS,
+                  keepalive_timeout: float = KEEPALIVE_TIMEOUT) -> tuple[grpc.Server, int]:
     """Build (not start) a server; port 0 binds a free port, which is returned. With `health`, the server
-    also answers the standard gRPC health checks (grpc.health.v1) that load balancers and orchestrators use."""
+    also answers the standard gRPC health checks (grpc.health.v1) that load balancers and orchestrators use.
+    `max_workers` is both the thread pool's size and the cap on calls being served: a call beyond it gets
+    RESOURCE_EXHAUSTED at once rather than a place in a queue no thread may reach before its deadline."""
     server = grpc.server(
-        # Each long-polling JoinRound holds a worker thread until a round needs its client, so the
-        # pool must exceed the number of clients, or unselected pollers would starve selected ones.
-        # Threads are created only as needed.
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-        options=SERVER_OPTIONS)
+        # Each long-polling JoinRound holds a worker thread until a round needs its client, and so does
+        # every other call until it ends (an anonymous update stream until first_message_timeout): the
+        # pool must exceed the number of clients plus what an attacker can hold open, or calls would wait
+        # for a thread while legitimate heartbeats time out. Threads are created only as needed.
+        CallThreads(max_workers, thread_stack_kib),
+        options=server_options(keepalive_seconds, keepalive_timeout),
+        maximum_concurrent_rpcs=max_workers)
     server.add_generic_rpc_handlers((_handlers(servicer),))
     if health is not None:
         health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -8,7 +8,7 @@ import math
 import queue
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +17,7 @@ from common import codecs, tensors
 from common.logs import safe
 from common.messages import Encoding, UpdateHeader
 from fl_server.aggregation import UpdateRejected, spec_mismatch
+from fl_server.deadlines import DEADLINES, Deadlines, Timer
 from fl_server.errors import InvalidUpdateError
 
 log = logging.getLogger("fl_server.uploads")
@@ -26,6 +27,12 @@ MAX_AUTO_UPLOADS = 256  # ...and at most this many: each upload being received h
 MAX_NUM_SAMPLES = 10**12  # a FedAvg weight beyond this is a lie that would drown every honest client
 
 Check = Callable[[dict[str, torch.Tensor], int, float | None], None]  # the aggregator's check
+UPLOAD_PROGRESS_TIMEOUT = 30.0  # seconds an admitted upload may send nothing (config: upload_progress_timeout)
+
+
+class UploadStalledError(Exception):
+    """An admitted upload sent no data for the progress timeout: its buffer is back in the pool and its
+    call has been ended (see `receive`'s `interrupt`)."""
 
 METRIC_NAME = re.compile(r"[A-Za-z0-9_.:/-]+")  # a metric name's characters: safe in a log, a file, a plot
 # Federated evaluation's fields (fl_client/round.py): loss and samples together, accuracy only with them
@@ -90,8 +97,13 @@ class UploadReceiver:
     metric_limits = MetricLimits()  # RoundState sets the server's
 
     def __init__(self, specs: list[tensors.TensorSpec], codec: codecs.Codec, check: Check, max_concurrent: int = 0,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, progress_timeout: float = UPLOAD_PROGRESS_TIMEOUT,
+                 deadlines: Deadlines = DEADLINES):
         self.clock = clock  # times the phases of an upload, for the log
+        # An admitted upload holds a receive buffer (maybe the only one) and a server thread: one that sends
+        # nothing for this long is ended, so that a stalled client cannot hold them until the round's end.
+        self.progress_timeout = progress_timeout
+        self.deadlines = deadlines
         self.specs = specs
         self.codec = codec
         self.check = check
@@ -130,27 +142,45 @@ class UploadReceiver:
             raise InvalidUpdateError(f"update announces {p.total_bytes} bytes; the model's diff is {self.upload_bytes}")
 
     def receive(self, header: UpdateHeader, chunks: Iterable[bytes | memoryview],
-                on_admitted: Callable[[], None] = lambda: None) -> CheckedUpdate:
+                on_admitted: Callable[[], None] = lambda: None,
+                interrupt: Callable[[str], None] = lambda why: None) -> CheckedUpdate:
         """Wait for a free receive buffer, call `on_admitted()` (the servicer tells the client there that
         it may send its data now), then receive and check the update. Raises InvalidUpdateError, with
-        the buffer given back, for anything wrong with it."""
+        the buffer given back, for anything wrong with it. If no data arrives for `progress_timeout`
+        seconds, `interrupt(why)` is called (on another thread: the servicer ends the call there, which
+        unblocks the read) and UploadStalledError raised, with the buffer given back."""
         queued = self.clock()
         buffer = self._buffers.get()
         waited = self.clock() - queued
+        stalled = f"no update data for {self.progress_timeout:g} s (upload_progress_timeout): the upload stalled"
+        timer = None
         try:
             buffer = buffer or bytearray(header.payload.total_bytes)
             on_admitted()
             started = self.clock()
-            diff, largest = self._receive_into(buffer, header, chunks)
+            timer = self.deadlines.arm(self.progress_timeout, lambda: interrupt(stalled))
+            diff, largest = self._receive_into(buffer, header, self._watched(chunks, timer))
+            if timer.cancel():
+                raise UploadStalledError(stalled)
             received = self.clock()
             self.check(diff, header.num_samples, largest)
-        except (tensors.PayloadError, codecs.CodecError, UpdateRejected) as e:
+        except (tensors.PayloadError, codecs.CodecError, UpdateRejected, InvalidUpdateError) as e:
             self.release(buffer)
+            if timer is not None and timer.cancel():  # the stream ended because the deadline ended the call
+                raise UploadStalledError(stalled) from None
             raise InvalidUpdateError(str(e)) from None
         except BaseException:
             self.release(buffer)  # None if the allocation failed: allocated next time
+            if timer is not None and timer.cancel():
+                raise UploadStalledError(stalled) from None
             raise
         return CheckedUpdate(header, diff, buffer, waited, received - started, self.clock() - received)
+
+    def _watched(self, chunks: Iterable[bytes | memoryview], timer: Timer) -> Iterator[bytes | memoryview]:
+        """`chunks`, each one moving the progress deadline on."""
+        for chunk in chunks:
+            timer.extend(self.progress_timeout)
+            yield chunk
 
     def _receive_into(self, buffer: bytearray, header: UpdateHeader,
                       chunks: Iterable[bytes | memoryview]) -> tuple[dict[str, torch.Tensor], float | None]:
