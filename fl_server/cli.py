@@ -28,7 +28,7 @@ from fl_server.coordinator import Coordinator
 from fl_server.membership import RandomSelector, RegistryLimits
 from fl_server.monitoring import MonitoringServer
 from fl_server.records import RoundRecord
-from fl_server.rounds import RoundRules, RoundState
+from fl_server.rounds import RoundRules, RoundState, ServerLimits
 from fl_server.servicer import FederationServicer, PortInUseError, create_server
 from fl_server.uploads import MetricLimits
 
@@ -144,13 +144,14 @@ def main(argv: list[str] | None = None) -> int:
                            heartbeat_seconds=cfg.heartbeat_seconds)
         # Without client tokens or mutual TLS anyone may join under any id: bound how many the server keeps.
         open_mode = not args.client_tokens and args.tls_client_ca is None
-        registry = RegistryLimits(max_clients=cfg.max_clients if open_mode else 0,
-                                  forget_after=cfg.forget_clients_after)
-        metric_limits = MetricLimits(cfg.max_metrics, cfg.max_metric_name_length, cfg.max_metric_value)
+        limits = ServerLimits(
+            max_concurrent_uploads=cfg.max_uploads, upload_progress_timeout=cfg.upload_progress_timeout,
+            metrics=MetricLimits(cfg.max_metrics, cfg.max_metric_name_length, cfg.max_metric_value),
+            registry=RegistryLimits(max_clients=cfg.max_clients if open_mode else 0,
+                                    forget_after=cfg.forget_clients_after))
         return RoundState(global_state=global_state, train_config=cfg.train_config(spec), rules=rules,
                           aggregator=aggregator, selector=RandomSelector(cfg.seed), model_version=model_version,
-                          max_concurrent_uploads=cfg.max_uploads, registry=registry, metric_limits=metric_limits,
-                          upload_progress_timeout=cfg.upload_progress_timeout)
+                          limits=limits)
 
     if checkpoint is None:
         state = round_state(build_model(spec, seed=cfg.seed).state_dict())

@@ -1,6 +1,8 @@
 """The errors a client's request can cause; the servicer maps each to one gRPC status code."""
 from __future__ import annotations
 
+from common.messages import PROTOCOL_VERSION
+
 
 class FederationError(Exception):
     """Base of the errors a client's request can cause."""
@@ -36,3 +38,9 @@ class InvalidJoinError(FederationError):
 
 class RegistryFullError(FederationError):
     """The server knows as many clients as it may keep (open mode) and none of them can be forgotten."""
+
+
+def check_protocol(version: int) -> None:
+    if version != PROTOCOL_VERSION:
+        raise ProtocolMismatchError(f"client speaks protocol version {version}, this server speaks "
+                                    f"{PROTOCOL_VERSION}; install matching fl-client and fl-server versions")

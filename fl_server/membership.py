@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from common.logs import safe
-from fl_server.errors import RegistryFullError
+from common.messages import JoinRequest
+from common.partition import client_index
+from fl_server.errors import InvalidJoinError, RegistryFullError
 
 if TYPE_CHECKING:
     from fl_server.round_types import OpenRound
@@ -68,8 +70,12 @@ class RandomSelector:
 class Membership:
     """The clients the server knows, and when each was last heard from."""
 
-    def __init__(self, heartbeat_seconds: float, clock: Callable[[], float], limits: RegistryLimits | None = None):
+    def __init__(self, heartbeat_seconds: float, clock: Callable[[], float], limits: RegistryLimits | None = None,
+                 dataset: str = "", num_shares: int = 0):
+        """`dataset`, `num_shares`: the federation's data set and how many shares clients without data of
+        their own (--data) may train on."""
         self.clock = clock
+        self.dataset, self.num_shares = dataset, num_shares
         # Working clients report every heartbeat; three missed ones (plus slack for a busy machine) means
         # the client is gone: it is dropped from its round and not sampled until it calls again.
         self.silence_limit = 3 * heartbeat_seconds + 2.0
@@ -93,6 +99,35 @@ class Membership:
             info = self.clients[client_id] = ClientInfo(num_samples, device, self.clock())
         info.num_samples, info.device, info.last_seen = num_samples, device, self.clock()
         return info, new
+
+    def register(self, req: JoinRequest, keep: Collection[str] = ()) -> ClientInfo:
+        """Register or refresh the client calling (never forgetting those in `keep` to make room); logs
+        what it is. InvalidJoinError for a client without data whose id has no share to train on."""
+        if not req.num_samples:
+            self._check_share(req.client_id)
+        known = self.clients.get(req.client_id)
+        samples_before = known.num_samples if known is not None else 0
+        info, new = self.seen(req.client_id, req.num_samples, req.device, keep)
+        if new:
+            # Without --data a client trains on its share of the federation's data set, whose size it
+            # reports once it has loaded it.
+            data = (f"{req.num_samples} samples" if req.num_samples else
+                    f"share {client_index(req.client_id)} of {self.dataset}")
+            log.info("client %s joined (%s, %s); %d known", safe(req.client_id), data, safe(req.device or "?"),
+                     len(self.clients))
+        elif req.num_samples and not samples_before:
+            log.info("client %s trains on %d samples", safe(req.client_id), req.num_samples)
+        return info
+
+    def _check_share(self, client_id: str) -> None:
+        """A client without data trains on share client_index(id) of the federation's data set: refused
+        here, with the reason, if there is no such share, rather than selected and waited for."""
+        n, index = self.num_shares, client_index(client_id)
+        if not 0 <= index < n:
+            raise InvalidJoinError(
+                f"client {safe(client_id)} has no data of its own (no --data), so it would train on share "
+                f"{index} of the federation's {self.dataset}, which has only shares 0..{n - 1} "
+                f"(num_clients {n}); start it with --id 0..{n - 1} or give it --data")
 
     def forget(self, keep: Collection[str] = ()) -> list[str]:
         """Forget the clients not heard from for `forget_after` seconds, and not polling nor in `keep`;

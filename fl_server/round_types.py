@@ -3,6 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fl_server.errors import NotSelectedError, UploadInProgressError
+from fl_server.membership import RegistryLimits
+from fl_server.uploads import UPLOAD_PROGRESS_TIMEOUT, MetricLimits
+
 
 @dataclass(frozen=True)
 class RoundRules:
@@ -11,6 +15,16 @@ class RoundRules:
     min_fit: int  # updates a round needs at its deadline to be aggregated rather than re-run
     round_timeout: float  # seconds
     heartbeat_seconds: float = 2.0  # how often working clients report in
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What clients may cost the server (fl-server's settings of the same names; docs/security.md)."""
+
+    max_concurrent_uploads: int = 0  # receive buffers; 0 = as many as fit in uploads.UPLOAD_MEMORY
+    upload_progress_timeout: float = UPLOAD_PROGRESS_TIMEOUT  # seconds an admitted upload may send nothing
+    metrics: MetricLimits = field(default_factory=MetricLimits)  # what an update's metrics may be
+    registry: RegistryLimits = field(default_factory=RegistryLimits)  # clients kept track of, and how long
 
 
 @dataclass
@@ -46,9 +60,23 @@ class OpenRound:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     uploading: set[str] = field(default_factory=set)
     silent: dict[str, str] = field(default_factory=dict)  # client -> why it was given up on
+    # Clients whose upload stalled (uploads.UploadStalledError): given up on for the round, they are neither
+    # reinstated by a heartbeat nor offered the round again.
+    stalled: set[str] = field(default_factory=set)
     bytes_in: int = 0  # payload bytes of the counted updates
     folding: int = 0  # accepted updates not yet folded into the sum
     begun: bool = False  # the aggregator's begin_round has run (under the fold lock)
+
+    def check_upload(self, client_id: str) -> None:
+        """Refuse an upload from a client this round does not expect one from (now)."""
+        if client_id not in self.selected:
+            raise NotSelectedError(f"client {client_id!r} was not selected for round {self.number}")
+        if client_id in self.stalled:
+            raise NotSelectedError(f"client {client_id!r} was given up on for round {self.number}: "
+                                   f"{self.silent.get(client_id, 'its upload stalled')}")
+        if client_id in self.uploading:
+            raise UploadInProgressError(f"an upload from client {client_id} for round {self.number} "
+                                        "is already in progress")
 
     @property
     def settled(self) -> bool:

@@ -20,30 +20,13 @@ import torch
 
 from common import codecs, tensors
 from common.logs import safe
-from common.messages import (
-    PROTOCOL_VERSION,
-    Action,
-    JoinDecision,
-    JoinRequest,
-    ModelRequest,
-    SubmitResult,
-    TrainConfig,
-    UpdateHeader,
-)
-from common.partition import client_index
+from common.messages import Action, JoinDecision, JoinRequest, ModelRequest, SubmitResult, TrainConfig, UpdateHeader
 from fl_server.aggregation import Aggregator, FedAvg
-from fl_server.errors import (
-    InvalidJoinError,
-    NotSelectedError,
-    ProtocolMismatchError,
-    StaleRoundError,
-    UnknownClientError,
-    UploadInProgressError,
-)
-from fl_server.membership import ClientSelector, Membership, RandomSelector, RegistryLimits
+from fl_server.errors import StaleRoundError, UnknownClientError, check_protocol
+from fl_server.membership import ClientSelector, Membership, RandomSelector
 from fl_server.publication import ModelPublisher, ModelSnapshot
-from fl_server.round_types import OpenRound, RoundOutcome, RoundRules  # noqa: F401 - RoundRules, RoundOutcome: part of the API
-from fl_server.uploads import UPLOAD_PROGRESS_TIMEOUT, CheckedUpdate, MetricLimits, UploadReceiver, UploadStalledError
+from fl_server.round_types import OpenRound, RoundOutcome, RoundRules, ServerLimits  # noqa: F401 - part of the API
+from fl_server.uploads import CheckedUpdate, UploadReceiver, UploadStalledError
 
 log = logging.getLogger("fl_server.rounds")
 
@@ -51,32 +34,27 @@ log = logging.getLogger("fl_server.rounds")
 class RoundState:
     def __init__(self, *, global_state: Mapping[str, torch.Tensor], train_config: TrainConfig, rules: RoundRules,
                  aggregator: Aggregator | None = None, selector: ClientSelector | None = None, model_version: int = 0,
-                 max_concurrent_uploads: int = 0, clock: Callable[[], float] = time.monotonic,
-                 registry: RegistryLimits | None = None, metric_limits: MetricLimits | None = None,
-                 upload_progress_timeout: float = UPLOAD_PROGRESS_TIMEOUT):
-        """`registry`: how many clients to keep track of, and for how long; `metric_limits`: what the
-        metrics sent with an update may be (both: the defaults of their classes unless given)."""
+                 limits: ServerLimits | None = None, clock: Callable[[], float] = time.monotonic):
+        limits = limits or ServerLimits()
         self.train_config = train_config
         self.rules = rules
         self.clock = clock
         self.selector = selector or RandomSelector()
-        self.members = Membership(rules.heartbeat_seconds, clock, registry)
+        self.members = Membership(rules.heartbeat_seconds, clock, limits.registry, train_config.dataset,
+                                  train_config.num_clients)
         self.finished = False
         self.stopping = False
         self.bytes_received = 0  # payload bytes of every counted update
         self.bytes_sent = 0  # bytes of every model stream served in full
         self._cond = threading.Condition()
         self._round: OpenRound | None = None
-        # Clients of the open round whose upload stalled (uploads.UploadStalledError): given up on for the
-        # round, they are neither reinstated by a heartbeat nor offered the round again.
-        self._stalled: set[str] = set()
         self._global = {name: t.detach().cpu().clone() for name, t in global_state.items()}
         specs = tensors.specs_of(self._global)
         self.aggregator = aggregator or FedAvg(specs)
         self.publisher = ModelPublisher(self._global, model_version)
         self.uploads = UploadReceiver(specs, codecs.parse(train_config.compression), self.aggregator.check,
-                                      max_concurrent_uploads, clock, upload_progress_timeout)
-        self.uploads.metric_limits = metric_limits or MetricLimits()
+                                      limits.max_concurrent_uploads, clock, limits.upload_progress_timeout)
+        self.uploads.metric_limits = limits.metrics
         # An accepted update is folded into the sum on this thread, after its client has the answer: the
         # answer rests on the checks, which all run before it, and a checked update cannot fail to fold.
         # The client's upload time then ends with the checks; with more than one receive buffer, the next
@@ -106,23 +84,10 @@ class RoundState:
 
     def join(self, req: JoinRequest, timeout: float) -> JoinDecision:
         """Register the client and hold the call until there is something for it to do, or `timeout`."""
-        self._check_protocol(req.protocol_version)
-        self._check_share(req)
+        check_protocol(req.protocol_version)
         deadline = self.clock() + timeout
         with self._cond:
-            known = self.members.clients.get(req.client_id)
-            samples_before = known.num_samples if known is not None else 0
-            info, new = self.members.seen(req.client_id, req.num_samples, req.device,
-                                          keep=self._round.selected if self._round is not None else ())
-            if new:
-                # Without --data a client trains on its share of the federation's data set, whose size it
-                # reports once it has loaded it.
-                data = (f"{req.num_samples} samples" if req.num_samples else
-                        f"share {client_index(req.client_id)} of {self.train_config.dataset}")
-                log.info("client %s joined (%s, %s); %d known", safe(req.client_id), data,
-                         safe(req.device or "?"), len(self.members.clients))
-            elif req.num_samples and not samples_before:
-                log.info("client %s trains on %d samples", safe(req.client_id), req.num_samples)
+            info = self.members.register(req, keep=self._round.selected if self._round is not None else ())
             if req.training_round:
                 return self._heartbeat_reply(req.client_id, req.training_round)
             self._cond.notify_all()  # the coordinator may be waiting for enough clients
@@ -138,19 +103,6 @@ class RoundState:
                 info.polls -= 1
         return decision or JoinDecision(Action.WAIT, self.train_config, message="no round needs you yet")
 
-    def _check_share(self, req: JoinRequest) -> None:
-        """A client without data (num_samples 0) trains on share client_index(id) of the federation's data
-        set: refused here, with the reason, if there is no such share, rather than selected and waited for."""
-        if req.num_samples:
-            return
-        n = self.train_config.num_clients
-        index = client_index(req.client_id)
-        if not 0 <= index < n:
-            raise InvalidJoinError(
-                f"client {safe(req.client_id)} has no data of its own (no --data), so it would train on share "
-                f"{index} of the federation's {self.train_config.dataset}, which has only shares 0..{n - 1} "
-                f"(num_clients {n}); start it with --id 0..{n - 1} or give it --data")
-
     def _train(self, r: OpenRound, message: str = "") -> JoinDecision:
         return JoinDecision(Action.TRAIN, self.train_config, round=r.number, model_version=self.model_version,
                             heartbeat_seconds=self.rules.heartbeat_seconds, message=message)
@@ -158,7 +110,7 @@ class RoundState:
     def _heartbeat_reply(self, client_id: str, training_round: int) -> JoinDecision:
         r = self._round
         if (r is not None and r.number == training_round and client_id in r.selected and client_id not in r.submitted
-                and client_id not in self._stalled):
+                and client_id not in r.stalled):
             if r.silent.pop(client_id, None):
                 log.info("round %d: client %s is back after being given up on", r.number, safe(client_id))
             return self._train(r, "carry on")
@@ -172,13 +124,12 @@ class RoundState:
         if self.stopping:
             return JoinDecision(Action.WAIT, self.train_config, retry_after=1.0, message="server is stopping")
         r = self._round
-        given_up = client_id in self._stalled
-        if r is not None and client_id in r.selected and client_id not in r.submitted and not given_up:
+        if r is not None and client_id in r.selected and client_id not in r.submitted and client_id not in r.stalled:
             return self._train(r)
         return None
 
     def model(self, req: ModelRequest) -> ModelSnapshot:
-        self._check_protocol(req.protocol_version)
+        check_protocol(req.protocol_version)
         with self._cond:
             snapshot = self.publisher.current
             self.members.touch(req.client_id)
@@ -195,18 +146,13 @@ class RoundState:
         read: the servicer tells the client there that it may send the data now. `interrupt(why)` ends
         the call of an upload that stalled (uploads.UploadReceiver.receive); its client is then given up
         on for the round, as a silent one is."""
-        self._check_protocol(header.protocol_version)
+        check_protocol(header.protocol_version)
         with self._cond:
             r = self._check_submittable(header)
             if header.client_id in r.submitted:
                 return SubmitResult(accepted=True, duplicate=True,
                                     message=f"update for round {r.number} was already counted")
-            if header.client_id in self._stalled:
-                raise NotSelectedError(f"client {header.client_id!r} was given up on for round {r.number}: "
-                                       f"{r.silent.get(header.client_id, 'its upload stalled')}")
-            if header.client_id in r.uploading:
-                raise UploadInProgressError(f"an upload from client {header.client_id} for round {r.number} "
-                                            "is already in progress")
+            r.check_upload(header.client_id)
             self.uploads.check_header(header)
             r.uploading.add(header.client_id)
         try:
@@ -223,7 +169,7 @@ class RoundState:
     def _give_up_on_stalled(self, r: OpenRound, client_id: str, why: str) -> None:
         with self._cond:
             if self._round is r and client_id not in r.submitted:
-                self._stalled.add(client_id)
+                r.stalled.add(client_id)
                 r.silent[client_id] = why
                 log.warning("round %d: client %s: %s; giving up on it", r.number, client_id, why)
                 self._cond.notify_all()
@@ -276,11 +222,6 @@ class RoundState:
                 r.folding -= 1
                 self._cond.notify_all()
 
-    def _check_protocol(self, version: int) -> None:
-        if version != PROTOCOL_VERSION:
-            raise ProtocolMismatchError(f"client speaks protocol version {version}, this server speaks "
-                                        f"{PROTOCOL_VERSION}; install matching fl-client and fl-server versions")
-
     def _check_submittable(self, header: UpdateHeader) -> OpenRound:
         if header.client_id not in self.members:
             raise UnknownClientError(f"client {header.client_id!r} has not joined; call JoinRound first")
@@ -289,8 +230,6 @@ class RoundState:
             current = f"round {r.number}" if r else "no round"
             raise StaleRoundError(f"update is for round {header.round} (model version {header.model_version}) "
                                   f"but {current} is open (model version {self.model_version}); join again")
-        if header.client_id not in r.selected:
-            raise NotSelectedError(f"client {header.client_id!r} was not selected for round {r.number}")
         return r
 
     # --- what the coordinator calls ------------------------------------------------------------------
@@ -340,7 +279,6 @@ class RoundState:
                          self.members.limits.forget_after)
             live = self.members.present()
             selected = self.selector.select(live, self.rules.clients_per_round)
-            self._stalled.clear()
             now = self.clock()
             self._round = OpenRound(number=self.model_version + 1, selected=selected,
                                      deadline=now + self.rules.round_timeout, started=now, opened_at=time.time(),

@@ -199,7 +199,7 @@ def test_5_metrics_beyond_the_limits_are_refused(metrics, match):
 
 
 def test_5_the_limits_are_the_servers_settings():
-    state = started(k=1, metric_limits=MetricLimits(max_metrics=2, max_name_length=5, max_value=10.0))
+    state = started(k=1, metrics=MetricLimits(max_metrics=2, max_name_length=5, max_value=10.0))
     with pytest.raises(errors.InvalidUpdateError, match="at most 2 metrics"):
         submit_with(state, "a", {"a": 1.0, "b": 1.0, "c": 1.0})
     with pytest.raises(errors.InvalidUpdateError, match="1 to 5 letters"):

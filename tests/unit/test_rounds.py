@@ -20,7 +20,7 @@ from common.messages import (
 )
 from fl_server import errors, uploads
 from fl_server.membership import RandomSelector
-from fl_server.rounds import RoundRules, RoundState
+from fl_server.rounds import RoundRules, RoundState, ServerLimits
 
 CONFIG = TrainConfig(model=ModelSpec("mlp", (1, 2, 2), 2), dataset="digits", num_clients=3, seed=0,
                      local_epochs=1, batch_size=4, lr=0.1, momentum=0.0, weight_decay=0.0, optimizer="sgd")
@@ -34,12 +34,13 @@ LONG_POLL = 10 * GUARD
 
 
 def make_state(k=2, min_fit=None, timeout=5.0, *, global_state=GLOBAL, train_config=CONFIG, clock=None,
-               heartbeat_seconds=2.0, seed=0, **kw):
-    """Every RoundState of these tests is made here, on a FakeClock unless given another clock."""
+               heartbeat_seconds=2.0, seed=0, **limits):
+    """Every RoundState of these tests is made here, on a FakeClock unless given another clock; `limits`
+    are ServerLimits' fields."""
     rules = RoundRules(clients_per_round=k, min_clients=k, min_fit=min_fit or k, round_timeout=timeout,
                        heartbeat_seconds=heartbeat_seconds)
     return RoundState(global_state=global_state, train_config=train_config, rules=rules,
-                      selector=RandomSelector(seed), clock=clock or FakeClock(), **kw)
+                      selector=RandomSelector(seed), clock=clock or FakeClock(), limits=ServerLimits(**limits))
 
 
 class FakeClock:
