@@ -78,9 +78,10 @@ async def idle_streams(address: str, count: int, seconds: float, codes: Counter)
     await asyncio.gather(*(c.close() for c in channels))
 
 
-async def fake_ids(address: str, count: int, seconds: float, codes: Counter) -> None:
-    """`count` made-up client ids, each long-polling JoinRound as fl-client does; one that is selected
-    (TRAIN) goes quiet, as a client that never trains."""
+async def fake_ids(address: str, count: int, seconds: float, codes: Counter, persistent: bool = True) -> None:
+    """`count` made-up client ids. `persistent`: each long-polls JoinRound as fl-client does, and one that
+    is selected (TRAIN) goes quiet, as a client that never trains (a Sybil attack: in open mode these are
+    clients like any other). Otherwise each joins once, within a few seconds, and leaves."""
     channels = [_channel(address, 10_000 + i) for i in range(max(1, count // 100))]
     stop = time.monotonic() + seconds
 
@@ -91,9 +92,9 @@ async def fake_ids(address: str, count: int, seconds: float, codes: Counter) -> 
         request = convert.join_request_to_proto(m.JoinRequest(client_id=f"fake{i}", num_samples=100))
         while time.monotonic() < stop:
             try:
-                reply = convert.join_decision_from_proto(await join(request, timeout=30))
+                reply = convert.join_decision_from_proto(await join(request, timeout=30 if persistent else 1))
                 codes[f"OK {reply.action.name}"] += 1
-                if reply.action is not m.Action.WAIT:
+                if reply.action is not m.Action.WAIT or not persistent:
                     return
             except grpc.aio.AioRpcError as e:
                 codes[code_of(e)] += 1
@@ -140,6 +141,51 @@ async def stalled_uploads(address: str, seconds: float, codes: Counter) -> None:
             codes["OK"] += 1
         except grpc.aio.AioRpcError as e:
             codes[code_of(e)] += 1
+    await channel.close()
+
+
+async def bad_metrics(address: str, seconds: float, codes: Counter) -> None:
+    """A client ("mallory") that, each time it is selected, sends a valid model update whose metrics are
+    hostile, in turn: eval_samples without eval_loss, an infinite eval_samples, and 5 MB of metric names."""
+    channel = _channel(address, 30_000)
+    join = channel.unary_unary(convert.JOIN_ROUND, request_serializer=pb.JoinRequest.SerializeToString,
+                               response_deserializer=pb.JoinReply.FromString)
+    get_model = channel.unary_stream(convert.GET_GLOBAL_MODEL, request_serializer=pb.ModelRequest.SerializeToString,
+                                     response_deserializer=convert.raw)
+    submit = channel.stream_unary(convert.SUBMIT_UPDATE, request_serializer=convert.raw,
+                                  response_deserializer=pb.SubmitReply.FromString)
+    variants = [{"eval_samples": 10.0}, {"eval_samples": float("inf"), "eval_loss": 1.0},
+                {f"name{i:06d}" + "x" * 90: 1.0 for i in range(50_000)}]
+    stop, attempt = time.monotonic() + seconds, 0
+    request = convert.join_request_to_proto(m.JoinRequest(client_id="mallory", num_samples=100))
+    while time.monotonic() < stop:
+        try:
+            decision = convert.join_decision_from_proto(await join(request, timeout=30))
+            if decision.action is not m.Action.TRAIN:
+                continue
+            stream = get_model(convert.model_request_to_proto(
+                m.ModelRequest(client_id="mallory", model_version=decision.model_version)), timeout=60)
+            header = None
+            async for message in stream:
+                header = header or convert.model_header_from_raw(message)
+            assert header is not None
+            payload = _zeros(header.payload.specs)
+            metrics = variants[attempt % len(variants)]
+            attempt += 1
+            update = m.UpdateHeader(client_id="mallory", round=decision.round, model_version=header.model_version,
+                                    num_samples=100, metrics=metrics,
+                                    payload=convert.payload_header_of(payload, m.Encoding.DIFF, tensors.CHUNK_SIZE))
+            messages = list(convert.update_stream(update, payload, tensors.CHUNK_SIZE))
+
+            async def send(messages: list = messages):
+                for message in messages:
+                    yield message
+
+            await submit(send(), timeout=60)
+            codes["OK (accepted)"] += 1
+        except grpc.aio.AioRpcError as e:
+            codes[code_of(e)] += 1
+            await asyncio.sleep(0.5)
     await channel.close()
 
 
@@ -204,11 +250,15 @@ def run_attack(name: str, address: str, metrics_port: int, count: int, seconds: 
         asyncio.run(idle_streams(address, count, seconds, codes))
     elif name == "fakes":
         asyncio.run(fake_ids(address, count, seconds, codes))
+    elif name == "joins":
+        asyncio.run(fake_ids(address, count, seconds, codes, persistent=False))
     elif name == "both":
         async def together() -> None:
             await asyncio.gather(idle_streams(address, count, seconds, codes),
-                                 fake_ids(address, count, seconds, codes))
+                                 fake_ids(address, count, seconds, codes, persistent=False))
         asyncio.run(together())
+    elif name == "metrics":
+        asyncio.run(bad_metrics(address, seconds, codes))
     elif name == "stall":
         # Long enough for two stalls of the default upload_progress_timeout (30 s).
         asyncio.run(stalled_uploads(address, max(seconds, 70.0), codes))
@@ -278,8 +328,13 @@ def measure(name: str, attack: str, count: int, phase: float, server_args: list[
 def attacks(count: int) -> dict[str, tuple[list[str], str]]:
     return {
         f"{count} idle update streams": ([], "idle"),
-        f"{count} fake client ids": ([], "fakes"),
-        f"{count} idle streams + {count} fake ids": ([], "both"),
+        f"{count} fake client ids, each joining once": ([], "joins"),
+        f"{count} fake client ids long-polling (Sybil)": ([], "fakes"),
+        f"{count} idle streams + {count} fake ids joining once": ([], "both"),
+        # A selected client whose updates are all refused keeps its round open: it is not silent. The
+        # round closes at its deadline and, short of min_fit, is re-run: both set low enough to see it.
+        "updates with hostile metrics (round_timeout 10, min_fit 2)": (["--round-timeout", "10", "--min-fit", "2"],
+                                                                       "metrics"),
         # One receive buffer, as the automatic max_uploads gives models of 32 MB and more.
         "stalled upload (max_uploads 1)": (["--max-uploads", "1"], "stall"),
         "50 half-sent HTTP requests to /metrics": ([], "http"),

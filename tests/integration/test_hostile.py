@@ -40,7 +40,7 @@ def test_honest_rounds_finish_under_idle_streams_a_stalled_upload_and_a_half_sen
         started = time.monotonic()
         with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as reply:
             assert reply.status == 200  # served beside the half-sent request
-        attack_seconds = 25.0
+        attack_seconds = 12.0
         attackers = [
             threading.Thread(target=lambda: asyncio.run(hostile.idle_streams(server.address, IDLE, attack_seconds,
                                                                              idle_codes)), daemon=True),
