@@ -81,7 +81,7 @@ async def idle_streams(address: str, count: int, seconds: float, codes: Counter)
 async def fake_ids(address: str, count: int, seconds: float, codes: Counter, persistent: bool = True) -> None:
     """`count` made-up client ids. `persistent`: each long-polls JoinRound as fl-client does, and one that
     is selected (TRAIN) goes quiet, as a client that never trains (a Sybil attack: in open mode these are
-    clients like any other). Otherwise each joins once, within a few seconds, and leaves."""
+    clients like any other). Otherwise each id makes one JoinRound call, whatever the answer, and leaves."""
     channels = [_channel(address, 10_000 + i) for i in range(max(1, count // 100))]
     stop = time.monotonic() + seconds
 
@@ -98,6 +98,8 @@ async def fake_ids(address: str, count: int, seconds: float, codes: Counter, per
                     return
             except grpc.aio.AioRpcError as e:
                 codes[code_of(e)] += 1
+                if not persistent:
+                    return  # one attempt per id, whatever the answer
                 await asyncio.sleep(1.0)
 
     await asyncio.gather(*(one(i) for i in range(count)))
