@@ -28,10 +28,10 @@ from pathlib import Path
 import grpc
 
 from bench import loadgen
-from common import convert, tensors
+from common import convert
 from common import messages as m
 from common.proto import federation_pb2 as pb
-from tests.harness import ServerProcess
+from fl_tools.processes import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 LEGIT = 3  # honest simulated clients, all selected each round
@@ -106,94 +106,67 @@ async def fake_ids(address: str, count: int, seconds: float, codes: Counter, per
     await asyncio.gather(*(c.close() for c in channels))
 
 
+class Mallory(loadgen.SimulatedClient):
+    """A client that joins as "mallory" and, each time it is selected, has a well-formed update ready: the
+    hostile part is what the attack then does with it."""
+
+    def __init__(self, address: str, channel_id: int):
+        super().__init__("mallory", address, loadgen.LoadStats(),
+                         options=[("grpc.channel_id", channel_id), ("grpc.use_local_subchannel_pool", 1)])
+        self.request = convert.join_request_to_proto(m.JoinRequest(client_id="mallory", num_samples=100))
+
+    async def selected_update(self, metrics: dict[str, float] | None = None) -> list[bytes] | None:
+        """Join once; when selected, the messages of an update for the round (header first), else None."""
+        decision = convert.join_decision_from_proto(await self.join(self.request, timeout=30))
+        return await self.prepare_update(decision, metrics) if decision.action is m.Action.TRAIN else None
+
+
 async def stalled_uploads(address: str, seconds: float, codes: Counter) -> None:
     """A client ("mallory") that, each time it is selected, sends a valid header, is admitted, and then
     sends no data."""
-    channel = _channel(address, 20_000)
-    join = channel.unary_unary(convert.JOIN_ROUND, request_serializer=pb.JoinRequest.SerializeToString,
-                               response_deserializer=pb.JoinReply.FromString)
-    get_model = channel.unary_stream(convert.GET_GLOBAL_MODEL, request_serializer=pb.ModelRequest.SerializeToString,
-                                     response_deserializer=convert.raw)
-    submit = channel.stream_unary(convert.SUBMIT_UPDATE, request_serializer=convert.raw,
-                                  response_deserializer=pb.SubmitReply.FromString)
+    mallory = Mallory(address, 20_000)
     stop = time.monotonic() + seconds
-    request = convert.join_request_to_proto(m.JoinRequest(client_id="mallory", num_samples=100))
     while time.monotonic() < stop:
         try:
-            decision = convert.join_decision_from_proto(await join(request, timeout=30))
-            if decision.action is not m.Action.TRAIN:
+            messages = await mallory.selected_update()
+            if messages is None:
                 continue
-            stream = get_model(convert.model_request_to_proto(
-                m.ModelRequest(client_id="mallory", model_version=decision.model_version)), timeout=60)
-            header = None
-            async for message in stream:
-                header = header or convert.model_header_from_raw(message)
-            assert header is not None
-            payload = _zeros(header.payload.specs)
-            update = m.UpdateHeader(client_id="mallory", round=decision.round, model_version=header.model_version,
-                                    num_samples=100, payload=convert.payload_header_of(payload, m.Encoding.DIFF,
-                                                                                       tensors.CHUNK_SIZE))
 
-            async def header_then_nothing(first: bytes = next(convert.update_stream(update, payload,
-                                                                                   tensors.CHUNK_SIZE))):
+            async def header_then_nothing(first: bytes = messages[0]):
                 yield first
                 await asyncio.sleep(3600)
 
-            await submit(header_then_nothing(), timeout=120)  # the server's progress deadline ends it first
+            await mallory.submit(header_then_nothing(), timeout=120)  # the server's progress deadline ends it first
             codes["OK"] += 1
         except grpc.aio.AioRpcError as e:
             codes[code_of(e)] += 1
-    await channel.close()
+    await mallory.channel.close()
 
 
 async def bad_metrics(address: str, seconds: float, codes: Counter) -> None:
     """A client ("mallory") that, each time it is selected, sends a valid model update whose metrics are
     hostile, in turn: eval_samples without eval_loss, an infinite eval_samples, and 5 MB of metric names."""
-    channel = _channel(address, 30_000)
-    join = channel.unary_unary(convert.JOIN_ROUND, request_serializer=pb.JoinRequest.SerializeToString,
-                               response_deserializer=pb.JoinReply.FromString)
-    get_model = channel.unary_stream(convert.GET_GLOBAL_MODEL, request_serializer=pb.ModelRequest.SerializeToString,
-                                     response_deserializer=convert.raw)
-    submit = channel.stream_unary(convert.SUBMIT_UPDATE, request_serializer=convert.raw,
-                                  response_deserializer=pb.SubmitReply.FromString)
+    mallory = Mallory(address, 30_000)
     variants = [{"eval_samples": 10.0}, {"eval_samples": float("inf"), "eval_loss": 1.0},
                 {f"name{i:06d}" + "x" * 90: 1.0 for i in range(50_000)}]
     stop, attempt = time.monotonic() + seconds, 0
-    request = convert.join_request_to_proto(m.JoinRequest(client_id="mallory", num_samples=100))
     while time.monotonic() < stop:
         try:
-            decision = convert.join_decision_from_proto(await join(request, timeout=30))
-            if decision.action is not m.Action.TRAIN:
+            messages = await mallory.selected_update(variants[attempt % len(variants)])
+            if messages is None:
                 continue
-            stream = get_model(convert.model_request_to_proto(
-                m.ModelRequest(client_id="mallory", model_version=decision.model_version)), timeout=60)
-            header = None
-            async for message in stream:
-                header = header or convert.model_header_from_raw(message)
-            assert header is not None
-            payload = _zeros(header.payload.specs)
-            metrics = variants[attempt % len(variants)]
             attempt += 1
-            update = m.UpdateHeader(client_id="mallory", round=decision.round, model_version=header.model_version,
-                                    num_samples=100, metrics=metrics,
-                                    payload=convert.payload_header_of(payload, m.Encoding.DIFF, tensors.CHUNK_SIZE))
-            messages = list(convert.update_stream(update, payload, tensors.CHUNK_SIZE))
 
-            async def send(messages: list = messages):
+            async def send(messages: list[bytes] = messages):
                 for message in messages:
                     yield message
 
-            await submit(send(), timeout=60)
+            await mallory.submit(send(), timeout=60)
             codes["OK (accepted)"] += 1
         except grpc.aio.AioRpcError as e:
             codes[code_of(e)] += 1
             await asyncio.sleep(0.5)
-    await channel.close()
-
-
-def _zeros(specs: list[tensors.TensorSpec]) -> tensors.Payload:
-    import torch
-    return tensors.encode({s.name: torch.zeros(s.shape, dtype=tensors.DTYPES[s.dtype]) for s in specs})
+    await mallory.channel.close()
 
 
 def half_sent_http(port: int, count: int, seconds: float, codes: Counter) -> None:

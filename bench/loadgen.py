@@ -43,11 +43,13 @@ def tiny_change(specs: list[tensors.TensorSpec], seed: int = 0) -> tensors.Paylo
 
 
 class SimulatedClient:
-    def __init__(self, client_id: str, address: str, stats: LoadStats, num_samples: int = 100):
+    def __init__(self, client_id: str, address: str, stats: LoadStats, num_samples: int = 100,
+                 options: list[tuple[str, int]] = CHANNEL_OPTIONS):
+        """`options`: the channel's; fl-client's by default."""
         self.client_id = client_id
         self.stats = stats
         self.num_samples = num_samples
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)  # as fl-client's
+        self.channel = grpc.aio.insecure_channel(address, options=options)
         self.join = self.channel.unary_unary(convert.JOIN_ROUND, request_serializer=pb.JoinRequest.SerializeToString,
                                              response_deserializer=pb.JoinReply.FromString)
         self.get_model = self.channel.unary_stream(convert.GET_GLOBAL_MODEL,
@@ -73,7 +75,8 @@ class SimulatedClient:
         finally:
             await self.channel.close()
 
-    async def one_round(self, decision: m.JoinDecision) -> None:
+    async def prepare_update(self, decision: m.JoinDecision, metrics: dict[str, float] | None = None) -> list[bytes]:
+        """Fetch the round's model and return an update's messages for it (its header first)."""
         stream = self.get_model(convert.model_request_to_proto(
             m.ModelRequest(client_id=self.client_id, model_version=decision.model_version)), timeout=600)
         header = None
@@ -86,9 +89,13 @@ class SimulatedClient:
         payload, data_messages = _shared_change(header.payload.specs)
         update = m.UpdateHeader(client_id=self.client_id, round=decision.round,
                                 model_version=header.model_version, num_samples=self.num_samples,
+                                metrics=metrics or {},
                                 payload=convert.payload_header_of(payload, m.Encoding.DIFF, tensors.CHUNK_SIZE))
         # Only the header differs between clients; the data messages are built once and shared.
-        messages = [next(convert.update_stream(update, payload, tensors.CHUNK_SIZE)), *data_messages]
+        return [next(convert.update_stream(update, payload, tensors.CHUNK_SIZE)), *data_messages]
+
+    async def one_round(self, decision: m.JoinDecision) -> None:
+        messages = await self.prepare_update(decision)
         self.stats.bytes_up += sum(len(x) for x in messages)
         admitted = asyncio.Event()
 

@@ -38,7 +38,7 @@ from common.proto import federation_pb2 as pb
 from common.training import train
 from fl_client.connection import ServerConnection
 from fl_server.records import read_jsonl
-from tests.harness import ServerProcess, start_client
+from fl_tools.processes import ServerProcess, start_client
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"

@@ -99,6 +99,8 @@ def check_type(key: str, value: Any, kind: type) -> Any:
     int is a float, but a float is not an int, and bool (an int in Python) is neither."""
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise SettingError(f"config key {key!r}: expected a whole number, got {value!r}")
+    if kind is int and abs(value) >= 2**63:  # what torch and numpy take as a seed or a count
+        raise SettingError(f"config key {key!r} is out of range: a whole number below 2**63 in magnitude, got {value}")
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise SettingError(f"config key {key!r}: expected a number, got {value!r}")

@@ -68,7 +68,7 @@ class DPFedAvg(FedAvg):
             total = self._sums[name]
             total.add_(torch.randn(total.shape, generator=self._generator, dtype=total.dtype), alpha=std)
             # A fixed denominator: dividing by the number that arrived would publish it, noise-free.
-            new_state[name] = self._stepped(name, total.div_(self.clients_per_round), current)
+            new_state[name] = self.optimizer.move(name, total.div_(self.clients_per_round), current)
         self.discard()
         self._spare = global_state
         return new_state

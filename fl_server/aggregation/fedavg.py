@@ -23,11 +23,11 @@ from fl_server.aggregation.base import (
     check_update,
     check_weight,
 )
-from fl_server.aggregation.optimizers import ServerOptimizer
+from fl_server.aggregation.optimizers import OptimizerState, ServerOptimizer
 from fl_server.aggregation.values import is_value, offsets, reference_of, settle
 
 
-class FedAvg:
+class FedAvg(OptimizerState):
     """Sample-weighted mean of diffs, folded in one update at a time (the Aggregator protocol)."""
 
     def __init__(self, specs: list[TensorSpec], server_lr: float = 1.0, optimizer: ServerOptimizer | None = None):
@@ -97,11 +97,6 @@ class FedAvg:
             else:
                 acc.add_(tensor.to(acc.dtype), alpha=alpha)
 
-    def _stepped(self, name: str, mean: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
-        """`current` moved by the server optimizer's step for the mean diff `mean` (whose memory it takes)."""
-        new = self.optimizer.step(name, mean).add_(current)
-        return new if new.dtype == current.dtype else new.to(current.dtype)
-
     def finish(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The new state is computed in the sums' own memory (no second model-sized allocation)."""
         if self.count == 0:
@@ -110,19 +105,13 @@ class FedAvg:
         for name, current in global_state.items():
             mean = self._sums[name].div_(self.total_weight)
             if current.is_floating_point():
-                new_state[name] = self._stepped(name, mean, current)
+                new_state[name] = self.optimizer.move(name, mean, current)
             else:
                 # The weighted mean of the values, rounded (not truncated), or the weighted majority.
                 new_state[name] = settle(self._references[name], mean, current)
         self.discard()
         self._spare = global_state
         return new_state
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        self.optimizer.load_state_dict(dict(state))
 
     def memory_claim(self) -> int:
         """The sums, the integer and bool tensors' int64 reference values, plus the server optimizer's

@@ -49,6 +49,12 @@ class ServerOptimizer:
             v.sub_(torch.sign(v - squared).mul_(squared), alpha=1 - self.beta2)
         return torch.div(m, v.sqrt().add_(self.tau), out=diff).mul_(self.lr)
 
+    def move(self, name: str, mean: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        """`current` moved by the step for the round's aggregate diff `mean` (whose memory it takes), added
+        in `mean`'s precision and returned in `current`'s dtype."""
+        new = self.step(name, mean).add_(current)
+        return new if new.dtype == current.dtype else new.to(current.dtype)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.state)
 
@@ -58,3 +64,15 @@ class ServerOptimizer:
     def moments(self) -> int:
         """How many model-sized tensors its state holds (m, and v for Adam and Yogi)."""
         return {"fedavg": 0, "fedavgm": 1}.get(self.kind, 2)
+
+
+class OptimizerState:
+    """The checkpointed state of an aggregator whose only state across rounds is its server optimizer's."""
+
+    optimizer: ServerOptimizer
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.optimizer.load_state_dict(state)

@@ -16,13 +16,13 @@ from fl_server.aggregation.base import (
     check_update,
     check_weight,
 )
-from fl_server.aggregation.optimizers import ServerOptimizer
+from fl_server.aggregation.optimizers import OptimizerState, ServerOptimizer
 from fl_server.aggregation.values import is_value, offsets, settle
 
 ROBUST_RULES = ("median", "trimmed_mean", "krum", "multikrum")
 
 
-class RobustAggregator:
+class RobustAggregator(OptimizerState):
     """Floating-point diffs are spilled to a `numpy.memmap` on disk, one float32 row per client, so the
     server holds one model in RAM whatever the number of clients; the step the rule computes is added to
     the model in the model's own precision (float64 for a float64 model). Integer and bool tensors are
@@ -152,18 +152,11 @@ class RobustAggregator:
             if current.is_floating_point():
                 # Added in the model's precision: a float64 model keeps its float64 values.
                 step = aggregate[columns].reshape(spec.shape).to(accumulator_dtype(current.dtype), copy=True)
-                new = self.optimizer.step(spec.name, step).add_(current)
-                new_state[spec.name] = new if new.dtype == current.dtype else new.to(current.dtype)
+                new_state[spec.name] = self.optimizer.move(spec.name, step, current)
             else:
                 new_state[spec.name] = settle(reference[columns], value_aggregate[columns], current)
         self.discard()
         return new_state
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        self.optimizer.load_state_dict(dict(state))
 
     def memory_claim(self) -> int:
         """Float updates live on disk; RAM holds the integer and bool values (int64, one row per update),

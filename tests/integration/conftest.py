@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import ServerProcess, start_client
+from fl_tools.processes import ServerProcess, start_client
 
 # One thread per process: the tests run several training processes on 2 cores.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -16,7 +16,7 @@ from common import convert, tensors
 from common import messages as m
 from common.proto import federation_pb2 as pb
 from fl_client.connection import ServerConnection
-from tests.harness import ServerProcess
+from fl_tools.processes import ServerProcess
 from tests.integration.conftest import ENV
 
 pytestmark = pytest.mark.integration

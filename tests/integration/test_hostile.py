@@ -15,7 +15,7 @@ from collections import Counter
 import pytest
 
 from bench import hostile, loadgen
-from tests.harness import ServerProcess
+from fl_tools.processes import ServerProcess
 from tests.integration.conftest import ENV, read_metrics
 
 pytestmark = pytest.mark.integration

@@ -1,6 +1,5 @@
-"""Starts real fl-server / fl-client processes for the integration tests and the benchmark
-(`python -m bench.run`, from the repository root): the installed entry points beside this Python, or
-`python -m` where they are missing.
+"""Starts real fl-server / fl-client processes on this machine: for `fl-demo`, the integration tests
+and the benchmarks. The installed entry points beside this Python, or `python -m` where they are missing.
 """
 from __future__ import annotations
 
