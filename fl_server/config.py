@@ -151,7 +151,8 @@ class Config(ClientHyperparameters):
         "seconds after which a client not heard from is forgotten (it joins again as new); never one "
         "selected in the round in progress"), check=at_least(60, "must be at least 60 seconds"), defines_run=False)
     max_metrics: int = setting(32, "metrics a client may send with an update; an update with more is refused",
-                               check=at_least(1), defines_run=False)
+                               check=Rule(lambda v: 1 <= v <= 1000, "must be between 1 and 1000"),
+                               defines_run=False)
     max_metric_name_length: int = setting(64, (
         "characters in a metric's name (letters, digits and _ . : / - only); an update with a longer one is "
         "refused"), check=Rule(lambda v: 1 <= v <= 1000, "must be between 1 and 1000"), defines_run=False)

@@ -28,6 +28,11 @@ class UploadInProgressError(FederationError):
     pass
 
 
+class UploadStalledError(FederationError):
+    """An admitted upload sent no data for the progress timeout: its buffer is back in the pool and its
+    call has been ended (see uploads.UploadReceiver.receive's `interrupt`)."""
+
+
 class InvalidUpdateError(FederationError):
     """The update is malformed or does not fit the model; it never touches the aggregate."""
 

@@ -138,14 +138,14 @@ class Membership:
                 if info.polls == 0 and now - info.last_seen > self.limits.forget_after and c not in keep]
         for c in gone:
             del self.clients[c]
+        if gone:
+            log.info("forgot %d client(s) not heard from for %.0f s", len(gone), self.limits.forget_after)
         return gone
 
     def _make_room(self, keep: Collection[str]) -> None:
         now = self.clock()
         if now - self._pruned >= 1.0:  # at most once a second: a burst of joins goes through the registry once
-            gone = self.forget(keep)
-            if gone:
-                log.info("forgot %d client(s) not heard from for %.0f s", len(gone), self.limits.forget_after)
+            self.forget(keep)
         cap = self.limits.max_clients
         if not cap or len(self.clients) < cap:
             return

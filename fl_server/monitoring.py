@@ -58,7 +58,8 @@ class FederationCollector(Collector):
 
 
 class _Handler(WSGIRequestHandler):
-    timeout = 10.0  # the socket timeout of each request (StreamRequestHandler sets it in setup)
+    # `timeout`, the socket timeout of each request (StreamRequestHandler sets it in setup), is given per
+    # server: MonitoringServer makes a subclass with its request timeout.
 
     def setup(self) -> None:
         super().setup()  # sets the socket timeout
@@ -101,7 +102,6 @@ class MonitoringServer:
             context.load_cert_chain(*tls)
             self._server.socket = context.wrap_socket(self._server.socket, server_side=True,
                                                       do_handshake_on_connect=False)
-        self.scheme = "https" if tls is not None else "http"
         self.port = self._server.server_port
         self._thread = threading.Thread(target=self._server.serve_forever, name="monitoring", daemon=True)
 

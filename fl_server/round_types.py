@@ -11,7 +11,7 @@ from fl_server.uploads import UPLOAD_PROGRESS_TIMEOUT, MetricLimits
 @dataclass(frozen=True)
 class RoundRules:
     clients_per_round: int  # the seed's k
-    min_clients: int  # live clients needed before a round opens
+    min_clients: int  # clients there now (Membership.present) needed before a round opens
     min_fit: int  # updates a round needs at its deadline to be aggregated rather than re-run
     round_timeout: float  # seconds
     heartbeat_seconds: float = 2.0  # how often working clients report in
@@ -41,7 +41,7 @@ class RoundOutcome:
     closed_at: float  # when the new global model was ready to serve
     bytes_in: int  # payload bytes of the counted updates
     aggregate_seconds: float  # applying the aggregate and publishing the new model
-    population: int  # live clients the round's sample was drawn from
+    population: int  # clients there now that the round's sample was drawn from
 
     @property
     def dropped(self) -> list[str]:
@@ -55,7 +55,7 @@ class OpenRound:
     deadline: float
     started: float
     opened_at: float
-    population: int  # live clients the sample was drawn from
+    population: int  # clients there now that the sample was drawn from
     submitted: dict[str, int] = field(default_factory=dict)  # client -> num_samples
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     uploading: set[str] = field(default_factory=set)
@@ -66,6 +66,11 @@ class OpenRound:
     bytes_in: int = 0  # payload bytes of the counted updates
     folding: int = 0  # accepted updates not yet folded into the sum
     begun: bool = False  # the aggregator's begin_round has run (under the fold lock)
+
+    def expects(self, client_id: str) -> bool:
+        """Whether this round still waits for work from the client: selected, not in, not given up on for
+        a stalled upload."""
+        return client_id in self.selected and client_id not in self.submitted and client_id not in self.stalled
 
     def check_upload(self, client_id: str) -> None:
         """Refuse an upload from a client this round does not expect one from (now)."""

@@ -22,11 +22,11 @@ from common import codecs, tensors
 from common.logs import safe
 from common.messages import Action, JoinDecision, JoinRequest, ModelRequest, SubmitResult, TrainConfig, UpdateHeader
 from fl_server.aggregation import Aggregator, FedAvg
-from fl_server.errors import StaleRoundError, UnknownClientError, check_protocol
+from fl_server.errors import StaleRoundError, UnknownClientError, UploadStalledError, check_protocol
 from fl_server.membership import ClientSelector, Membership, RandomSelector
 from fl_server.publication import ModelPublisher, ModelSnapshot
-from fl_server.round_types import OpenRound, RoundOutcome, RoundRules, ServerLimits  # noqa: F401 - part of the API
-from fl_server.uploads import CheckedUpdate, UploadReceiver, UploadStalledError
+from fl_server.round_types import OpenRound, RoundOutcome, RoundRules, ServerLimits
+from fl_server.uploads import CheckedUpdate, UploadReceiver
 
 log = logging.getLogger("fl_server.rounds")
 
@@ -109,8 +109,7 @@ class RoundState:
 
     def _heartbeat_reply(self, client_id: str, training_round: int) -> JoinDecision:
         r = self._round
-        if (r is not None and r.number == training_round and client_id in r.selected and client_id not in r.submitted
-                and client_id not in r.stalled):
+        if r is not None and r.number == training_round and r.expects(client_id):
             if r.silent.pop(client_id, None):
                 log.info("round %d: client %s is back after being given up on", r.number, safe(client_id))
             return self._train(r, "carry on")
@@ -124,7 +123,7 @@ class RoundState:
         if self.stopping:
             return JoinDecision(Action.WAIT, self.train_config, retry_after=1.0, message="server is stopping")
         r = self._round
-        if r is not None and client_id in r.selected and client_id not in r.submitted and client_id not in r.stalled:
+        if r is not None and r.expects(client_id):
             return self._train(r)
         return None
 
@@ -171,7 +170,7 @@ class RoundState:
             if self._round is r and client_id not in r.submitted:
                 r.stalled.add(client_id)
                 r.silent[client_id] = why
-                log.warning("round %d: client %s: %s; giving up on it", r.number, client_id, why)
+                log.warning("round %d: client %s: %s; giving up on it", r.number, safe(client_id), why)
                 self._cond.notify_all()
 
     def _count(self, r: OpenRound, update: CheckedUpdate) -> SubmitResult:
@@ -235,7 +234,7 @@ class RoundState:
     # --- what the coordinator calls ------------------------------------------------------------------
 
     def wait_for_clients(self) -> None:
-        """Block until `min_clients` live clients have joined (or we are stopping)."""
+        """Block until `min_clients` clients are there now (Membership.present) (or we are stopping)."""
         with self._cond:
             if len(self.members.present()) < self.rules.min_clients:
                 log.info("waiting for %d clients (%d connected)", self.rules.min_clients, len(self.members.present()))
@@ -273,16 +272,13 @@ class RoundState:
         """Sample `clients_per_round` of the clients there now (see Membership.present) and wake them;
         returns who was selected. Clients gone for a long while are forgotten first."""
         with self._cond:
-            gone = self.members.forget()
-            if gone:
-                log.info("forgot %d client(s) not heard from for %.0f s", len(gone),
-                         self.members.limits.forget_after)
-            live = self.members.present()
-            selected = self.selector.select(live, self.rules.clients_per_round)
+            self.members.forget()
+            present = self.members.present()
+            selected = self.selector.select(present, self.rules.clients_per_round)
             now = self.clock()
             self._round = OpenRound(number=self.model_version + 1, selected=selected,
                                      deadline=now + self.rules.round_timeout, started=now, opened_at=time.time(),
-                                     population=len(live))
+                                     population=len(present))
             log.info("round %d started with %s", self._round.number, ", ".join(map(safe, selected)))
             self._cond.notify_all()
             return selected

@@ -18,7 +18,6 @@ from fl_server import errors
 from fl_server.deadlines import DEADLINES, Deadlines
 from fl_server.publication import ModelSnapshot
 from fl_server.rounds import RoundState
-from fl_server.uploads import UploadStalledError
 
 log = logging.getLogger("fl_server.servicer")
 
@@ -49,7 +48,7 @@ STATUS_FOR = {
     errors.UploadInProgressError: grpc.StatusCode.ABORTED,
     errors.InvalidJoinError: grpc.StatusCode.INVALID_ARGUMENT,
     errors.RegistryFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    UploadStalledError: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.UploadStalledError: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 
@@ -182,7 +181,8 @@ class FederationServicer:
             if not timer.cancel():
                 raise
         if timer.cancel():
-            self.idle_streams_ended += 1
+            with self._streams_lock:  # it guards this counter too: handler threads count side by side
+                self.idle_streams_ended += 1
             log.info("%s: update stream ended: %s", context.peer(), why)
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, why)  # already told; this ends the handler quietly
         return first

@@ -18,7 +18,7 @@ from common.logs import safe
 from common.messages import Encoding, UpdateHeader
 from fl_server.aggregation import UpdateRejected, spec_mismatch
 from fl_server.deadlines import DEADLINES, Deadlines, Timer
-from fl_server.errors import InvalidUpdateError
+from fl_server.errors import InvalidUpdateError, UploadStalledError
 
 log = logging.getLogger("fl_server.uploads")
 
@@ -29,10 +29,6 @@ MAX_NUM_SAMPLES = 10**12  # a FedAvg weight beyond this is a lie that would drow
 Check = Callable[[dict[str, torch.Tensor], int, float | None], None]  # the aggregator's check
 UPLOAD_PROGRESS_TIMEOUT = 30.0  # seconds an admitted upload may send nothing (config: upload_progress_timeout)
 
-
-class UploadStalledError(Exception):
-    """An admitted upload sent no data for the progress timeout: its buffer is back in the pool and its
-    call has been ended (see `receive`'s `interrupt`)."""
 
 METRIC_NAME = re.compile(r"[A-Za-z0-9_.:/-]+")  # a metric name's characters: safe in a log, a file, a plot
 # Federated evaluation's fields (fl_client/round.py): loss and samples together, accuracy only with them

@@ -42,8 +42,7 @@ def test_a_float64_model_takes_the_robust_step_in_float64(rule):
     expected = torch.tensor([1e8 + 0.123456789 + 0.5, -2.75], dtype=torch.float64)
     assert torch.equal(new, expected)
     assert new[0].item() == 100000000.623456789  # float64's nearest value to it
-    # In float32 the step would be lost: float32's values near 1e8 are 8 apart.
-    assert torch.tensor(1e8 + 0.123456789, dtype=torch.float32).add(0.5).item() == 1e8
+    # (In float32 the step would be lost: float32's values near 1e8 are 8 apart.)
 
 
 def test_fedavg_and_the_robust_rules_agree_on_a_float64_model():

@@ -16,8 +16,6 @@ FORBIDDEN = {  # package -> the top-level packages its modules must not import
     "fl_client": {"fl_server", "fl_tools", *NOT_INSTALLED},
     "fl_tools": NOT_INSTALLED,
 }
-# Violations to be fixed, each with its reason: they fail loudly (strict) once fixed, so that their entry goes too.
-KNOWN: dict[str, str] = {}
 
 
 def imported_packages(path: Path) -> set[str]:
@@ -32,10 +30,8 @@ def imported_packages(path: Path) -> set[str]:
     return {name.split(".")[0] for name in names}
 
 
-def sources() -> list:
-    paths = sorted(p.relative_to(ROOT).as_posix() for package in FORBIDDEN for p in (ROOT / package).rglob("*.py"))
-    return [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=KNOWN[p])) if p in KNOWN else p
-            for p in paths]
+def sources() -> list[str]:
+    return sorted(p.relative_to(ROOT).as_posix() for package in FORBIDDEN for p in (ROOT / package).rglob("*.py"))
 
 
 @pytest.mark.parametrize("path", sources())

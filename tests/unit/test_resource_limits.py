@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from common import convert, tls
-from common.messages import JoinRequest
+from common.messages import Action, JoinRequest
 from common.proto import federation_pb2 as pb
 from fl_client.connection import retryable
 from fl_server import uploads
@@ -152,7 +152,7 @@ def test_a_real_server_caps_calls_and_ends_idle_streams():
         # (a heartbeat, answered at once: the state's clock is a FakeClock, which a long-poll would wait on)
         reply = join(convert.join_request_to_proto(JoinRequest(client_id="x", num_samples=1, training_round=1)),
                      timeout=GUARD)
-        assert reply is not None
+        assert convert.join_decision_from_proto(reply).action is Action.WAIT  # no round 1 is open
     finally:
         hold.set()
         channel.close()
