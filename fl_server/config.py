@@ -35,7 +35,10 @@ from common.settings import (
     positive,
     setting,
 )
+from fl_server import monitoring, servicer, uploads
 from fl_server.aggregation import parse_aggregator
+from fl_server.membership import RegistryLimits
+from fl_server.uploads import MetricLimits
 
 # One error for a wrong setting, whether the file, a flag or a check found it; it names the key.
 ConfigError = SettingError
@@ -109,27 +112,28 @@ class Config(ClientHyperparameters):
         check=at_least(1), defines_run=False)
     # Resource limits that hold before a request is authenticated (docs/security.md, "No client can stop,
     # starve or bloat the server").
-    max_rpcs: int = setting(8192, (
+    max_rpcs: int = setting(servicer.MAX_RPCS, (
         "calls served at once, each on its own thread (a JoinRound long-poll holds one for 10 s, an upload "
         "for its transfer); more get RESOURCE_EXHAUSTED at once. Size it above clients + the calls an attacker "
         "can open within first_message_timeout"), check=at_least(16), defines_run=False)
-    rpc_thread_stack_kib: int = setting(512, (
+    rpc_thread_stack_kib: int = setting(servicer.THREAD_STACK_KIB, (
         "stack of each call's thread, in KiB (0 = the system's, usually 8 MiB): idle calls hold threads, "
         "so their address space is kept small"),
         check=Rule(lambda v: v == 0 or 256 <= v <= 65536, "must be 0 (system default) or 256 to 65536 KiB"),
         defines_run=False)
-    first_message_timeout: float = setting(10.0, (
+    first_message_timeout: float = setting(servicer.FIRST_MESSAGE_TIMEOUT, (
         "seconds an update stream may take to send its header (fl-client sends it at once); then the call is "
         "ended with DEADLINE_EXCEEDED and its thread freed. Identity is checked on the header, so this bounds "
         "what an unauthenticated caller holds"), check=positive(), defines_run=False)
-    upload_progress_timeout: float = setting(30.0, (
+    upload_progress_timeout: float = setting(uploads.UPLOAD_PROGRESS_TIMEOUT, (
         "seconds an admitted upload may go without sending data (a 1 MiB chunk) before it is ended with "
         "DEADLINE_EXCEEDED, its receive buffer and thread freed, and its client given up on for the round"),
         check=positive(), defines_run=False)
-    keepalive_seconds: float = setting(30.0, (
+    keepalive_seconds: float = setting(servicer.KEEPALIVE_SECONDS, (
         "the server pings each connection this often (HTTP/2 keepalive) to find peers that vanished"),
         check=Rule(lambda v: v >= 1, "must be at least 1 second"), defines_run=False)
-    keepalive_timeout: float = setting(10.0, "seconds without a ping's answer after which a connection is closed",
+    keepalive_timeout: float = setting(servicer.KEEPALIVE_TIMEOUT,
+                                       "seconds without a ping's answer after which a connection is closed",
                                        check=Rule(lambda v: v >= 1, "must be at least 1 second"), defines_run=False)
     metrics_host: str = setting("127.0.0.1", (
         "address the monitoring endpoint (--metrics-port) listens on; loopback by default, since /status lists "
@@ -138,7 +142,7 @@ class Config(ClientHyperparameters):
         "a file holding a secret that monitoring requests must present as `Authorization: Bearer SECRET` "
         "(empty = none). With --tls-cert the endpoint is HTTPS with the gRPC port's certificate"),
         defines_run=False)
-    metrics_request_timeout: float = setting(10.0, (
+    metrics_request_timeout: float = setting(monitoring.REQUEST_TIMEOUT, (
         "seconds the monitoring endpoint waits on a socket of one request (each is served on its own thread)"),
         check=positive(), defines_run=False)
     out: str = setting("runs/latest", "folder for metrics.jsonl, checkpoints and final_model.pt", defines_run=False)
@@ -147,16 +151,17 @@ class Config(ClientHyperparameters):
         "open mode only (no --client-tokens, no --tls-client-ca): clients the server keeps track of at once. "
         "A new one beyond it takes the place of the one gone longest, or is refused (RESOURCE_EXHAUSTED) "
         "while all are active. 0 = no limit"), check=at_least(0, "must be 0 (no limit) or more"), defines_run=False)
-    forget_clients_after: float = setting(600.0, (
+    forget_clients_after: float = setting(RegistryLimits.forget_after, (
         "seconds after which a client not heard from is forgotten (it joins again as new); never one "
         "selected in the round in progress"), check=at_least(60, "must be at least 60 seconds"), defines_run=False)
-    max_metrics: int = setting(32, "metrics a client may send with an update; an update with more is refused",
+    max_metrics: int = setting(MetricLimits.max_metrics,
+                               "metrics a client may send with an update; an update with more is refused",
                                check=Rule(lambda v: 1 <= v <= 1000, "must be between 1 and 1000"),
                                defines_run=False)
-    max_metric_name_length: int = setting(64, (
+    max_metric_name_length: int = setting(MetricLimits.max_name_length, (
         "characters in a metric's name (letters, digits and _ . : / - only); an update with a longer one is "
         "refused"), check=Rule(lambda v: 1 <= v <= 1000, "must be between 1 and 1000"), defines_run=False)
-    max_metric_value: float = setting(1e15, (
+    max_metric_value: float = setting(MetricLimits.max_value, (
         "largest magnitude of a metric's value; an update with a larger one, NaN or infinity is refused"),
         check=positive(), defines_run=False)
 

@@ -57,6 +57,9 @@ class FederationCollector(Collector):
                                   count_value=len(done), sum_value=sum(r.aggregate_seconds for r in done))
 
 
+REQUEST_TIMEOUT = 10.0  # seconds a monitoring request may take (config: metrics_request_timeout)
+
+
 class _Handler(WSGIRequestHandler):
     # `timeout`, the socket timeout of each request (StreamRequestHandler sets it in setup), is given per
     # server: MonitoringServer makes a subclass with its request timeout.
@@ -85,7 +88,8 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
 
 class MonitoringServer:
     def __init__(self, state: RoundState, records: Callable[[], list[RoundRecord]], host: str, port: int,
-                 token: str | None = None, tls: tuple[str, str] | None = None, request_timeout: float = 10.0):
+                 token: str | None = None, tls: tuple[str, str] | None = None,
+                 request_timeout: float = REQUEST_TIMEOUT):
         """`token`: a secret every request must present as `Authorization: Bearer TOKEN` (401 otherwise).
         `tls`: (certificate, key) PEM files; the endpoint is then HTTPS."""
         self.state = state

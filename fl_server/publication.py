@@ -18,8 +18,12 @@ class ModelSnapshot:
     """One version of the global model."""
 
     version: int
-    round: int  # the round it is the starting point of
     payload: tensors.Payload
+
+    @property
+    def round(self) -> int:
+        """The round it is the starting point of."""
+        return self.version + 1
 
     @property
     def checksum(self) -> int:
@@ -32,7 +36,7 @@ class ModelPublisher:
     never sees a version its subscribers have not been told of."""
 
     def __init__(self, state: Mapping[str, torch.Tensor], version: int):
-        self.current = ModelSnapshot(version, version + 1, tensors.encode(state))
+        self.current = ModelSnapshot(version, tensors.encode(state))
         self._subscribers: list[Callable[[ModelSnapshot], None]] = []
 
     def subscribe(self, on_publish: Callable[[ModelSnapshot], None]) -> None:
@@ -42,7 +46,7 @@ class ModelPublisher:
         self._subscribers.append(on_publish)
 
     def publish(self, state: Mapping[str, torch.Tensor], version: int) -> ModelSnapshot:
-        snapshot = ModelSnapshot(version, version + 1, tensors.encode(state))
+        snapshot = ModelSnapshot(version, tensors.encode(state))
         for on_publish in self._subscribers:
             on_publish(snapshot)
         self.current = snapshot

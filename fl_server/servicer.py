@@ -22,6 +22,7 @@ from fl_server.rounds import RoundState
 log = logging.getLogger("fl_server.servicer")
 
 LONG_POLL_SECONDS = 10.0  # how long JoinRound holds a call open before answering WAIT
+STREAM_WAIT = 30.0  # seconds a model request waits for its version's stream to be serialized
 FIRST_MESSAGE_TIMEOUT = 10.0  # seconds an update stream may take to send its header (config: first_message_timeout)
 MAX_RPCS = 8192  # calls served at once, one thread each (config: max_rpcs)
 THREAD_STACK_KIB = 512  # each call thread's stack (config: rpc_thread_stack_kib)
@@ -102,6 +103,7 @@ class FederationServicer:
         # Each model version's stream, serialized once when the version is published and replayed to
         # every client that asks for it: (version, messages).
         self._streams_lock = threading.Lock()
+        self._stream_made = threading.Condition(self._streams_lock)
         self._stream: tuple[int, list[bytes]] | None = None
         state.subscribe(self._cache_stream)
 
@@ -156,11 +158,15 @@ class FederationServicer:
         stream = convert.model_stream(header, snapshot.payload, CHUNK_SIZE)
         with self._streams_lock:
             self._stream = (snapshot.version, stream)
+            self._stream_made.notify_all()
 
     def _stream_for(self, snapshot: ModelSnapshot, requested: int) -> list[bytes]:
         """The serialized stream of `snapshot`, or of a newer version when the client asked for the
-        current one (0) and one was published since."""
+        current one (0) and one was published since. A version being serialized right now is waited for
+        (a publish takes milliseconds), not answered as gone."""
         with self._streams_lock:
+            self._stream_made.wait_for(lambda: self._stream is not None and self._stream[0] >= snapshot.version,
+                                       timeout=STREAM_WAIT)
             cached = self._stream
         if cached is None or (cached[0] != snapshot.version and requested != 0):
             raise errors.StaleRoundError(f"model version {snapshot.version} was replaced while it was asked for; "

@@ -160,15 +160,12 @@ class UploadReceiver:
                 raise UploadStalledError(stalled)
             received = self.clock()
             self.check(diff, header.num_samples, largest)
-        except (tensors.PayloadError, codecs.CodecError, UpdateRejected, InvalidUpdateError) as e:
-            self.release(buffer)
+        except BaseException as e:
+            self.release(buffer)  # None if the allocation failed: allocated next time
             if timer is not None and timer.cancel():  # the stream ended because the deadline ended the call
                 raise UploadStalledError(stalled) from None
-            raise InvalidUpdateError(str(e)) from None
-        except BaseException:
-            self.release(buffer)  # None if the allocation failed: allocated next time
-            if timer is not None and timer.cancel():
-                raise UploadStalledError(stalled) from None
+            if isinstance(e, tensors.PayloadError | codecs.CodecError | UpdateRejected):
+                raise InvalidUpdateError(str(e)) from None
             raise
         return CheckedUpdate(header, diff, buffer, waited, received - started, self.clock() - received)
 

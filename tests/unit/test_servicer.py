@@ -78,3 +78,16 @@ def test_a_download_that_cannot_get_a_slot_before_its_deadline_is_told_to_retry(
     assert context.code is grpc.StatusCode.UNAVAILABLE  # which fl-client retries with backoff
     holder.close()  # a cancelled stream frees its slot too
     assert len(list(s.GetGlobalModel(request(), Context()))) >= 2
+
+
+def test_a_model_request_waits_for_the_version_being_serialized():
+    s = servicer(max_downloads=1)
+    snapshot = s.state.publisher.current
+    with s._streams_lock:
+        s._stream = None  # as while _cache_stream serializes a newly published version
+    served = {}
+    asking = threading.Thread(target=lambda: served.update(stream=s._stream_for(snapshot, 0)), daemon=True)
+    asking.start()
+    s._cache_stream(snapshot)  # the serialization ends
+    asking.join(GUARD)
+    assert served["stream"] == s._stream[1]  # served, not refused as a version that is gone
