@@ -19,7 +19,7 @@ from common.messages import ModelSpec
 from common.models import build_model
 from common.training import EvalResult, evaluate
 from fl_server.aggregation import epsilon
-from fl_server.checkpoint import Checkpoint, RunFolder
+from fl_server.checkpoint import METRICS, Checkpoint, RunFolder
 from fl_server.records import RoundRecord
 from fl_server.rounds import RoundOutcome, RoundState
 
@@ -147,7 +147,7 @@ class Coordinator:
     def _finish_pending_evaluation(self) -> None:
         """After a restart: the checkpoint's newest round may not have been evaluated before the crash."""
         # Loss, not accuracy: an autoencoder's evaluated rounds have no accuracy either.
-        pending = [r for r in self.metrics if r.aggregated and r.loss is None]
+        pending = [r for r in self.metrics if r.aggregated and not r.evaluated]
         if pending:
             result = self.evaluate(self.state.global_state)
             with self._metrics_lock:
@@ -165,7 +165,7 @@ class Coordinator:
         try:
             self.run_folder.write_metrics(self.metrics)
         except Exception:
-            log.exception("writing %s failed; the round loop carries on", self.run_folder.path / "metrics.jsonl")
+            log.exception("writing %s failed; the round loop carries on", self.run_folder.path / METRICS)
 
     def save(self) -> None:
         with self._metrics_lock:
