@@ -2,8 +2,8 @@
 
 The servicer arms one for an update stream's first message, the upload receiver one for each admitted
 upload's progress; when one passes, its callback ends the call (which unblocks the thread reading it).
-A timer is re-armed by moving its deadline, which costs an attribute write: the heap entry is refreshed
-lazily when the old deadline comes up.
+A timer is re-armed by moving its deadline (an attribute write under the deadlines lock, once per chunk): the heap
+entry is refreshed lazily when the old deadline comes up.
 """
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ class Aggregator(Protocol):
 
 
 def add(aggregator: Aggregator, diff: Mapping[str, torch.Tensor], weight: int) -> None:
-    """Check, then fold: the one-thread path (tests, simulations)."""
+    """Check, then fold: the one-thread path (the tests; the round state checks and folds on different threads)."""
     aggregator.check(diff, weight)
     aggregator.fold(diff, weight)
 
