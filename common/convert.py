@@ -22,6 +22,7 @@ MAX_TENSORS = 100_000
 MAX_NAME_LENGTH = 1_000
 MAX_RANK = 16
 MAX_CLIENT_ID_LENGTH = 200
+MAX_FAILURE_LENGTH = 500  # characters of a client's failure report kept (it goes into the log and the round's record)
 MAX_METRICS = 1_000  # an update's metrics; the server's own limits (max_metrics...) are tighter
 
 
@@ -82,7 +83,8 @@ def model_header_of(round_: int, version: int, payload: Payload, chunk_size: int
 
 def join_request_to_proto(req: m.JoinRequest) -> pb.JoinRequest:
     return pb.JoinRequest(protocol_version=req.protocol_version, client_id=req.client_id,
-                          num_samples=req.num_samples, device=req.device, training_round=req.training_round)
+                          num_samples=req.num_samples, device=req.device, training_round=req.training_round,
+                          failure=req.failure)
 
 
 def _client_id(value: str) -> str:
@@ -98,7 +100,7 @@ def join_request_from_raw(message: bytes) -> m.JoinRequest:
 def join_request_from_proto(msg: pb.JoinRequest) -> m.JoinRequest:
     return m.JoinRequest(client_id=_client_id(msg.client_id), num_samples=msg.num_samples,
                          device=msg.device[:100], training_round=msg.training_round,
-                         protocol_version=msg.protocol_version)
+                         failure=msg.failure[:MAX_FAILURE_LENGTH], protocol_version=msg.protocol_version)
 
 
 def train_config_to_proto(cfg: m.TrainConfig) -> pb.TrainConfig:

@@ -99,6 +99,7 @@ class JoinRequest:
     num_samples: int  # 0 = not known yet
     device: str = ""
     training_round: int = 0  # non-zero: a heartbeat while working on this round
+    failure: str = ""  # with training_round: why this client cannot deliver that round
     protocol_version: int = PROTOCOL_VERSION
 
 

@@ -11,16 +11,16 @@ import sys
 # this client prints about them; the user needs the latter only. Read when grpc loads, so set first.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-import grpc  # noqa: E402
 import torch  # noqa: E402
 
-from common import allocator, logs, tls, tokens
+from common import allocator, logs
 from common.datasets import DataError
 from common.parallel import DataParallelError
-from common.partition import read_shard
 from common.training import AUTOCAST, check_autocast, select_device
-from fl_client.connection import RequestRefusedError, ServerConnection, ServerUnreachableError
-from fl_client.daemon import ClientDaemon, ClientOptions
+from fl_client.api import connect
+from fl_client.builtin import BuiltinTraining
+from fl_client.connection import RequestRefusedError, ServerUnreachableError
+from fl_client.daemon import AppError, load_app
 
 log = logging.getLogger("fl_client")
 
@@ -28,8 +28,17 @@ log = logging.getLogger("fl_client")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fl-client", description="Federated-learning client daemon.")
     parser.add_argument("--id", required=True, help="this client's id, unique in the federation (e.g. 3)")
-    parser.add_argument("--data", help="folder of this client's shard (see fl-partition); without it, client "
-                                       "i trains on the i-th IID share of the federation's data set")
+    parser.add_argument("--data", help="this client's own data: a folder of images (DIR/CLASS_NAME/*.png|jpg), a "
+                                       "folder holding a CSV file (a label column and numeric features), or a shard "
+                                       "from fl-partition; without it, client i trains on the i-th share of the "
+                                       "federation's data set")
+    parser.add_argument("--app", metavar="MODULE:FUNCTION",
+                        help="your training code: train(task) -> fl_client.Result, run each round (MODULE "
+                             "importable from the current folder or PYTHONPATH, or path/to/file.py); "
+                             "default: the built-in training of the federation's model")
+    parser.add_argument("--evaluate", metavar="MODULE:FUNCTION",
+                        help="your evaluation: evaluate(task) -> fl_client.Evaluation of the global model, run "
+                             "before training when the server asks for federated evaluation (eval_fraction)")
     parser.add_argument("--server", default="127.0.0.1:50051", help="the server's HOST:PORT")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--devices", help="train each round data-parallel across these, e.g. cuda:0,cuda:1 (DDP over "
@@ -65,14 +74,6 @@ class Terminated(BaseException):
     swallow it (tqdm's did, once, when the signal landed while it started its monitor thread)."""
 
 
-def transport_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
-    """TLS credentials from the flags; None for --insecure."""
-    if tls.wants_plaintext(args.insecure, any((args.tls_ca, args.tls_cert, args.tls_key)), bool(args.tls_ca),
-                           "no TLS: pass --tls-ca (the federation's ca.pem, from fl-certs)"):
-        return None
-    return tls.channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
-
-
 def _terminate(_signum: int, _frame: object) -> None:
     # SIGTERM ends the client like Ctrl-C, without a traceback; the server carries on without it
     # (an upload cut short never touches the aggregate).
@@ -94,15 +95,23 @@ def main(argv: list[str] | None = None) -> int:
         device = [select_device(name) for name in devices][0] if devices else select_device(args.device)
         for name in devices or (str(device),):
             check_autocast(AUTOCAST[args.autocast], torch.device(name))
-        data = read_shard(args.data) if args.data else None
-        credentials = transport_credentials(args)
-        token = tokens.read_secret(args.token_file) if args.token_file else None
-        with ServerConnection(args.server, give_up_after=args.give_up_after, credentials=credentials,
-                              token=token, client_certificate=args.tls_cert is not None) as connection:
-            ClientDaemon(ClientOptions(client_id=args.id, device=device, data=data, data_root=args.data_root,
-                                       progress=not args.quiet, allowed_models=tuple(args.allow_model),
-                                       download=args.download, devices=devices, autocast=AUTOCAST[args.autocast]),
-                         connection).run()
+        if args.data and not os.path.exists(args.data):
+            raise DataError(f"--data {args.data} does not exist; give the folder that holds this client's data")
+        if args.app:
+            train, evaluate = load_app(args.app, args.evaluate)
+        else:
+            if args.evaluate:
+                raise AppError("--evaluate goes with --app (the built-in training evaluates by itself)")
+            builtin = BuiltinTraining(data_dir=args.data, data_root=args.data_root, download=args.download,
+                                      devices=devices, autocast=AUTOCAST[args.autocast], progress=not args.quiet,
+                                      allowed_models=tuple(args.allow_model))
+            train, evaluate = builtin.train, builtin.evaluate
+        with connect(args.server, args.id, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                     token_file=args.token_file, insecure=args.insecure, device=device,
+                     give_up_after=args.give_up_after, data_dir=args.data) as federation:
+            # Without --data the built-in training takes its share of the federation's data set.
+            federation.trains_on_share = not args.data and not args.app
+            federation.run(train, evaluate)
     except (DataError, ValueError, DataParallelError) as e:  # TLSError and TokenError are ValueErrors
         return logs.fail("fl-client", str(e))
     except ServerUnreachableError as e:

@@ -60,8 +60,8 @@ class OpenRound:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     uploading: set[str] = field(default_factory=set)
     silent: dict[str, str] = field(default_factory=dict)  # client -> why it was given up on
-    # Clients whose upload stalled (uploads.UploadStalledError): given up on for the round, they are neither
-    # reinstated by a heartbeat nor offered the round again.
+    # Clients whose upload stalled (uploads.UploadStalledError) or who reported that they cannot train the
+    # round: given up on for the round, they are neither reinstated by a heartbeat nor offered it again.
     stalled: set[str] = field(default_factory=set)
     bytes_in: int = 0  # payload bytes of the counted updates
     folding: int = 0  # accepted updates not yet folded into the sum

@@ -88,6 +88,8 @@ class RoundState:
         deadline = self.clock() + timeout
         with self._cond:
             info = self.members.register(req, keep=self._round.selected if self._round is not None else ())
+            if req.training_round and req.failure:
+                return self._give_up_on_failed(req.client_id, req.training_round, req.failure)
             if req.training_round:
                 return self._heartbeat_reply(req.client_id, req.training_round)
             self._cond.notify_all()  # the coordinator may be waiting for enough clients
@@ -115,6 +117,18 @@ class RoundState:
             return self._train(r, "carry on")
         return JoinDecision(Action.WAIT, self.train_config,
                             message=f"round {training_round} is over for this client; stop working on it")
+
+    def _give_up_on_failed(self, client_id: str, training_round: int, failure: str) -> JoinDecision:
+        """The client cannot deliver the round (its training code raised): the round stops waiting for
+        it now, rather than at its deadline, and does not offer it the round again."""
+        r = self._round
+        if r is not None and r.number == training_round and r.expects(client_id):
+            r.silent[client_id] = f"failed on the client: {failure}"
+            r.stalled.add(client_id)
+            log.warning("round %d: client %s could not train it: %s", r.number, safe(client_id), safe(failure))
+            self._cond.notify_all()  # the round may be settled now
+        return JoinDecision(Action.WAIT, self.train_config,
+                            message=f"round {training_round}: noted that this client could not train it")
 
     def _decision_for(self, client_id: str) -> JoinDecision | None:
         if self.finished:

@@ -15,7 +15,9 @@ from common.messages import JoinRequest, TrainConfig
 from common.models import build_model
 from common.partition import client_share
 from common.training import EvalResult, evaluate
-from fl_client.round import ClientRound, State
+from fl_client.builtin import BuiltinTraining
+from fl_client.round import ClientRound, State, seed_for
+from fl_client.task import Task, run_app
 from fl_server.aggregation import make_aggregator
 from fl_server.errors import InvalidUpdateError
 from fl_server.membership import RandomSelector
@@ -56,23 +58,29 @@ def run(train_data: ArrayData, test_data: ArrayData, *, model: str = "mlp", clie
     # One model for all the clients (they train one after the other): a thousand clients hold a
     # thousand shares, not a thousand models.
     net, device = build_model(spec), torch.device("cpu")
-    members = [ClientRound(str(i), client_share(train_data, i, clients, seed, partition), device, model=net,
-                           tamper=_tamper_of(tamper, i)) for i in range(clients)]
-    for member in members:
-        member.configure(cfg)
+    members = []
+    for i in range(clients):
+        training = BuiltinTraining(client_share(train_data, i, clients, seed, partition), model=net)
+        training.configure(str(i), cfg, device)
+        members.append((ClientRound(str(i), tamper=_tamper_of(tamper, i)), training))
     test_loader = BatchLoader(test_data, 1000)
     accuracy = 0.0
     for _ in range(rounds):
         # Every client calls again before each round, as fl-client does: the server samples only the
         # clients it heard from lately, and a slow round must not age the early finishers out.
-        for member in members:
-            state.join(JoinRequest(client_id=member.client_id, num_samples=len(member.data)), 0)
+        for member, training in members:
+            state.join(JoinRequest(client_id=member.client_id, num_samples=training.num_samples), 0)
         selected = state.open_round()
         start = {k: v.clone() for k, v in state.global_state.items()}
         version = state.model_version
         for client in selected:
-            member = members[int(client)]
-            update = member.prepare(start, cfg, version + 1)
+            member, training = members[int(client)]
+            # The same task and the same app as fl-client's (fl_client.api), without the network.
+            task = Task(client_id=client, round=version + 1, config=cfg, global_state=start, device=device,
+                        seed=seed_for(cfg, client, version + 1))
+            trained = run_app(task, training.train, training.evaluate)
+            assert trained is not None, "the built-in training returns its result"
+            update = member.prepare(start, task, trained)
             try:
                 reply = state.submit(update.header(version), update.payload.chunks())
             except InvalidUpdateError:

@@ -28,18 +28,20 @@ FULL_WEIGHTS: Encoding
 DIFF: Encoding
 
 class JoinRequest(_message.Message):
-    __slots__ = ("protocol_version", "client_id", "num_samples", "device", "training_round")
+    __slots__ = ("protocol_version", "client_id", "num_samples", "device", "training_round", "failure")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     TRAINING_ROUND_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     client_id: str
     num_samples: int
     device: str
     training_round: int
-    def __init__(self, protocol_version: _Optional[int] = ..., client_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., device: _Optional[str] = ..., training_round: _Optional[int] = ...) -> None: ...
+    failure: str
+    def __init__(self, protocol_version: _Optional[int] = ..., client_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., device: _Optional[str] = ..., training_round: _Optional[int] = ..., failure: _Optional[str] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
     __slots__ = ("name", "input_shape", "num_classes")

@@ -12,7 +12,9 @@ from common import messages as m
 from common.datasets import load_digits, model_spec_for
 from common.partition import client_share
 from common.tensors import specs_of
-from fl_client.round import ClientRound, LocalTraining, RoundTask, TrainOutput
+from fl_client.builtin import BuiltinTraining
+from fl_client.round import ClientRound, seed_for
+from fl_client.task import Result, Task
 from fl_server.aggregation import DPFedAvg, FedAvg, add, make_aggregator
 from fl_server.aggregation.values import offsets, settle
 from fl_server.uploads import UploadReceiver
@@ -202,15 +204,15 @@ def test_a_model_with_uint8_and_bool_buffers_goes_through_a_client_round_and_the
     agg.begin_round()
     counters = []
     for cid, (level, flags) in CLIENT_BUFFERS.items():
-        def train_fn(task: RoundTask, level=level, flags=flags) -> TrainOutput:
-            out = LocalTraining()(task)  # real training: the floats and BatchNorm's counter move
-            state = {**out.state, "level": torch.tensor(level, dtype=torch.uint8), "flags": torch.tensor(flags)}
-            counters.append(int(state["net.2.num_batches_tracked"]))
-            return TrainOutput(state, 100, out.metrics)
-
-        client = ClientRound(cid, client_share(train, int(cid), 2, 0), torch.device("cpu"), train_fn=train_fn,
-                             model=Flagged(inputs, cfg.model.num_classes))
-        update = client.prepare(global_state, cfg, 1)
+        # Real training: the floats and BatchNorm's counter move.
+        training = BuiltinTraining(client_share(train, int(cid), 2, 0), model=Flagged(inputs, cfg.model.num_classes))
+        task = Task(client_id=cid, round=1, config=cfg, global_state=global_state, device=torch.device("cpu"),
+                    seed=seed_for(cfg, cid, 1))
+        trained = training.train(task)
+        state = {**trained.weights.state_dict(), "level": torch.tensor(level, dtype=torch.uint8),
+                 "flags": torch.tensor(flags)}
+        counters.append(int(state["net.2.num_batches_tracked"]))
+        update = ClientRound(cid).prepare(global_state, task, Result(state, 100, trained.metrics))
         # The top-k residual only concerns floating-point tensors.
         assert set(update.residual) <= {k for k, v in global_state.items() if v.is_floating_point()}
         assert bool(update.residual) == (compression == "topk:0.5")

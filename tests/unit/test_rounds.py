@@ -431,6 +431,31 @@ def test_a_client_that_keeps_sending_heartbeats_is_waited_for():
     assert torch.allclose(state.global_state["w"], torch.full((3,), 2.0))
 
 
+def test_a_client_that_reports_a_failed_round_is_not_waited_for():
+    state = started(k=2, min_fit=1, timeout=60.0)
+    opened = state.clock.now
+    submit(state, "a", diff(1.0))
+    coordinator = Coordinator(state)
+    failed = promptly(state.join, JoinRequest(client_id="b", num_samples=10, training_round=1,
+                                              failure="ValueError: bad batch"), LONG_POLL)
+    assert failed.action is Action.WAIT
+    assert coordinator.join() == pytest.approx(opened)  # closed at once: neither the silence limit nor the deadline
+    # Not offered the round again, nor reinstated by a heartbeat, nor let upload into it.
+    assert join(state, "b").action is Action.WAIT
+    assert heartbeat(state, "b", 1).action is Action.WAIT
+    with pytest.raises(errors.NotSelectedError, match="failed on the client: ValueError: bad batch"):
+        submit(state, "b", diff(3.0))
+    outcome = state.close_round()
+    assert outcome.contributors == ["a"]
+    assert outcome.drop_reasons == {"b": "failed on the client: ValueError: bad batch"}
+
+
+def test_a_failure_report_for_another_round_changes_nothing():
+    state = started(k=2, min_fit=2, timeout=60.0)
+    promptly(state.join, JoinRequest(client_id="b", num_samples=10, training_round=7, failure="old news"), LONG_POLL)
+    assert heartbeat(state, "b", 1).action is Action.TRAIN
+
+
 def test_rerun_below_quorum_records_why():
     state = started(k=2, min_fit=2, timeout=5.0)
     submit(state, "a", diff(1.0))

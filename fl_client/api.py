@@ -1,0 +1,250 @@
+"""The client library: an existing PyTorch training script becomes a federation client.
+
+    import fl_client
+
+    with fl_client.connect("server:50051", client_id="3", tls_ca="ca.pem") as federation:
+        for task in federation.rounds():            # blocks until a round needs this client
+            model.load_state_dict(task.global_state)
+            ... train as before ...
+            task.submit(model, num_samples=len(dataset), metrics={"loss": loss})
+
+or, with a function per round (what `fl-client --app` runs, and how errors in it are survived):
+
+    federation.run(train, evaluate)                 # train(task) -> Result; evaluate(task) -> Evaluation
+
+Everything the daemon does comes with it: heartbeats while the user's code trains, retries with
+backoff, resynchronizing after a round that moved on, compression, TLS and tokens. docs/client-api.md
+describes the round's lifecycle as the user's code sees it.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+
+import grpc
+import torch
+
+from common import messages as m
+from common import tls, tokens
+from common.datasets import DataError
+from common.training import TrainingStopped, select_device
+from fl_client.connection import RequestRefusedError, ServerConnection
+from fl_client.round import ClientRound, seed_for
+from fl_client.task import EvaluateFn, Result, State, Task, TaskError, TrainFn, run_app
+
+log = logging.getLogger("fl_client")
+
+# Refusals after which joining again resynchronizes: the round closed or moved on while the client
+# trained (or the server restarted and does not know it yet), or an earlier attempt of the same upload
+# is still being wound up there.
+RESYNC = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED)
+
+
+def connect(server: str, client_id: str, *, tls_ca: str | None = None, tls_cert: str | None = None,
+            tls_key: str | None = None, token: str | None = None, token_file: str | None = None,
+            insecure: bool = False, device: str | torch.device = "auto", give_up_after: float | None = None,
+            num_samples: int = 0, data_dir: str | None = None) -> Federation:
+    """A connection to fl-server at `server` (HOST:PORT) as client `client_id`.
+
+    TLS: `tls_ca` (the CA that signed the server's certificate), plus `tls_cert`/`tls_key` for servers that
+    require client certificates; `insecure=True` for plaintext on a network you trust. `token` or
+    `token_file`: this client's secret, for servers started with --client-tokens. `device` is what tasks
+    name as the place to train (auto: CUDA when present). `give_up_after`: seconds of the server being
+    unreachable before ServerUnreachableError (None: keep trying). `num_samples`: how many samples this
+    client trains on, if known before the first round (the server shows it; each update says it again).
+    ValueError, in one sentence, for options that do not fit together or files that cannot be read."""
+    plaintext = tls.wants_plaintext(insecure, any((tls_ca, tls_cert, tls_key)), tls_ca is not None,
+                                    "no TLS: pass tls_ca (the federation's ca.pem, from fl-certs)")
+    credentials = None if plaintext or tls_ca is None else tls.channel_credentials(tls_ca, tls_cert, tls_key)
+    if token_file is not None:
+        token = tokens.read_secret(token_file)
+    chosen = device if isinstance(device, torch.device) else select_device(device)
+    connection = ServerConnection(server, give_up_after=give_up_after, credentials=credentials, token=token,
+                                  client_certificate=tls_cert is not None)
+    return Federation(connection, client_id, chosen, num_samples=num_samples, data_dir=data_dir)
+
+
+class Heartbeat:
+    """Tells the server, every few seconds while this client works on a round, that it is alive; and
+    notices when the server says the round is over, so the work can stop early."""
+
+    def __init__(self, connection: ServerConnection, request: m.JoinRequest, interval: float):
+        self.connection = connection
+        self.request = request
+        self.interval = interval
+        self.round_over = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            reply = self.connection.heartbeat(self.request, timeout=max(self.interval, 1.0))
+            if reply is None:
+                log.warning("round %d: heartbeat not delivered; carrying on", self.request.training_round)
+            elif reply.action is not m.Action.TRAIN or reply.round != self.request.training_round:
+                log.info("round %d: %s", self.request.training_round, reply.message or "round is over")
+                self.round_over.set()
+                return
+
+    def start(self) -> None:
+        if self.interval > 0:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+class Federation:
+    """This client's membership of a federation: rounds in, updates out. Made by `connect`."""
+
+    def __init__(self, connection: ServerConnection, client_id: str, device: torch.device, *,
+                 num_samples: int = 0, data_dir: str | None = None):
+        self.connection = connection
+        self.client_id = client_id
+        self.device = device
+        self.data_dir = data_dir
+        # fl-client without --data: no data of its own, it trains on its share of the federation's data
+        # set, which the server checks it has when it joins.
+        self.trains_on_share = False
+        self.client = ClientRound(client_id)
+        self.num_samples = num_samples  # what this client trains on, once known (the server shows it)
+        self.rounds_trained = 0
+        self._rounds: Iterator[Task] | None = None
+
+    def __enter__(self) -> Federation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Leave: a round in progress is reported as not delivered, and the connection closed."""
+        if self._rounds is not None:
+            self._rounds.close()  # type: ignore[attr-defined]  # a generator
+        self.connection.close()
+
+    def rounds(self) -> Iterator[Task]:
+        """The rounds this client is given, one Task each, until the server says training is finished.
+        Blocks (long-polls) between them. Submit each task before asking for the next one; a task left
+        unsubmitted is reported to the server as not delivered, and the round goes on without it."""
+        self._rounds = self._serve()
+        return self._rounds
+
+    def _join_request(self, training_round: int = 0, failure: str = "") -> m.JoinRequest:
+        # 0 samples tells the server that the client trains on a share of its data set, which it checks
+        # the client has; a client with data of its own says 1 until it knows better.
+        num_samples = self.num_samples or (0 if self.trains_on_share else 1)
+        return m.JoinRequest(client_id=self.client_id, num_samples=num_samples, device=str(self.device),
+                             training_round=training_round, failure=failure)
+
+    def _serve(self) -> Iterator[Task]:
+        while True:
+            decision = self.connection.join(self._join_request())
+            if decision.action is m.Action.FINISHED:
+                log.info("server says training is finished after %d round(s) here", self.rounds_trained)
+                return
+            if decision.action is m.Action.WAIT:
+                if decision.retry_after:
+                    time.sleep(decision.retry_after)
+                continue
+            try:
+                header, fetched = self.connection.fetch_model(
+                    m.ModelRequest(client_id=self.client_id, model_version=decision.model_version))
+            except RequestRefusedError as e:
+                if e.code not in RESYNC:
+                    raise
+                log.warning("round %d: model not fetched (%s); joining again", decision.round, e.details)
+                continue
+            # The driver's own copy: the tensors fetched share a buffer the next fetch overwrites, and the
+            # user's code may change the task's.
+            global_state = {name: t.clone() for name, t in fetched.items()}
+            heartbeat = Heartbeat(self.connection, self._join_request(decision.round), decision.heartbeat_seconds)
+            task = Task(client_id=self.client_id, round=decision.round, config=decision.config,
+                        global_state={name: t.clone() for name, t in global_state.items()}, device=self.device,
+                        seed=seed_for(decision.config, self.client_id, decision.round), data_dir=self.data_dir,
+                        _should_stop=heartbeat.round_over.is_set,
+                        _submit=functools.partial(self._submit, global_state=global_state,
+                                                  model_version=header.model_version))
+            heartbeat.start()
+            try:
+                yield task
+            finally:
+                heartbeat.stop()
+                if task.result is None:
+                    # The user's code stopped (an exception, a break) or skipped the round: tell the server
+                    # now, so that the round does not wait for this client until its deadline.
+                    self._report_failure(task, "the client's code did not submit the round")
+
+    def _submit(self, task: Task, result: Result, global_state: State, model_version: int) -> m.SubmitResult:
+        if task.should_stop():
+            log.info("round %d: over before the update was sent; not sending it", task.round)
+            return m.SubmitResult(accepted=False, message="the round was over before the update was sent")
+        update = self.client.prepare(global_state, task, result)
+        try:
+            reply = self.connection.submit(update.header(model_version), update.payload)
+        except RequestRefusedError as e:
+            if e.code in RESYNC:
+                log.warning("round %d: update not taken (%s); joining again", task.round, e.details)
+                if e.code is grpc.StatusCode.ABORTED:
+                    time.sleep(1.0)
+                return m.SubmitResult(accepted=False, message=e.details)
+            if e.code is grpc.StatusCode.INVALID_ARGUMENT:
+                # The server refused what was sent (a NaN in the weights, a metric out of range): this round
+                # cannot be delivered, but the next one may be.
+                log.error("round %d: the server refused the update: %s", task.round, e.details)
+                return m.SubmitResult(accepted=False, message=e.details)
+            raise
+        if reply.accepted:
+            self.client.commit(update)
+        self.num_samples = update.num_samples
+        self.rounds_trained += 1
+        log.info("round %d: sent an update of %d samples (%s); server: %s", task.round, update.num_samples,
+                 ", ".join(f"{k} {v:.4g}" for k, v in sorted(update.metrics.items())) or "no metrics",
+                 reply.message)
+        return reply
+
+    def _report_failure(self, task: Task, why: str) -> None:
+        """Tell the server that `task`'s round will not be delivered. One attempt after a failed one:
+        should it not arrive, the round gives up on this client once its heartbeats stop anyway."""
+        if task.should_stop():
+            return  # the round is over for this client: nothing to report
+        request = self._join_request(task.round, why)
+        for _ in range(2):
+            if self.connection.heartbeat(request, timeout=10.0) is not None:
+                return
+        log.warning("round %d: could not tell the server that this round failed", task.round)
+
+    def run(self, train: TrainFn, evaluate: EvaluateFn | None = None) -> None:
+        """Serve every round with `train(task)` (returning a Result, or None after task.submit), after
+        `evaluate(task)` when the server asks for federated evaluation. An exception in them fails that
+        round only: it is logged and reported to the server, and the client carries on with the next."""
+        for task in self.rounds():
+            try:
+                result = run_app(task, train, evaluate)
+                if result is not None and task.result is None:
+                    task.submit(*result)
+                elif task.result is None and not task.should_stop():
+                    raise TaskError("the training function returned None without calling task.submit")
+            except TrainingStopped:
+                log.info("round %d: abandoned; joining again", task.round)
+                task.result = m.SubmitResult(accepted=False, message="abandoned")  # nothing to report
+            except (RequestRefusedError, DataError) as e:
+                # The server refused this client (a token, an id), or its data does not fit the federation:
+                # the next round would fail the same way, so the client stops, saying why.
+                if isinstance(e, DataError):
+                    self._report_failure(task, str(e))
+                    task.result = m.SubmitResult(accepted=False, message=str(e))
+                raise
+            except Exception as e:  # noqa: BLE001 - the user's code: one bad round must not end the client
+                why = f"{type(e).__name__}: {e}"
+                log.error("round %d failed here (%s); reported to the server, carrying on with the next round",
+                          task.round, why)
+                log.debug("where it failed:\n%s", "".join(traceback.format_exception(e)))
+                self._report_failure(task, why)
+                task.result = m.SubmitResult(accepted=False, message=why)
