@@ -6,7 +6,8 @@ CIFAR-10 from torchvision's folder under a local root. A missing data set is one
 from __future__ import annotations
 
 import gzip
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.messages import ModelSpec
+from common.messages import ModelSpec, class_names
 
 DIGITS_TEST_SIZE = 360  # 20% of the 1,797 digits, held out by the server, never in any client's share
 DIGITS_SPLIT_SEED = 1234  # fixed so every run, server and client, agrees on which images are the test split
@@ -26,7 +27,8 @@ class DataError(ValueError):
 
 @dataclass
 class ArrayData:
-    """Samples as tensors: x is float32 (N, C, H, W), y is int64 (N,)."""
+    """Samples as tensors: x is float32 (N, ...), e.g. (N, C, H, W); y is int64 labels (N,), or float32
+    targets when num_classes is 0 (regression: a CSV table's numeric column)."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -35,6 +37,9 @@ class ArrayData:
     def __post_init__(self) -> None:
         if len(self.x) != len(self.y):
             raise DataError(f"data has {len(self.x)} inputs but {len(self.y)} labels")
+        if self.y.is_floating_point() and self.num_classes != 0:
+            raise DataError(f"data has {self.num_classes} classes but fractional labels; labels of classes are "
+                            "whole numbers, and numeric targets are for a model without classes")
 
     def __len__(self) -> int:
         return len(self.y)
@@ -86,6 +91,11 @@ DATASETS = ("digits", *IDX_SETS, *CIFAR_SETS)
 IMAGE_FOLDER = "imagefolder:"  # imagefolder:PATH, PATH/CLASS_NAME/*.png|jpg
 IMAGE_SIZE = 32  # image-folder pictures are resized to IMAGE_SIZE x IMAGE_SIZE
 IMAGE_FOLDER_TEST_FRACTION = 0.2
+# Pictures in class folders (imagefolder:PATH, fl-client --data DIR): the suffixes torchvision's ImageFolder
+# takes, and one fixed normalization, (pixel / 255 - 0.5) / 0.5, so that the same picture is the same input
+# on every client and in the server's test data; a folder's own statistics would differ from client to client.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMAGE_MEAN, IMAGE_STD = 0.5, 0.5
 
 
 def check_dataset_name(name: str) -> None:
@@ -139,30 +149,99 @@ def load_cifar(root: str | Path, name: str = "cifar10", download: bool = False) 
     return split(True), split(False)
 
 
-def load_image_folder(path: str | Path, seed: int = 0) -> tuple[ArrayData, ArrayData]:
-    """A user's own images, PATH/CLASS_NAME/*.png|jpg: classes in name order, pictures resized to
-    IMAGE_SIZE square in RGB and normalized by the folder's own per-channel mean and deviation; a seeded
-    IMAGE_FOLDER_TEST_FRACTION of each class is the test split."""
-    from torchvision import transforms  # noqa: PLC0415
-    from torchvision.datasets import ImageFolder  # noqa: PLC0415
+def class_label(name: str, names: Sequence[str], num_classes: int) -> int | None:
+    """The label of class `name`: its place in `names`, or, when the classes are unnamed, the number it
+    spells (0..num_classes-1); None when it is neither."""
+    if names:
+        return names.index(name) if name in names else None
+    try:
+        number = float(name)
+    except ValueError:
+        return None
+    return int(number) if number.is_integer() and 0 <= number < num_classes else None
 
+
+def known_classes(names: Sequence[str], num_classes: int) -> str:
+    """The classes class_label knows, for an error message."""
+    if names:
+        return f"the federation's classes ({', '.join(names)})"
+    return f"the class numbers 0..{num_classes - 1}, since the server's config names no classes"
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The pictures under `folder` (by suffix, in any subfolder), in name order; hidden files and folders
+    (.DS_Store, .ipynb_checkpoints) are not the user's pictures."""
+    found: list[Path] = []
+    for parent, subfolders, files in os.walk(folder):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        found.extend(Path(parent) / f for f in sorted(files)
+                     if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
+    return found
+
+
+def read_image(path: Path, channels: int, size: tuple[int, int]) -> np.ndarray:
+    """One picture as float32 (channels, H, W): converted to grayscale (1) or RGB (3), resized to `size`
+    (H, W) and normalized with the fixed IMAGE_MEAN and IMAGE_STD."""
+    from PIL import Image  # noqa: PLC0415 - only for image folders
+
+    try:
+        with Image.open(path) as picture:
+            picture.draft(None, (size[1], size[0]))  # a JPEG decoded at a fraction of a photo's size: far faster
+            converted = picture.convert("L" if channels == 1 else "RGB")
+        resized = converted.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f"picture {path} cannot be read ({e}); replace or remove it") from None
+    pixels = np.asarray(resized, dtype=np.float32).reshape(size[0], size[1], channels)
+    return ((pixels / 255.0 - IMAGE_MEAN) / IMAGE_STD).transpose(2, 0, 1)
+
+
+def class_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def read_image_folder(root: Path, names: Sequence[str], num_classes: int, channels: int,
+                      size: tuple[int, int]) -> ArrayData:
+    """ROOT/CLASS_NAME/... pictures, each labelled by class_label of its folder's name; a folder naming
+    no class is an error rather than skipped, since its pictures were meant to be trained on."""
+    files: list[Path] = []
+    labels: list[int] = []
+    for folder in class_folders(root):
+        label = class_label(folder.name, names, num_classes)
+        if label is None:
+            raise DataError(f"class folder {folder} is none of {known_classes(names, num_classes)}; rename or remove "
+                            "the folder, or have the server's `classes` setting list it")
+        found = image_files(folder)
+        files += found
+        labels += [label] * len(found)
+    if not files:
+        raise DataError(f"no pictures ({', '.join(IMAGE_EXTENSIONS)}) under {root}; put each class's pictures in "
+                        f"{root}/CLASS_NAME/")
+    x = np.empty((len(files), channels, *size), dtype=np.float32)
+    for i, path in enumerate(files):
+        x[i] = read_image(path, channels, size)
+    return ArrayData(torch.from_numpy(x), torch.tensor(labels, dtype=torch.int64), num_classes)
+
+
+def load_image_folder(path: str | Path, seed: int = 0, classes: str = "") -> tuple[ArrayData, ArrayData]:
+    """A user's own images, PATH/CLASS_NAME/*.png|jpg, resized to IMAGE_SIZE square in RGB with the fixed
+    normalization clients use too; a seeded IMAGE_FOLDER_TEST_FRACTION of each class is the test split.
+    Labels follow `classes` (the setting's comma-separated names) when given, else the folders' names in
+    sorted order (torchvision's), except that folders named 0..N-1 are labelled by their numbers, as
+    clients without class names label theirs (in sorted order "10" would come before "2")."""
     path = Path(path)
     if not path.is_dir():
         raise DataError(f"image folder {path} does not exist; give imagefolder:PATH with PATH/CLASS_NAME/*.png|jpg")
     try:
-        ds = ImageFolder(str(path), transform=transforms.Compose([
-            transforms.Resize((IMAGE_SIZE, IMAGE_SIZE)), transforms.ToTensor()]))
-        images = [ds[i] for i in range(len(ds))]
-    except (FileNotFoundError, OSError) as e:
-        raise DataError(f"cannot read images under {path} ({e}); it needs one folder per class holding "
-                        ".png or .jpg files") from None
-    x = torch.stack([img.expand(3, -1, -1) if img.shape[0] == 1 else img[:3] for img, _ in images])
-    y = torch.tensor([label for _, label in images], dtype=torch.int64)
-    x = (x - x.mean(dim=(0, 2, 3), keepdim=True)) / x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    data = ArrayData(x, y, len(ds.classes))
+        names = class_names(classes) or tuple(folder.name for folder in class_folders(path))
+    except ValueError as e:
+        raise DataError(f"the `classes` setting is wrong: {e}") from None
+    if set(names) == {str(i) for i in range(len(names))}:  # folders 0..N-1: label = number, as clients read them
+        names = tuple(str(i) for i in range(len(names)))
+    data = read_image_folder(path, names, len(names), 3, (IMAGE_SIZE, IMAGE_SIZE))
+    y = data.y
     generator = torch.Generator().manual_seed(seed)
     test_idx = []
-    for label in range(len(ds.classes)):
+    for label in range(len(names)):
         members = torch.nonzero(y == label).flatten()
         members = members[torch.randperm(len(members), generator=generator)]
         test_idx.append(members[:int(len(members) * IMAGE_FOLDER_TEST_FRACTION)])
@@ -176,9 +255,10 @@ def load_image_folder(path: str | Path, seed: int = 0) -> tuple[ArrayData, Array
     return data.subset(train), data.subset(test)
 
 
-def load_dataset(name: str, root: str | Path = "data", download: bool = False) -> tuple[ArrayData, ArrayData]:
+def load_dataset(name: str, root: str | Path = "data", download: bool = False,
+                 classes: str = "") -> tuple[ArrayData, ArrayData]:
     """(train, test) of a data set by name; the test split is what the server evaluates on. Nothing is
-    downloaded unless `download`."""
+    downloaded unless `download`. `classes` (the setting) orders an image folder's labels."""
     check_dataset_name(name)
     if name == "digits":
         return load_digits()
@@ -186,7 +266,7 @@ def load_dataset(name: str, root: str | Path = "data", download: bool = False) -
         return load_mnist(root, name, download)
     if name in CIFAR_SETS:
         return load_cifar(root, name, download)
-    return load_image_folder(name[len(IMAGE_FOLDER):])
+    return load_image_folder(name[len(IMAGE_FOLDER):], classes=classes)
 
 
 def augmentation_for(dataset: str) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -40,6 +40,21 @@ def _dataset_name(name: str) -> None:
     check_dataset_name(name)
 
 
+def class_names(text: str) -> tuple[str, ...]:
+    """The `classes` setting as names in label order: comma-separated, each stripped of spaces; empty
+    text is no names (labels are numbers). ValueError for an empty or repeated name, since either
+    would leave a label without one meaning."""
+    if not text.strip():
+        return ()
+    names = tuple(name.strip() for name in text.split(","))
+    if "" in names:
+        raise ValueError(f"class names {text!r} include an empty one; give names separated by single commas")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"class names {text!r} repeat {', '.join(repeated)}; give each class once")
+    return names
+
+
 def _partition(text: str) -> None:
     from common.partition import parse_scheme  # here: common.partition imports this module
 
@@ -55,7 +70,8 @@ class ClientHyperparameters:
 
     dataset: str = setting("digits", (
         "data set: digits (built in, offline); mnist, fashion-mnist, cifar10 or cifar100 (read from "
-        "--data-root); imagefolder:PATH (your images, PATH/CLASS_NAME/*.png|jpg, resized to 32x32)"),
+        "--data-root); imagefolder:PATH (your images, PATH/CLASS_NAME/*.png|jpg, resized to 32x32 RGB, "
+        "labelled in the order of `classes`, else of the folders' sorted names)"),
         alias="type", value_aliases={"cifar": "cifar10"}, check=Parsed(_dataset_name), defines_run=True)
     num_clients: int = setting(3, (
         "clients in the federation (seed: no_models); client i without --data trains on the i-th share"),
@@ -82,6 +98,16 @@ class ClientHyperparameters:
     compression: str = setting("none", (
         "update compression: none, float16, bfloat16, int8, or topk:R (fraction R of entries, error feedback)"),
         check=Parsed(codecs.parse), canonical=lambda text: str(codecs.parse(text)), defines_run=True)
+    classes: str = setting("", (
+        "the federation's class names in label order, comma-separated (label i is the i-th name), e.g. "
+        "cat,dog,bird; a TOML or JSON config may give a list. Clients' image-folder subfolders and CSV labels "
+        "are these names, so every client labels alike whatever classes it lacks. Empty = unnamed: folders "
+        "and labels are the numbers 0..N-1"),
+        check=Parsed(class_names), canonical=lambda text: ",".join(class_names(text)), defines_run=True)
+    label_column: str = setting("label", (
+        "the column of a client's CSV table (fl-client --data) that holds the label, or the target when the "
+        "model has no classes; every other column is a numeric feature"),
+        check=Rule(lambda v: v.strip() != "", "must name a column"), defines_run=True)
     seed: int = setting(0, "base seed: sampling, data split, initial model; client i uses seed + i",
                         check=at_least(0, "must be 0 or more"), defines_run=True)
 

@@ -193,10 +193,16 @@ def sent_to_clients(name: str) -> bool:
     return any(d.name == name for d in declared(ClientHyperparameters))
 
 
+# Run-defining settings added after checkpoints held a hash: hashed only when not at their default, which
+# is what every earlier run had, so that those checkpoints still resume.
+_HASHED_WHEN_SET = frozenset({"classes", "label_column"})
+
+
 def config_hash(cfg: Config) -> str:
     """The settings that define what a run computes, hashed: a checkpoint made under other values is not
     resumed (mixing two experiments), while rounds, timeouts and addresses may change freely."""
-    defining = {d.name: getattr(cfg, d.name) for d in SETTINGS.values() if d.setting.defines_run}
+    defining = {d.name: getattr(cfg, d.name) for d in SETTINGS.values()
+                if d.setting.defines_run and not (d.name in _HASHED_WHEN_SET and getattr(cfg, d.name) == d.default)}
     return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -232,9 +238,22 @@ def _normalize(raw: dict[str, Any], source: str) -> dict[str, Any]:
         if name in values:
             raise ConfigError(f"{source}: config key {key!r} is given twice (also as an alias)")
         d = SETTINGS[name]
+        if name == "classes" and isinstance(value, list):
+            value = _joined_names(key, value, source)
         value = check_type(key, value, d.type)
         values[name] = d.setting.value_aliases.get(value, value)
     return values
+
+
+def _joined_names(key: str, names: list[Any], source: str) -> str:
+    """A file's list of class names as the setting's comma-separated text."""
+    for name in names:
+        if not isinstance(name, str):
+            raise ConfigError(f"{source}: config key {key!r}: expected class names (strings), got {name!r}")
+        if "," in name:
+            raise ConfigError(f"{source}: config key {key!r}: class name {name!r} holds a comma, which separates "
+                              "names; rename the class")
+    return ",".join(names)
 
 
 def read_file(path: str | Path) -> dict[str, Any]:

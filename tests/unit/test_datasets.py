@@ -59,7 +59,11 @@ def test_an_image_folder_of_ones_own_pictures(tmp_path):
     assert train.x.shape[1:] == (3, 32, 32) and train.num_classes == 3
     assert len(train) == 15 and len(test) == 3  # 20% of each class held out for the server's evaluation
     assert sorted(test.y.tolist()) == [0, 1, 2]
-    assert torch.allclose(torch.cat([train.x, test.x]).mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5)
+    # Fixed normalization, (pixel / 255 - 0.5) / 0.5, as clients use: not the folder's own statistics.
+    cats = torch.cat([train.x[train.y == 0], test.x[test.y == 0]])  # plain pictures, red or gray 100
+    expected = {tuple(round(v / 255 * 2 - 1, 4) for v in rgb) for rgb in ((200, 30, 30), (100, 100, 100))}
+    assert {tuple(round(float(v), 4) for v in cats[i, :, h, w]) for i in range(6) for h in (0, 31)
+            for w in (0, 31)} == expected
     with pytest.raises(DataError, match="does not exist"):
         load_dataset(f"imagefolder:{tmp_path / 'nowhere'}")
 
