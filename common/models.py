@@ -171,7 +171,8 @@ def check_model_name(name: str) -> None:
 
 def _make(spec: ModelSpec) -> nn.Module:
     if spec.name in MODELS:
-        return MODELS[spec.name](spec.input_shape, spec.num_classes)
+        # num_classes 0 is a regression: one output per sample (common.training uses MSE for float targets).
+        return MODELS[spec.name](spec.input_shape, spec.num_classes or (0 if spec.name == "autoencoder" else 1))
     if spec.name.startswith(TORCHVISION):
         import torchvision  # noqa: PLC0415
 

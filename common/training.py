@@ -99,8 +99,7 @@ def train(model: nn.Module, loader: Iterable, cfg: TrainConfig, device: torch.de
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with mixed_precision:
-                out = model(x)
-                loss = F.mse_loss(out, x) if unsupervised else F.cross_entropy(out, y)
+                loss = _loss(model(x), x, y, unsupervised)
             objective = loss
             if anchor is not None:
                 objective = loss + cfg.mu / 2 * sum(torch.sum((p - a) ** 2) for p, a in zip(params, anchor))
@@ -117,24 +116,39 @@ def train(model: nn.Module, loader: Iterable, cfg: TrainConfig, device: torch.de
     return TrainResult(loss=epoch_loss, num_samples=num_samples, seconds=time.perf_counter() - start)
 
 
+def _loss(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, unsupervised: bool,
+          reduction: str = "mean") -> torch.Tensor:
+    """Reconstruction error for an autoencoder; mean squared error for float targets (regression, the
+    model's one output per sample); cross-entropy for class labels."""
+    if unsupervised:
+        return F.mse_loss(out, x, reduction=reduction)
+    if y.is_floating_point():
+        return F.mse_loss(out.reshape(y.shape), y, reduction=reduction)
+    return F.cross_entropy(out, y, reduction=reduction)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device) -> EvalResult:
-    """Cross-entropy and accuracy; for an autoencoder, the mean squared reconstruction error and NaN."""
+    """Cross-entropy and accuracy; for an autoencoder, the mean squared reconstruction error and NaN; for
+    regression (float targets), the mean squared error and NaN."""
     model.to(device).eval()
     unsupervised = reconstructs(model)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    count = 0
+    count, regression = 0, False
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         out = model(x)
         if unsupervised:
             loss_sum += F.mse_loss(out, x, reduction="sum").double() / x[0].numel()
+        elif y.is_floating_point():  # regression: the mean squared error, and no accuracy
+            loss_sum += _loss(out, x, y, False, reduction="sum").double()
+            regression = True
         else:
             loss_sum += F.cross_entropy(out, y, reduction="sum").double()
             correct += (out.argmax(dim=1) == y).sum()
         count += len(y)
     if count == 0:
         return EvalResult(loss=float("nan"), accuracy=float("nan"), num_samples=0)
-    accuracy = float("nan") if unsupervised else float(correct) / count
+    accuracy = float("nan") if unsupervised or regression else float(correct) / count
     return EvalResult(loss=float(loss_sum) / count, accuracy=accuracy, num_samples=count)

@@ -82,7 +82,7 @@ class BuiltinTraining:
             data = load_client_data(self.data_dir, cfg)
             log.info("training on %s: %d samples", self.data_dir, len(data))
             return data
-        train_data, _ = load_dataset(cfg.dataset, self.data_root, self.download)
+        train_data, _ = load_dataset(cfg.dataset, self.data_root, self.download, classes=cfg.classes)
         index = client_index(client_id)
         data = client_share(train_data, index, cfg.num_clients, cfg.seed, cfg.partition)
         log.info("training on share %d of %d of %s (%s): %d samples", index, cfg.num_clients, cfg.dataset,

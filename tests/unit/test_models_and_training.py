@@ -1,7 +1,8 @@
+import math
 import pytest
 import torch
 
-from common.datasets import BatchLoader, keeps_data_on_gpu, load_digits, model_spec_for
+from common.datasets import ArrayData, BatchLoader, keeps_data_on_gpu, load_digits, model_spec_for
 from common.messages import ModelSpec, TrainConfig
 from common.models import build_model
 from common.training import check_autocast, evaluate, select_device, train
@@ -161,3 +162,20 @@ def test_torchvision_and_custom_models_by_name(name, shape, params):
 def test_bad_model_names_are_clear_errors(name, message):
     with pytest.raises(ValueError, match=message):
         build_model(ModelSpec(name, (1, 8, 8), 10))
+
+
+def test_regression_trains_on_float_targets_with_one_output():
+    """num_classes 0 is a regression: the built-in models give one output and train on MSE."""
+    torch.manual_seed(0)
+    x = torch.randn(512, 4)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1
+    data = ArrayData(x, y, 0)
+    spec = ModelSpec("mlp", (4,), 0)
+    model = build_model(spec, seed=0)
+    assert model(x[:2]).shape == (2, 1)
+    cfg = TrainConfig(model=spec, local_epochs=5, batch_size=32, lr=0.01, momentum=0.9)
+    before = evaluate(model, BatchLoader(data, 128), torch.device("cpu"))
+    train(model, BatchLoader(data, 32, shuffle=True), cfg, torch.device("cpu"))
+    after = evaluate(model, BatchLoader(data, 128), torch.device("cpu"))
+    assert math.isnan(after.accuracy) and after.num_samples == 512
+    assert after.loss < before.loss / 10
