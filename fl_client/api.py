@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import torch
@@ -116,6 +116,10 @@ class Federation:
         self.num_samples = num_samples  # what this client trains on, once known (the server shows it)
         self.rounds_trained = 0
         self._rounds: Iterator[Task] | None = None
+        # Given each new training config as soon as a join brings it, before any round: what an app needs
+        # to get ready while the client waits (the built-in one loads and checks its data).
+        self.on_config: Callable[[m.TrainConfig], None] | None = None
+        self._config: m.TrainConfig | None = None
 
     def __enter__(self) -> Federation:
         return self
@@ -149,6 +153,9 @@ class Federation:
             if decision.action is m.Action.FINISHED:
                 log.info("server says training is finished after %d round(s) here", self.rounds_trained)
                 return
+            if self.on_config is not None and decision.config != self._config:
+                self.on_config(decision.config)
+                self._config = decision.config
             if decision.action is m.Action.WAIT:
                 if decision.retry_after:
                     time.sleep(decision.retry_after)
@@ -220,10 +227,14 @@ class Federation:
                 return
         log.warning("round %d: could not tell the server that this round failed", task.round)
 
-    def run(self, train: TrainFn, evaluate: EvaluateFn | None = None) -> None:
+    def run(self, train: TrainFn, evaluate: EvaluateFn | None = None,
+            prepare: Callable[[m.TrainConfig], None] | None = None) -> None:
         """Serve every round with `train(task)` (returning a Result, or None after task.submit), after
         `evaluate(task)` when the server asks for federated evaluation. An exception in them fails that
-        round only: it is logged and reported to the server, and the client carries on with the next."""
+        round only: it is logged and reported to the server, and the client carries on with the next.
+        `prepare(config)` is called with each new training config as soon as it is known, before any
+        round; a DataError there ends the client, as one in training does."""
+        self.on_config = prepare
         for task in self.rounds():
             try:
                 result = run_app(task, train, evaluate)

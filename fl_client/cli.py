@@ -15,6 +15,7 @@ import torch  # noqa: E402
 
 from common import allocator, logs
 from common.datasets import DataError
+from common.messages import TrainConfig
 from common.parallel import DataParallelError
 from common.training import AUTOCAST, check_autocast, select_device
 from fl_client.api import connect
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             check_autocast(AUTOCAST[args.autocast], torch.device(name))
         if args.data and not os.path.exists(args.data):
             raise DataError(f"--data {args.data} does not exist; give the folder that holds this client's data")
+        prepare = None
         if args.app:
             train, evaluate = load_app(args.app, args.evaluate)
         else:
@@ -106,12 +108,15 @@ def main(argv: list[str] | None = None) -> int:
                                       devices=devices, autocast=AUTOCAST[args.autocast], progress=not args.quiet,
                                       allowed_models=tuple(args.allow_model))
             train, evaluate = builtin.train, builtin.evaluate
+
+            def prepare(cfg: TrainConfig) -> None:  # the data loaded and checked while the client waits
+                builtin.configure(args.id, cfg, device)
         with connect(args.server, args.id, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
                      token_file=args.token_file, insecure=args.insecure, device=device,
                      give_up_after=args.give_up_after, data_dir=args.data) as federation:
             # Without --data the built-in training takes its share of the federation's data set.
             federation.trains_on_share = not args.data and not args.app
-            federation.run(train, evaluate)
+            federation.run(train, evaluate, prepare)
     except (DataError, ValueError, DataParallelError) as e:  # TLSError and TokenError are ValueErrors
         return logs.fail("fl-client", str(e))
     except ServerUnreachableError as e:

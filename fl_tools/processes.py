@@ -20,7 +20,7 @@ def command(tool: str) -> list[str]:
     script = Path(sys.executable).parent / tool
     if script.exists():
         return [str(script)]
-    module = {"fl-server": "fl_server.cli", "fl-client": "fl_client.cli"}[tool]
+    module = {"fl-server": "fl_server.cli", "fl-client": "fl_client.cli", "fl-partition": "common.partition"}[tool]
     return [sys.executable, "-m", module]
 
 
@@ -28,15 +28,16 @@ class ServerProcess:
     """A running fl-server; `port` is what it printed in its `listening on HOST:PORT` line."""
 
     def __init__(self, args: list[str], echo: IO[str] | None = None, env: dict[str, str] | None = None,
-                 startup_timeout: float = 120.0, prefix: list[str] | None = None):
-        """`prefix` runs the server through another command, e.g. `ip netns exec NS`. Without TLS flags
-        in `args`, the server runs with --insecure (plaintext: these helpers are for localhost)."""
+                 startup_timeout: float = 120.0, prefix: list[str] | None = None, cwd: Path | None = None):
+        """`prefix` runs the server through another command, e.g. `ip netns exec NS`; `cwd` is the folder it
+        runs in. Without TLS flags in `args`, the server runs with --insecure (plaintext: these helpers are
+        for localhost)."""
         if "--tls-cert" not in args:
             args = [*args, "--insecure"]
         self.args = args
         self.lines: list[str] = []
         self.proc = subprocess.Popen([*(prefix or []), *command("fl-server"), *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=env)
+                                     stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
         self.stderr_lines: list[str] = []
         self._listening = threading.Event()
         self.port = 0
@@ -82,10 +83,11 @@ class ServerProcess:
 
 
 def start_client(client_id: str, server: str, extra: list[str] | None = None, log_file: Path | None = None,
-                 env: dict[str, str] | None = None, prefix: list[str] | None = None) -> subprocess.Popen:
+                 env: dict[str, str] | None = None, prefix: list[str] | None = None,
+                 cwd: Path | None = None) -> subprocess.Popen:
     out = open(log_file, "w") if log_file else subprocess.DEVNULL  # noqa: SIM115 - lives as long as the process
     extra = list(extra or [])
     if "--tls-ca" not in extra:
         extra.append("--insecure")  # plaintext on localhost, as the server helper
     return subprocess.Popen([*(prefix or []), *command("fl-client"), "--id", client_id, "--server", server, *extra],
-                            stdout=out, stderr=subprocess.STDOUT, env=env)
+                            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
