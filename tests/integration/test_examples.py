@@ -122,3 +122,13 @@ def test_federated_fine_tuning_starts_from_the_weights_file(tmp_path, processes)
     accuracy = [r["accuracy"] for r in read_metrics(folder / "runs")]
     # The pretrained model knows five digits of ten; the owners teach its head the others.
     assert 0.3 < start < 0.6 and accuracy[-1] > start + 0.2, (start, accuracy)
+
+
+def test_a_custom_aggregation_rule_runs_the_federation(tmp_path, processes):
+    folder = copy_of("custom_aggregation", tmp_path)
+    server = server_in(folder, processes, "--log-level", "INFO")
+    clients = {cid: fl_client(folder, processes, cid, server) for cid in "012"}
+    wait_all(clients, folder)
+    assert server.stop() == 0
+    accuracy = [r["accuracy"] for r in read_metrics(folder / "runs")]
+    assert len(accuracy) == 3 and accuracy[-1] > 0.8, accuracy
