@@ -88,6 +88,9 @@ CIFAR_SETS = {
     "cifar100": ("CIFAR100", "cifar-100-python", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 DATASETS = ("digits", *IDX_SETS, *CIFAR_SETS)
+# The federation names no data set: the server holds no data (no server-side evaluation) and every
+# client trains on its own (--data).
+NO_DATASET = "none"
 IMAGE_FOLDER = "imagefolder:"  # imagefolder:PATH, PATH/CLASS_NAME/*.png|jpg
 IMAGE_SIZE = 32  # image-folder pictures are resized to IMAGE_SIZE x IMAGE_SIZE
 IMAGE_FOLDER_TEST_FRACTION = 0.2
@@ -99,8 +102,9 @@ IMAGE_MEAN, IMAGE_STD = 0.5, 0.5
 
 
 def check_dataset_name(name: str) -> None:
-    if name not in DATASETS and not (name.startswith(IMAGE_FOLDER) and len(name) > len(IMAGE_FOLDER)):
-        raise DataError(f"unknown data set {name!r}; choose {', '.join(DATASETS)} or imagefolder:PATH")
+    if name not in (*DATASETS, NO_DATASET) and not (name.startswith(IMAGE_FOLDER) and len(name) > len(IMAGE_FOLDER)):
+        raise DataError(f"unknown data set {name!r}; choose {', '.join(DATASETS)}, imagefolder:PATH or "
+                        f"{NO_DATASET} (clients bring their own data)")
 
 
 def _find_idx(root: Path, stem: str, folder_name: str) -> Path:
@@ -260,6 +264,8 @@ def load_dataset(name: str, root: str | Path = "data", download: bool = False,
     """(train, test) of a data set by name; the test split is what the server evaluates on. Nothing is
     downloaded unless `download`. `classes` (the setting) orders an image folder's labels."""
     check_dataset_name(name)
+    if name == NO_DATASET:  # only a client without --data asks for it
+        raise DataError("the federation names no data set: start fl-client with --data DIR holding your own data")
     if name == "digits":
         return load_digits()
     if name in IDX_SETS:

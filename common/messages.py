@@ -71,7 +71,8 @@ class ClientHyperparameters:
     dataset: str = setting("digits", (
         "data set: digits (built in, offline); mnist, fashion-mnist, cifar10 or cifar100 (read from "
         "--data-root); imagefolder:PATH (your images, PATH/CLASS_NAME/*.png|jpg, resized to 32x32 RGB, "
-        "labelled in the order of `classes`, else of the folders' sorted names)"),
+        "labelled in the order of `classes`, else of the folders' sorted names); none (the server holds no data "
+        "and evaluates only with server_evaluation; every client trains on its own --data)"),
         alias="type", value_aliases={"cifar": "cifar10"}, check=Parsed(_dataset_name), defines_run=True)
     num_clients: int = setting(3, (
         "clients in the federation (seed: no_models); client i without --data trains on the i-th share"),

@@ -6,6 +6,7 @@ The server and every client must build exactly the same architecture, since only
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import re
 
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from common.logs import brief
 from common.messages import ModelSpec
 
 
@@ -180,15 +182,46 @@ def _make(spec: ModelSpec) -> nn.Module:
             raise ValueError(f"torchvision models need image inputs (channels, height, width), got {spec.input_shape}")
         model = torchvision.models.get_model(spec.name[len(TORCHVISION):], weights=None, num_classes=spec.num_classes)
         return ThreeChannels(spec.input_shape[0], model)
-    module_name, class_name = spec.name.split(":")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot import model {spec.name!r} ({e}); install the package that defines it "
-                         "on this machine") from None
+    cls = import_object(spec.name, "model")
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ValueError(f"{spec.name!r} is not an nn.Module class")
-    return cls(spec.input_shape, spec.num_classes)
+        raise ValueError(f"model {spec.name!r} is not an nn.Module class; name your model's class, which "
+                         "subclasses torch.nn.Module")
+    try:
+        model = cls(*_constructor_arguments(cls, spec))
+    except Exception as e:  # noqa: BLE001 - the user's code: whatever it raises is one sentence
+        raise ValueError(f"model {spec.name!r} failed to build as {spec.name.split(':')[1]}"
+                         f"(input_shape={spec.input_shape}, num_classes={spec.num_classes}) "
+                         f"({type(e).__name__}: {brief(e)}); fix the class or the input_shape and num_classes "
+                         "it is given") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {spec.name!r} built something that is not an nn.Module")
+    return model
+
+
+def _constructor_arguments(cls: type, spec: ModelSpec) -> tuple:
+    """How a user's class is built: `ClassName(input_shape, num_classes)` when its constructor takes those
+    two (by any names); `ClassName()` when it needs no argument, as a model written for one task usually
+    does (`Net()`, or `Net(num_classes=10)` with a default), whose own defaults then hold."""
+    try:
+        parameters = list(inspect.signature(cls).parameters.values())
+    except (TypeError, ValueError):  # no signature to read: the documented contract
+        return spec.input_shape, spec.num_classes
+    required = [p for p in parameters if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY,
+                                                                               p.POSITIONAL_OR_KEYWORD)]
+    return () if not required else (spec.input_shape, spec.num_classes)
+
+
+def import_object(name: str, what: str, program: str = "this program") -> object:
+    """The object `package.module:attribute` names; ValueError, in one sentence saying where the module
+    must be, if it cannot be imported. Whatever the module raises while it is imported counts: it is the
+    user's code."""
+    module_name, attribute = name.split(":")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except Exception as e:  # noqa: BLE001 - ImportError, AttributeError, or whatever the module's code raises
+        raise ValueError(f"cannot import {what} {name!r} ({type(e).__name__}: {brief(e)}); the module must be "
+                         f"importable by {program}: in the folder it runs in, on its PYTHONPATH, or installed "
+                         "in its Python environment") from None
 
 
 def build_model(spec: ModelSpec, seed: int | None = None) -> nn.Module:
@@ -196,7 +229,7 @@ def build_model(spec: ModelSpec, seed: int | None = None) -> nn.Module:
 
     Names: mlp, cnn, resnet18, autoencoder; `torchvision:NAME` for any torchvision classifier (random
     weights: nothing is downloaded); `package.module:ClassName` for your own nn.Module, constructed as
-    `ClassName(input_shape, num_classes)`."""
+    `ClassName(input_shape, num_classes)`, or as `ClassName()` when its constructor needs no argument."""
     check_model_name(spec.name)
     if spec.name in ("cnn", "resnet18") and len(spec.input_shape) != 3:
         raise ValueError(f"model {spec.name!r} needs image inputs (channels, height, width), "

@@ -5,6 +5,7 @@ import argparse
 import ipaddress
 import json
 import logging
+import os
 import signal
 import ssl
 import sys
@@ -17,10 +18,10 @@ from grpc_health.v1.health import HealthServicer
 
 from common import allocator, logs, tensors, tls, tokens
 from common.convert import SERVICE
-from common.datasets import DataError, load_dataset, model_spec_for
-from common.models import build_model
+from common.datasets import NO_DATASET, DataError, load_dataset
 from common.training import select_device
 from fl_server import config as config_module
+from fl_server import model_source
 from fl_server.aggregation import ServerOptimizer, make_aggregator
 from fl_server.checkpoint import CheckpointError, RunFolder
 from fl_server.config import ConfigError, config_hash
@@ -107,8 +108,7 @@ def status_main(argv: list[str]) -> int:
               f"seen {info['seconds_since_seen']} s ago")
     if status.get("latest"):
         latest = RoundRecord.from_dict(status["latest"])
-        accuracy = "pending" if latest.accuracy is None else f"{latest.accuracy:.4f}"
-        print(f"latest round {latest.round}: accuracy {accuracy}, clients {latest.clients}, {latest.seconds} s")
+        print(f"latest round {latest.round}: {latest.quality()}, clients {latest.clients}, {latest.seconds} s")
     return 0
 
 
@@ -121,14 +121,24 @@ def main(argv: list[str] | None = None) -> int:
     # then reused by the next one (measured with 50 clients: 5.6 models of peak memory above idle with
     # one heap, 8.3 with glibc's default of one per thread).
     allocator.keep_freed_memory(arenas=1)
+    # The operator's own code (model_name, aggregator, server_evaluation) is imported from the folder the
+    # server runs in too, as `python -m` would.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         logs.configure(args.log_level, args.log_file)
         cfg = config_module.from_arguments(args)
         device = select_device(args.device)
-        train_data, test_data = load_dataset(cfg.dataset, cfg.data_root, args.download)
-        spec = model_spec_for(cfg.model_name, train_data)
+        train_data = test_data = None
+        if cfg.dataset != NO_DATASET:
+            train_data, test_data = load_dataset(cfg.dataset, cfg.data_root, args.download, classes=cfg.classes)
+        spec = model_source.model_spec(cfg, train_data)
         run = RunFolder(cfg.out)
         checkpoint = run.load_checkpoint()
+        # The user's code (model class, evaluation function) is imported and run here, before the server
+        # listens: a class that cannot be imported or built is one sentence now, not a failed round later.
+        model = model_source.make_model(spec, seed=cfg.seed) if spec.name else None
+        evaluation = model_source.load_evaluation(cfg.server_evaluation) if cfg.server_evaluation else None
     except (ConfigError, DataError, CheckpointError, ValueError) as e:
         return logs.fail("fl-server", str(e))
     except OSError as e:
@@ -153,17 +163,27 @@ def main(argv: list[str] | None = None) -> int:
                           aggregator=aggregator, selector=RandomSelector(cfg.seed), model_version=model_version,
                           limits=limits)
 
-    if checkpoint is None:
-        state = round_state(build_model(spec, seed=cfg.seed).state_dict())
-        metrics: list[RoundRecord] = []
-    else:
-        problem = checkpoint.resume_error(cfg, spec, allow_config_change=args.allow_config_change)
-        if problem is not None:
-            return logs.fail("fl-server", problem)
-        state = round_state(checkpoint.model, checkpoint.model_version)
-        state.selector.load_state_dict(checkpoint.rng_state)
-        state.aggregator.load_state_dict(checkpoint.server_optimizer)
-        metrics = checkpoint.metrics
+    try:
+        if checkpoint is None:
+            # The aggregator (a user's rule among them) is built here, at start-up, too.
+            state = round_state(model_source.initial_state(cfg, model))
+            metrics: list[RoundRecord] = []
+        else:
+            problem = checkpoint.resume_error(cfg, spec, allow_config_change=args.allow_config_change)
+            if problem is not None:
+                return logs.fail("fl-server", problem)
+            state = round_state(checkpoint.model, checkpoint.model_version)
+            state.selector.load_state_dict(checkpoint.rng_state)
+            try:
+                state.aggregator.load_state_dict(checkpoint.server_optimizer)
+            except Exception as e:  # noqa: BLE001 - a user's rule may raise anything
+                return logs.fail("fl-server", f"aggregator {cfg.aggregator!r} cannot load its state from the "
+                                 f"checkpoint in {cfg.out} ({type(e).__name__}: {logs.brief(e)}); fix its "
+                                 "load_state_dict, or use another --out")
+            metrics = checkpoint.metrics
+    except (ValueError, TypeError) as e:  # WeightsError; a user's aggregator that cannot be imported or built
+        return logs.fail("fl-server", str(e))
+    if checkpoint is not None:
         try:
             run.write_metrics(metrics)  # a crash may have come between the checkpoint and the metrics log
         except OSError as e:
@@ -188,10 +208,15 @@ def main(argv: list[str] | None = None) -> int:
                                      keepalive_seconds=cfg.keepalive_seconds, keepalive_timeout=cfg.keepalive_timeout)
     except PortInUseError as e:
         return logs.fail("fl-server", str(e))
-    coordinator = Coordinator(state, rounds=cfg.rounds, model_spec=spec, test_data=test_data, run=run,
-                              config_hash=config_hash(cfg), metrics=metrics, device=device,
-                              report=lambda line: print(line, flush=True), write_report=args.report,
-                              privacy=(cfg.dp_noise_multiplier, cfg.dp_delta) if cfg.dp_noise_multiplier > 0 else None)
+    try:
+        coordinator = Coordinator(
+            state, rounds=cfg.rounds, model_spec=spec, test_data=test_data, run=run, config_hash=config_hash(cfg),
+            metrics=metrics, device=device, report=lambda line: print(line, flush=True), write_report=args.report,
+            privacy=(cfg.dp_noise_multiplier, cfg.dp_delta) if cfg.dp_noise_multiplier > 0 else None,
+            server_evaluation=evaluation, model=model)
+    except ValueError as e:  # its model, when it builds one, fails as fl-server's own would have
+        server.stop(None)
+        return logs.fail("fl-server", str(e))
     monitoring = None
     if args.metrics_port is not None:
         try:

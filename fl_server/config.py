@@ -14,14 +14,16 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tomllib
 
-from common.messages import ClientHyperparameters, ModelSpec, TrainConfig
-from common.models import check_model_name
+from common.datasets import NO_DATASET
+from common.messages import ClientHyperparameters, ModelSpec, TrainConfig, class_names
+from common.models import TORCHVISION, check_model_name
 from common.settings import (
     Declared,
     Parsed,
@@ -38,12 +40,30 @@ from common.settings import (
 from fl_server import monitoring, servicer, uploads
 from fl_server.aggregation import parse_aggregator
 from fl_server.membership import RegistryLimits
+from fl_server.model_source import parse_shape
 from fl_server.uploads import MetricLimits
 
 # One error for a wrong setting, whether the file, a flag or a check found it; it names the key.
 ConfigError = SettingError
 
 _FRACTION = "must be at least 0 and below 1"
+_FUNCTION = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # package.module:function
+# Image classifiers: they need a number of classes when no data set gives it (an mlp with none is a
+# regression: one output).
+_IMAGE_CLASSIFIERS = ("cnn", "resnet18")
+# Settings added after checkpoints held the resume hash: they enter it only when set, so that a checkpoint
+# of an older version resumes under the same settings.
+_HASHED_WHEN_SET = frozenset({"input_shape", "num_classes", "initial_weights", "classes", "label_column"})
+
+
+def _model_name(name: str) -> None:
+    if name:  # empty: no model class (the initial_weights file is the model)
+        check_model_name(name)
+
+
+def _function_name(name: str) -> None:
+    if name and not _FUNCTION.match(name):
+        raise ValueError(f"must be package.module:function (or empty for none), got {name!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,8 +72,30 @@ class Config(ClientHyperparameters):
     model_name: str = setting("cnn", (
         "model: mlp, cnn, resnet18, autoencoder (trained on reconstruction, MSE), torchvision:NAME (any "
         "torchvision classifier, random weights), or package.module:ClassName (your nn.Module, built as "
-        "ClassName(input_shape, num_classes); clients must allow it with --allow-model)"),
-        check=Parsed(check_model_name), defines_run=True)
+        "ClassName(input_shape, num_classes), importable by fl-server and each client; clients must allow it "
+        "with --allow-model); empty = no model class: the initial_weights file is the model, federated as it "
+        "is (needs dataset none)"),
+        check=Parsed(_model_name), defines_run=True)
+    input_shape: str = setting("", (
+        "one sample's shape, comma-separated (3,32,32); empty = the data set's. Needed with dataset none; "
+        "with a data set it must agree with the data set's"), check=Parsed(parse_shape), defines_run=True)
+    num_classes: int = setting(0, (
+        "the model's outputs (classes); 0 = the data set's, or the number of `classes`. With dataset none and "
+        "neither, cnn, resnet18 and torchvision models refuse to start, and mlp is a regression (one output, "
+        "trained on mean squared error), as your own class may be"), check=at_least(0, "must be 0 or more"),
+        defines_run=True)
+    initial_weights: str = setting("", (
+        "a file of weights the global model starts from instead of random ones (pretrained weights, federated "
+        "fine-tuning): a PyTorch state_dict (read with torch.load(weights_only=True); a dict holding it under "
+        "'state_dict' or 'model' works too) or a .safetensors file; with a model class they must fit it "
+        "exactly. Read at a fresh start only, not on resume; empty = random weights from the seed"),
+        defines_run=True)
+    server_evaluation: str = setting("", (
+        "your evaluation, package.module:function, called after each aggregated round as function(model, "
+        "device) -> {name: value}, the model loaded with the round's weights, in eval mode, under "
+        "torch.no_grad(); its loss and accuracy become the round's, and all its values go into the round's "
+        "server_metrics. Used instead of the data set's test split when both are given; empty = none"),
+        check=Parsed(_function_name), defines_run=False)
     data_root: str = setting("data", (
         "folder holding torchvision data sets (MNIST/raw/..., cifar-10-batches-py/); unused for digits"),
         defines_run=False)
@@ -169,6 +211,11 @@ class Config(ClientHyperparameters):
         validate(self)
 
     @property
+    def effective_num_classes(self) -> int:
+        """The model's outputs: num_classes, or the number of `classes` named."""
+        return self.num_classes or len(class_names(self.classes))
+
+    @property
     def effective_min_clients(self) -> int:
         return self.min_clients or self.clients_per_round
 
@@ -193,16 +240,11 @@ def sent_to_clients(name: str) -> bool:
     return any(d.name == name for d in declared(ClientHyperparameters))
 
 
-# Run-defining settings added after checkpoints held a hash: hashed only when not at their default, which
-# is what every earlier run had, so that those checkpoints still resume.
-_HASHED_WHEN_SET = frozenset({"classes", "label_column"})
-
-
 def config_hash(cfg: Config) -> str:
     """The settings that define what a run computes, hashed: a checkpoint made under other values is not
     resumed (mixing two experiments), while rounds, timeouts and addresses may change freely."""
-    defining = {d.name: getattr(cfg, d.name) for d in SETTINGS.values()
-                if d.setting.defines_run and not (d.name in _HASHED_WHEN_SET and getattr(cfg, d.name) == d.default)}
+    defining = {d.name: getattr(cfg, d.name) for d in SETTINGS.values() if d.setting.defines_run
+                and not (d.name in _HASHED_WHEN_SET and getattr(cfg, d.name) == d.default)}
     return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -221,7 +263,25 @@ def validate(cfg: Config) -> None:
         need(cfg.dp_clip > 0, "dp_clip", "must be positive")
         need(0 < cfg.dp_delta < 1, "dp_delta", "must be between 0 and 1")
         need(cfg.aggregator == "fedavg", "aggregator", "must be fedavg with differential privacy "
-             "(dp_noise_multiplier > 0): the robust rules' outputs have no bounded sensitivity to add noise to")
+             "(dp_noise_multiplier > 0): the robust rules' and your own rules' outputs have no bounded "
+             "sensitivity to add noise to")
+    if not cfg.model_name:  # no model class: nothing to build, so nothing to evaluate on the server
+        need(cfg.initial_weights != "", "initial_weights", "must name the model's weights file when model_name "
+             "is empty (no model class)")
+        need(cfg.dataset == NO_DATASET, "dataset", f"must be {NO_DATASET} when model_name is empty: the server "
+             "evaluates on a data set with a model it builds, and there is no model class to build")
+        need(not cfg.server_evaluation, "server_evaluation", "must be empty when model_name is empty: the "
+             "evaluation is given a model, and there is no model class to build")
+    elif cfg.dataset == NO_DATASET:
+        need(cfg.input_shape != "", "input_shape", f"must give one sample's shape (such as 3,32,32) with dataset "
+             f"{NO_DATASET}, which has none to take it from")
+        need(cfg.effective_num_classes > 0 or not (cfg.model_name in _IMAGE_CLASSIFIERS
+                                                   or cfg.model_name.startswith(TORCHVISION)),
+             "num_classes", f"must be positive (or `classes` given) for the classifier {cfg.model_name} with dataset "
+             f"{NO_DATASET}, which has no classes to count")
+    if cfg.classes and cfg.num_classes:
+        need(len(class_names(cfg.classes)) == cfg.num_classes, "num_classes",
+             f"must be the number of names in `classes` ({len(class_names(cfg.classes))}), or 0 to take it from them")
     need(cfg.effective_min_fit <= cfg.clients_per_round, "min_fit",
          f"cannot exceed clients_per_round ({cfg.clients_per_round})")
     need(cfg.effective_min_fit <= cfg.effective_min_clients, "min_fit",

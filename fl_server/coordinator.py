@@ -1,7 +1,9 @@
 """The round loop: sample, send and wait, aggregate, save, evaluate.
 
 Evaluation runs beside the next round rather than before it: the next round opens the moment the
-aggregate is checkpointed, and each round's accuracy is filled into `metrics.jsonl` when ready.
+aggregate is checkpointed, and each round's accuracy is filled into `metrics.jsonl` when ready. The
+server evaluates on its data set's test split, or with the operator's server_evaluation function; with
+neither (dataset none), a round's record is complete when it is aggregated.
 """
 from __future__ import annotations
 
@@ -9,17 +11,20 @@ import dataclasses
 import logging
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from common.datasets import ArrayData, BatchLoader
+from common.logs import brief
 from common.messages import ModelSpec
-from common.models import build_model
 from common.training import EvalResult, evaluate
 from fl_server.aggregation import epsilon
 from fl_server.checkpoint import METRICS, Checkpoint, RunFolder
+from fl_server.model_source import EvaluationFunction, make_model
 from fl_server.records import RoundRecord
 from fl_server.rounds import RoundOutcome, RoundState
 
@@ -31,16 +36,54 @@ def _accuracy(result: EvalResult) -> float | None:
     return None if math.isnan(result.accuracy) else result.accuracy
 
 
+@dataclass
+class Evaluation:
+    """A model's test result: `metrics` is what the operator's server_evaluation returned (empty for the
+    data set's test split), whose "accuracy" and "loss" are also these."""
+
+    accuracy: float | None
+    loss: float | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def fill(self, record: RoundRecord) -> None:
+        record.accuracy, record.loss, record.server_metrics = self.accuracy, self.loss, dict(self.metrics)
+
+
+def checked_metrics(result: object) -> dict[str, float]:
+    """What a server_evaluation returned, as {name: finite float}; ValueError, in one sentence, otherwise."""
+    if not isinstance(result, Mapping):
+        raise ValueError(f"it returned a {type(result).__name__}, not a dict of metrics")
+    out = {}
+    for name, value in result.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"it returned a metric named {name!r}; names must be non-empty strings")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"its metric {name!r} is {str(value)[:80]!r}, not a number") from None
+        if isinstance(value, bool) or not math.isfinite(number):
+            raise ValueError(f"its metric {name!r} is {value!r}, not a finite number")
+        out[name] = number
+    return out
+
+
 class Coordinator:
-    def __init__(self, state: RoundState, *, rounds: int, model_spec: ModelSpec, test_data: ArrayData,
+    def __init__(self, state: RoundState, *, rounds: int, model_spec: ModelSpec, test_data: ArrayData | None,
                  run: RunFolder, config_hash: str, metrics: list[RoundRecord] | None = None,
                  device: torch.device | str = "cpu", report: Callable[[str], None] = print,
-                 write_report: bool = False, privacy: tuple[float, float] | None = None):
-        """`privacy`: (noise multiplier, delta) of a DP-FedAvg run, whose epsilon each record reports."""
+                 write_report: bool = False, privacy: tuple[float, float] | None = None,
+                 server_evaluation: EvaluationFunction | None = None, model: nn.Module | None = None):
+        """`privacy`: (noise multiplier, delta) of a DP-FedAvg run, whose epsilon each record reports.
+        `test_data`: what the server evaluates each round's model on; `server_evaluation`, the operator's
+        evaluation, is used instead when given; with neither, rounds are not evaluated on the server.
+        `model`: one built from `model_spec` already (fl-server's, at start-up), or None to build it here."""
         self.state = state
         self.rounds = rounds
-        self.model = build_model(model_spec)
-        self.test_loader = BatchLoader(test_data, batch_size=128, device=device)
+        self.server_evaluation = server_evaluation
+        self.evaluates = server_evaluation is not None or test_data is not None
+        self.model = (model if model is not None else make_model(model_spec)) if self.evaluates else None
+        self.test_loader = (BatchLoader(test_data, batch_size=128, device=device)
+                            if test_data is not None and server_evaluation is None else None)
         self.device = torch.device(device)
         self.run_folder = run
         self.model_spec = model_spec
@@ -57,6 +100,9 @@ class Coordinator:
     def run(self) -> bool:
         """Run rounds until `rounds` models have been aggregated; False if stopped before that."""
         try:
+            if not self.evaluates:
+                log.info("the server evaluates no model (no data set, no server_evaluation); with eval_fraction > 0 "
+                         "clients evaluate each model they receive on data they hold out")
             self._finish_pending_evaluation()
             while self.state.model_version < self.rounds:
                 self.state.wait_for_clients()
@@ -81,8 +127,11 @@ class Coordinator:
                 self._wait_for_evaluation()
                 self._add_record(record)
                 self.save()
-                self._last_evaluation = self._evaluator.submit(self._evaluate_round, record,
-                                                               self.state.global_state, outcome)
+                if self.evaluates:
+                    self._last_evaluation = self._evaluator.submit(self._evaluate_round, record,
+                                                                   self.state.global_state, outcome)
+                else:  # nothing to wait for: the record is complete
+                    self._report_round(record, outcome)
             self._wait_for_evaluation()
             path = self.run_folder.save_final_model(self.state.global_state)
             self.state.finish()
@@ -108,9 +157,22 @@ class Coordinator:
         with self._metrics_lock:
             return [r.copy() for r in self.metrics]
 
-    def evaluate(self, state: dict[str, torch.Tensor]) -> EvalResult:
+    def evaluate(self, state: dict[str, torch.Tensor]) -> Evaluation:
+        """The model with weights `state`, evaluated by the operator's function or on the test split."""
+        assert self.model is not None, "only a coordinator that evaluates has a model"
         self.model.load_state_dict(state)
-        return evaluate(self.model, self.test_loader, self.device)
+        if self.server_evaluation is not None:
+            self.model.to(self.device).eval()
+            with torch.no_grad():
+                returned = self.server_evaluation(self.model, self.device)
+            try:
+                metrics = checked_metrics(returned)
+            except ValueError as e:
+                raise ValueError(f"server_evaluation's result is unusable: {e}") from None
+            return Evaluation(metrics.get("accuracy"), metrics.get("loss"), metrics)
+        assert self.test_loader is not None
+        result = evaluate(self.model, self.test_loader, self.device)
+        return Evaluation(_accuracy(result), result.loss)
 
     def _record_of(self, outcome: RoundOutcome) -> RoundRecord:
         """The round's record; without the clients' metrics if they cannot be recorded (they were checked
@@ -125,13 +187,26 @@ class Coordinator:
     def _evaluate_round(self, record: RoundRecord, state: dict[str, torch.Tensor], outcome: RoundOutcome) -> None:
         try:
             result = self.evaluate(state)
-        except Exception:
+        except Exception as e:
             # The round's model is published and checkpointed already: it stays without a test result.
-            log.exception("round %d: evaluating the model failed; carrying on without its accuracy", outcome.round)
-            return
-        with self._metrics_lock:
-            record.accuracy, record.loss = _accuracy(result), result.loss
-            self._write_metrics()
+            self._evaluation_failed(outcome.round, e)
+        else:
+            with self._metrics_lock:
+                result.fill(record)
+                self._write_metrics()
+        self._report_round(record, outcome)
+
+    def _evaluation_failed(self, round_: int, error: Exception) -> None:
+        if self.server_evaluation is not None:  # the operator's code: one line, the traceback for DEBUG
+            log.error("round %d: server_evaluation failed (%s: %s); the round stays without a test result",
+                      round_, type(error).__name__, brief(error))
+            log.debug("server_evaluation's failure", exc_info=error)
+        else:
+            log.exception("round %d: evaluating the model failed; carrying on without its accuracy", round_,
+                          exc_info=error)
+
+    def _report_round(self, record: RoundRecord, outcome: RoundOutcome) -> None:
+        """The round's line on stdout and in the log, once its record is complete."""
         line = (f"round {outcome.round}/{self.rounds}: {record.quality()}, "
                 f"clients {outcome.contributors}, {outcome.seconds:.2f} s")
         if record.epsilon is not None:
@@ -148,10 +223,14 @@ class Coordinator:
         """After a restart: the checkpoint's newest round may not have been evaluated before the crash."""
         # Loss, not accuracy: an autoencoder's evaluated rounds have no accuracy either.
         pending = [r for r in self.metrics if r.aggregated and not r.evaluated]
-        if pending:
-            result = self.evaluate(self.state.global_state)
+        if pending and self.evaluates:
+            try:
+                result = self.evaluate(self.state.global_state)
+            except Exception as e:
+                self._evaluation_failed(pending[-1].round, e)
+                return
             with self._metrics_lock:
-                pending[-1].accuracy, pending[-1].loss = _accuracy(result), result.loss
+                result.fill(pending[-1])
                 self.run_folder.write_metrics(self.metrics)
 
     def _add_record(self, record: RoundRecord) -> None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from common.datasets import NO_DATASET
 from common.logs import safe
 from common.messages import JoinRequest
 from common.partition import client_index
@@ -121,7 +122,12 @@ class Membership:
 
     def _check_share(self, client_id: str) -> None:
         """A client without data trains on share client_index(id) of the federation's data set: refused
-        here, with the reason, if there is no such share, rather than selected and waited for."""
+        here, with the reason, if there is no such share (or no data set), rather than selected and waited
+        for."""
+        if self.dataset == NO_DATASET:
+            raise InvalidJoinError(
+                f"client {safe(client_id)} has no data of its own (no --data), and the federation names no data "
+                "set to give it a share of; start it with --data DIR holding its own data")
         n, index = self.num_shares, client_index(client_id)
         if not 0 <= index < n:
             raise InvalidJoinError(

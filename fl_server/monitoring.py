@@ -32,7 +32,10 @@ class FederationCollector(Collector):
         status = self.state.status()
         records = self.records()
         done = [r for r in records if r.aggregated]
-        latest = next((r for r in reversed(done) if r.accuracy is not None), None)
+        # The newest result of each kind: a server without a data set has no test result of its own, and
+        # an autoencoder's has a loss only.
+        latest = next((r for r in reversed(done) if r.evaluated), None)
+        federated = next((r.federated_evaluation for r in reversed(done) if r.federated_evaluation), None)
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(name, doc, value=value)
@@ -40,9 +43,22 @@ class FederationCollector(Collector):
         yield gauge("fl_round", "Round in progress (or next to start)", status["round"])
         yield gauge("fl_model_version", "Global model version (aggregations so far)", status["model_version"])
         yield CounterMetricFamily("fl_rounds_completed", "Rounds aggregated", value=len(done))
-        if latest is not None and latest.accuracy is not None and latest.loss is not None:
+        if latest is not None and latest.accuracy is not None:
             yield gauge("fl_accuracy", "Test accuracy of the newest evaluated global model", latest.accuracy)
+        if latest is not None and latest.loss is not None:
             yield gauge("fl_loss", "Test loss of the newest evaluated global model", latest.loss)
+        if latest is not None and latest.server_metrics:
+            family = GaugeMetricFamily("fl_server_metric", "What server_evaluation returned for the newest "
+                                       "evaluated global model", labels=["name"])
+            for name, value in latest.server_metrics.items():
+                family.add_metric([name], value)
+            yield family
+        if federated is not None:
+            yield gauge("fl_federated_loss", "Clients' loss of the newest model they evaluated (eval_fraction)",
+                        federated["loss"])
+            if "accuracy" in federated:
+                yield gauge("fl_federated_accuracy", "Clients' accuracy of the newest model they evaluated "
+                            "(eval_fraction)", federated["accuracy"])
         yield gauge("fl_clients_known", "Clients the server knows (joined, not yet forgotten)", len(status["clients"]))
         yield gauge("fl_clients_connected", "Clients heard from recently", status["live_clients"])
         yield gauge("fl_clients_selected", "Clients selected for the round in progress", len(status["selected"]))

@@ -17,17 +17,22 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fl_server.rounds import RoundOutcome
 
+MAX_SHOWN_METRICS = 6  # of an operator's evaluation, in a round's line
+
 
 @dataclass
 class RoundRecord:
     """A round re-run for lack of updates has `aggregated` False, no accuracy, and another record after it.
     `accuracy` and `loss` are None until the evaluation, which runs beside the next round, is done; an
-    autoencoder's rounds have a loss (its reconstruction error) and never an accuracy."""
+    autoencoder's rounds have a loss (its reconstruction error) and never an accuracy. A server without a
+    data set or server_evaluation never evaluates: its records are complete without them.
+    `server_metrics`: all that the operator's server_evaluation returned (left out of the JSON when empty)."""
 
     round: int
     aggregated: bool = True
     accuracy: float | None = None
     loss: float | None = None
+    server_metrics: dict[str, float] = field(default_factory=dict)
     clients: list[str] = field(default_factory=list)  # those that contributed
     num_samples: int = 0
     bytes_in: int = 0  # payload bytes of the counted updates
@@ -58,8 +63,8 @@ class RoundRecord:
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for key in ("epsilon", "delta"):
-            if out[key] is None:
+        for key in ("epsilon", "delta", "server_metrics"):
+            if out[key] is None or out[key] == {}:
                 del out[key]
         return out
 
@@ -81,16 +86,29 @@ class RoundRecord:
 
     @property
     def evaluated(self) -> bool:
-        """An aggregated round whose model has been evaluated (loss: an autoencoder has no accuracy)."""
-        return self.aggregated and self.loss is not None
+        """An aggregated round whose model the server has evaluated (loss: an autoencoder has no accuracy;
+        server_metrics: an operator's evaluation may return neither)."""
+        return self.aggregated and (self.loss is not None or bool(self.server_metrics))
 
     def quality(self) -> str:
-        """How good the round's model is, in words: its test accuracy and loss, or an autoencoder's error."""
-        if self.loss is None:
-            return "not evaluated"
-        if self.accuracy is None:
-            return f"reconstruction error (MSE) {self.loss:.4f}"
-        return f"accuracy {self.accuracy:.4f}, loss {self.loss:.4f}"
+        """How good the round's model is, in words: the server's test result (its data set's, or the
+        operator's evaluation), else the clients' federated evaluation of the model they trained from (the
+        previous version: this round's is known only in the next round), else "no test result"."""
+        if self.server_metrics:
+            first = [k for k in ("accuracy", "loss") if k in self.server_metrics]
+            names = first + sorted(k for k in self.server_metrics if k not in first)
+            shown = ", ".join(f"{k} {self.server_metrics[k]:.4g}" for k in names[:MAX_SHOWN_METRICS])
+            return shown + (f" (and {len(names) - MAX_SHOWN_METRICS} more)" if len(names) > MAX_SHOWN_METRICS else "")
+        if self.loss is not None:
+            if self.accuracy is None:
+                return f"reconstruction error (MSE) {self.loss:.4f}"
+            return f"accuracy {self.accuracy:.4f}, loss {self.loss:.4f}"
+        evaluation = self.federated_evaluation
+        if evaluation:
+            accuracy = f"accuracy {evaluation['accuracy']:.4f}, " if "accuracy" in evaluation else ""
+            return (f"clients' evaluation of model version {evaluation['model_version']}: {accuracy}loss "
+                    f"{evaluation['loss']:.4f} ({evaluation['clients']} clients, {evaluation['samples']} samples)")
+        return "no test result"
 
 
 def federated_evaluation(client_metrics: dict[str, dict[str, float]], model_version: int) -> dict[str, Any] | None:

@@ -140,3 +140,22 @@ def test_client_without_data_and_without_a_share_is_refused_at_its_join(federati
     assert "client 0 joined (share 0 of digits, cpu)" in log and "(0 samples" not in log
     assert "client 0 trains on " in log
     assert "client 7 " not in log.replace("client 7 has no data", "")  # never admitted
+
+
+def test_the_users_own_code_and_files_that_cannot_be_used(tmp_path, monkeypatch):
+    """A model class, aggregation rule or evaluation function that cannot be imported, and initial weights
+    that do not fit: one sentence each from fl-server at start-up, saying where the module must be."""
+    from tests.integration import conftest
+
+    monkeypatch.setitem(conftest.ENV, "PYTHONPATH", str(Path(__file__).resolve().parents[2]))
+    out = ("--out", str(tmp_path / "run"), "--dataset", "none", "--input-shape", "1,8,8", "--num-classes", "10")
+    assert_clear_error(run("fl-server", *out, "--model-name", "tests.models.nowhere:Net"),
+                       "cannot import model class 'tests.models.nowhere:Net' (ModuleNotFoundError",
+                       "must be importable by fl-server: on its PYTHONPATH or installed in its Python environment")
+    assert_clear_error(run("fl-server", *out, "--model-name", "tests.models.tiny:Explodes"),
+                       "failed to build as Explodes", "this model needs a GPU")
+    assert_clear_error(run("fl-server", *out, "--model-name", "mlp", "--aggregator", "tests.custom_rules:LacksFold"),
+                       "does not keep the Aggregator protocol", "lacks begin_round, check, fold")
+    (tmp_path / "w.pt").write_bytes(b"not weights")
+    assert_clear_error(run("fl-server", *out, "--model-name", "mlp", "--initial-weights", str(tmp_path / "w.pt")),
+                       f"cannot read initial_weights {tmp_path / 'w.pt'}")

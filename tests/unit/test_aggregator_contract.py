@@ -1,6 +1,22 @@
 """What every aggregator must do, written once (`AggregatorContract`) and run against each
 implementation by a subclass that says how to build it (as Flower's state tests run one base class
 against each store). A new rule, built in or a user's own, gets the same checks by adding a subclass.
+
+Your own rule (`aggregator = "mypackage.rules:MyRule"`): in a test file of yours, with this repository
+and your package importable (e.g. `PYTHONPATH=/path/to/this/repo:/path/to/yours`),
+
+    from fl_server.aggregation import ServerOptimizer, make_aggregator
+    from tests.unit.test_aggregator_contract import AggregatorContract
+
+    class TestMyRule(AggregatorContract):
+        integers = "keep"  # or "values", if your rule combines integer and bool buffers (see below)
+
+        def make(self, specs, capacity):  # as fl-server builds it
+            return make_aggregator(specs, "mypackage.rules:MyRule", capacity, ServerOptimizer(self.optimizer))
+
+then `python -m pytest your_test_file.py`. The checks assume a rule that gives back the common update
+when all updates are equal and modest (norm below 10), as any mean-like rule does; TestNormClippedMean
+below runs them on tests/custom_rules.py.
 """
 from __future__ import annotations
 
@@ -254,3 +270,28 @@ class TestDPFedAvgWithoutNoise(AggregatorContract):
 
     def make(self, specs, capacity):
         return DPFedAvg(specs, noise_multiplier=0.0, clip=1e6, clients_per_round=capacity)
+
+
+@pytest.mark.parametrize("kind", ["fedavg", "fedadam"])
+class TestNormClippedMean(AggregatorContract):
+    """A user's rule (tests/custom_rules.py), built by name as fl-server builds it; integer buffers keep
+    their global values."""
+
+    integers = "keep"
+
+    @pytest.fixture(autouse=True)
+    def _kind(self, kind):
+        self.optimizer = kind
+
+    def make(self, specs, capacity):
+        return make_aggregator(specs, "tests.custom_rules:NormClippedMean", capacity, ServerOptimizer(self.optimizer))
+
+
+def test_a_users_rule_clips_what_one_client_can_do():
+    agg = make_aggregator(specs_of(GLOBAL), "tests.custom_rules:NormClippedMean", 2)
+    agg.begin_round()
+    add(agg, update(1000.0), 1)  # norm about 3907: scaled down to 10
+    add(agg, update(0.0), 1)
+    new = agg.finish(fresh_global())
+    step = torch.cat([(new["w"] - GLOBAL["w"]).flatten(), (new["b"] - GLOBAL["b"]).flatten().float()])
+    assert float(step.norm()) == pytest.approx(5.0, rel=1e-4)  # half of 10: the mean with a zero update
