@@ -53,6 +53,10 @@ class BuiltinTraining:
 
     def configure(self, client_id: str, cfg: m.TrainConfig, device: torch.device) -> None:
         """Load the data (once), check that it fits the federation's model, hold out cfg.eval_fraction of it."""
+        if not cfg.model.name:
+            raise DataError("the federation has no model class (its server federates a weights file as it is), "
+                            "so the built-in training has nothing to build; train with your own code: --app "
+                            "MODULE:FUNCTION")
         if is_custom(cfg.model.name) and cfg.model.name not in self.allowed_models:
             raise DataError(f"the server asks this client to build the model class {cfg.model.name!r}; importing "
                             f"it runs its code, so start fl-client with --allow-model {cfg.model.name} if you "

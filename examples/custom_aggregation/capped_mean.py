@@ -46,6 +46,8 @@ class CappedWeightMean:
         self.total_weight += weight
 
     def finish(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.total_weight == 0:
+            raise ValueError("no updates to aggregate")  # the round drives finish only after a fold
         new_state = {}
         for name, current in global_state.items():
             if current.is_floating_point():

@@ -20,6 +20,8 @@ below runs them on tests/custom_rules.py.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -35,6 +37,8 @@ from fl_server.aggregation import (
     add,
     make_aggregator,
 )
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 _GLOBAL = {"w": torch.tensor([[1.0, -2.0], [0.5, 4.0]]), "b": torch.tensor([0.25, -0.75], dtype=torch.float64),
           "steps": torch.tensor(40, dtype=torch.int64),
@@ -295,3 +299,29 @@ def test_a_users_rule_clips_what_one_client_can_do():
     new = agg.finish(fresh_global())
     step = torch.cat([(new["w"] - GLOBAL["w"]).flatten(), (new["b"] - GLOBAL["b"]).flatten().float()])
     assert float(step.norm()) == pytest.approx(5.0, rel=1e-4)  # half of 10: the mean with a zero update
+
+
+@pytest.mark.parametrize("kind", ["fedavg", "fedavgm"])
+class TestCappedWeightMeanExample(AggregatorContract):
+    """examples/custom_aggregation/capped_mean.py, the rule a user's project names, imported from its own
+    folder as fl-server run there imports it."""
+
+    integers = "keep"
+
+    @pytest.fixture(autouse=True)
+    def _kind(self, kind, monkeypatch):
+        self.optimizer = kind
+        monkeypatch.syspath_prepend(str(EXAMPLES / "custom_aggregation"))
+
+    def make(self, specs, capacity):
+        return make_aggregator(specs, "capped_mean:CappedWeightMean", capacity, ServerOptimizer(self.optimizer))
+
+
+def test_the_examples_rule_caps_what_one_client_can_claim(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES / "custom_aggregation"))
+    agg = make_aggregator(specs_of(GLOBAL), "capped_mean:CappedWeightMean", 2)
+    agg.begin_round()
+    add(agg, update(3.0), 10**9)  # claims a billion samples: weighs CAP (1000)
+    add(agg, update(1.0), 1000)
+    new = agg.finish(fresh_global())
+    assert torch.allclose(new["w"] - GLOBAL["w"], update(2.0)["w"])  # the plain mean of the two
