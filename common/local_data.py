@@ -35,25 +35,36 @@ LAYOUTS = ("a shard written by fl-partition (PATH/shard.npz and PATH/meta.json),
 def load_client_data(path: str | Path, cfg: TrainConfig) -> ArrayData:
     """The client's samples, labelled as the federation's config says; the kind of data is told by what
     PATH holds, in this order: shard.npz, a .csv table, class folders."""
+    kind, where = data_layout(path)
+    if kind == "shard":
+        return read_shard(where)
+    if kind == "table":
+        return read_table(where, cfg)
+    return read_pictures(where, cfg)
+
+
+def data_layout(path: str | Path) -> tuple[str, Path]:
+    """("shard" | "table" | "pictures", the file or folder to read): what fl-client checks when it starts,
+    before the federation's config (which says how to read it) is known; DataError for anything else."""
     path = Path(path)
     if path.is_file() and path.suffix.lower() == ".csv":
-        return read_table(path, cfg)
+        return "table", path
     if not path.exists():
         raise DataError(f"data {path} does not exist; give --data {LAYOUTS}")
     if not path.is_dir():
         raise DataError(f"data {path} is neither a folder nor a .csv file; give --data {LAYOUTS}")
     if (path / SHARD_ARRAYS).is_file():
-        return read_shard(path)
+        return "shard", path
     tables = sorted(p for p in path.iterdir()
                     if p.is_file() and p.suffix.lower() == ".csv" and not p.name.startswith("."))
     if len(tables) > 1:
         raise DataError(f"data folder {path} holds {len(tables)} CSV tables ({', '.join(p.name for p in tables)}); "
                         "keep one there, or give --data the .csv file to read")
     if tables:
-        return read_table(tables[0], cfg)
+        return "table", tables[0]
     if class_folders(path):
-        return read_pictures(path, cfg)
-    raise DataError(f"data folder {path} holds none of the layouts fl-client reads: {LAYOUTS}")
+        return "pictures", path
+    raise DataError(f"data folder {path} holds no shard, CSV table or class folders; give --data {LAYOUTS}")
 
 
 def _class_names(cfg: TrainConfig) -> tuple[str, ...]:

@@ -8,9 +8,15 @@
             ...                                             # train as before
             task.submit(model, num_samples=len(dataset))
 """
-from fl_client.api import Federation, connect
-from fl_client.connection import RequestRefusedError, ServerUnreachableError
-from fl_client.task import Evaluation, Result, Task, TaskError
+import os
+
+# gRPC's C core logs failures such as a refused TLS handshake on stderr itself, beside the one-line error
+# fl-client (or the user's script) gets about them. Read when grpc loads, which importing this package does.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+from fl_client.api import Federation, connect  # noqa: E402
+from fl_client.connection import RequestRefusedError, ServerUnreachableError  # noqa: E402
+from fl_client.task import Evaluation, Result, Task, TaskError  # noqa: E402
 
 __all__ = ["Evaluation", "Federation", "RequestRefusedError", "Result", "ServerUnreachableError", "Task",
            "TaskError", "connect"]

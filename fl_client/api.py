@@ -58,7 +58,7 @@ def connect(server: str, client_id: str, *, tls_ca: str | None = None, tls_cert:
     client trains on, if known before the first round (the server shows it; each update says it again).
     ValueError, in one sentence, for options that do not fit together or files that cannot be read."""
     plaintext = tls.wants_plaintext(insecure, any((tls_ca, tls_cert, tls_key)), tls_ca is not None,
-                                    "no TLS: pass tls_ca (the federation's ca.pem, from fl-certs)")
+                                    "no TLS: pass the federation's ca.pem from fl-certs (--tls-ca, or tls_ca=)")
     credentials = None if plaintext or tls_ca is None else tls.channel_credentials(tls_ca, tls_cert, tls_key)
     if token_file is not None:
         token = tokens.read_secret(token_file)
@@ -222,8 +222,8 @@ class Federation:
         if task.should_stop():
             return  # the round is over for this client: nothing to report
         request = self._join_request(task.round, why)
-        for _ in range(2):
-            if self.connection.heartbeat(request, timeout=10.0) is not None:
+        for _ in range(2):  # short: the client may be on its way out (SIGTERM)
+            if self.connection.heartbeat(request, timeout=3.0) is not None:
                 return
         log.warning("round %d: could not tell the server that this round failed", task.round)
 
@@ -259,3 +259,7 @@ class Federation:
                 log.debug("where it failed:\n%s", "".join(traceback.format_exception(e)))
                 self._report_failure(task, why)
                 task.result = m.SubmitResult(accepted=False, message=why)
+            except BaseException as e:  # Ctrl-C, or SIGTERM (fl-client's Terminated): the client is leaving
+                self._report_failure(task, f"the client stopped ({type(e).__name__})")
+                task.result = m.SubmitResult(accepted=False, message="the client stopped")
+                raise

