@@ -24,6 +24,14 @@ def masked_length(specs: list[TensorSpec]) -> int:
     return sum(s.numel for s in float_specs(specs))
 
 
+def default_threshold(clients_per_round: int, neighbours: int) -> int:
+    """secagg_threshold 0: a majority of each client's neighbourhood (the server resolves it once, from
+    clients_per_round, and sends clients the number). Fewer colluding clients cannot rebuild a secret,
+    and a round survives the loss of the rest."""
+    degree = clients_per_round - 1 if neighbours == 0 else min(neighbours, clients_per_round - 1)
+    return max(2, degree // 2 + 1)
+
+
 def round_params(cfg: TrainConfig, length: int, round_: int) -> secagg.SecAggParams:
     """The round's parameters; the neighbour graph's seed comes from the config's seed and the round."""
     seed = int.from_bytes(hashlib.sha256(f"{cfg.seed}:{round_}".encode()).digest()[:8], "little")

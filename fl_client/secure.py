@@ -15,8 +15,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from common import messages as m
 from common import codecs, secagg, tensors
+from common import messages as m
 from common.secure_rounds import flatten_floats, masked_length, round_params
 from fl_client.round import PreparedUpdate
 from fl_client.task import Result, State, Task, TaskError, check_metrics, state_of
@@ -34,16 +34,37 @@ class SecureRound:
         self.client_id, self.round, self.step = client_id, round_, step
         self.params = round_params(cfg, masked_length(tensors.specs_of(global_state)), round_)
         self.session = secagg.ClientSession(client_id, self.params)
-        self.received: dict[str, bytes] = {}
+        self.received: dict[str, bytes] = {}  # the shares this client's neighbours sent it
+        self._advertisement: m.SecAggRequest | None = None
+        self._shares: m.SecAggRequest | None = None
 
     def exchange_keys(self) -> None:
         """Stages 1 and 2: advertise this client's public keys, then send its secrets' shares."""
-        roster = self.step(m.SecAggRequest(self.client_id, self.round, m.SecAggStage.ADVERTISE_KEYS,
-                                           {self.client_id: self.session.advertise()})).entries
-        shares = self.session.share_keys(roster)
-        self.received = self.step(m.SecAggRequest(self.client_id, self.round, m.SecAggStage.SHARE_KEYS,
-                                                  shares)).entries
+        roster = self.step(self.advertisement()).entries
+        self.received = self.step(self.shares(roster)).entries
         log.info("round %d: secure aggregation: keys exchanged with %d neighbours", self.round, len(self.received))
+
+    def advertisement(self) -> m.SecAggRequest:
+        """Stage 1's request (the same one again until the server answers with the roster)."""
+        if self._advertisement is None:
+            self._advertisement = m.SecAggRequest(self.client_id, self.round, m.SecAggStage.ADVERTISE_KEYS,
+                                                  {self.client_id: self.session.advertise()})
+        return self._advertisement
+
+    def shares(self, roster: dict[str, bytes]) -> m.SecAggRequest:
+        """Stage 2's request, for the roster stage 1 answered with (made once: the shares are random)."""
+        if self._shares is None:
+            self._shares = m.SecAggRequest(self.client_id, self.round, m.SecAggStage.SHARE_KEYS,
+                                           self.session.share_keys(roster))
+        return self._shares
+
+    def revelation(self, lists: m.SecAggReply) -> m.SecAggRequest:
+        """Stage 4's request, for the survivors and dropped clients the UNMASK stage answered with."""
+        return m.SecAggRequest(self.client_id, self.round, m.SecAggStage.REVEAL,
+                               self.session.reveal(lists.survivors, lists.dropped))
+
+    def unmask_request(self) -> m.SecAggRequest:
+        return m.SecAggRequest(self.client_id, self.round, m.SecAggStage.UNMASK)
 
     def prepare(self, global_state: State, task: Task, result: Result) -> PreparedUpdate:
         """Stage 3: the masked update for `result`."""
@@ -67,9 +88,8 @@ class SecureRound:
 
     def reveal(self) -> None:
         """Stage 4: the shares that remove the masks which do not cancel."""
-        lists = self.step(m.SecAggRequest(self.client_id, self.round, m.SecAggStage.UNMASK))
-        shares = self.session.reveal(lists.survivors, lists.dropped)
-        self.step(m.SecAggRequest(self.client_id, self.round, m.SecAggStage.REVEAL, shares))
+        lists = self.step(self.unmask_request())
+        self.step(self.revelation(lists))
         log.info("round %d: secure aggregation: shares revealed (%d survivors, %d dropped)", self.round,
                  len(lists.survivors), len(lists.dropped))
 

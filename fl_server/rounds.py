@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
+from common.secagg import SecAggError
 
 from common import codecs, tensors
 from common.logs import safe
@@ -31,7 +32,6 @@ from common.messages import (
     TrainConfig,
     UpdateHeader,
 )
-from common.secagg import SecAggError
 from fl_server.aggregation import Aggregator, FedAvg
 from fl_server.aggregation.secure import SecureSum
 from fl_server.errors import NotSelectedError, StaleRoundError, UnknownClientError, UploadStalledError, check_protocol
@@ -364,13 +364,25 @@ class RoundState:
             if self.secure is not None and not self.stopping:
                 self._reveal(r)
 
-    def _reveal(self, r: OpenRound) -> None:
-        """A secure round's last stage: the survivors reveal the shares that remove the masks left."""
+    def begin_unmasking(self) -> None:
+        """A secure round's uploads are over: tell the survivors to reveal their shares (wait_until_complete
+        does this itself; a simulation in one thread calls it, then close_round)."""
+        with self._cond:
+            r = self._round
+            assert r is not None and self.secure is not None, "no secure round is open"
+            self._begin_reveal(r)
+
+    def _begin_reveal(self, r: OpenRound) -> None:
         assert self.secure is not None
         while r.folding:  # every counted masked update is in the sum before anyone is told it survived
             self._cond.wait()
         self.secure.begin_reveal(r)
         self._cond.notify_all()
+
+    def _reveal(self, r: OpenRound) -> None:
+        """A secure round's last stage: the survivors reveal the shares that remove the masks left."""
+        assert self.secure is not None
+        self._begin_reveal(r)
         while not self.stopping and not self.secure.reveal_done(r):
             self._give_up_on_silent(r)
             self._cond.wait(min(max(self.secure.deadline - self.clock(), 0.0) + 0.05, self.rules.heartbeat_seconds))
