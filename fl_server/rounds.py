@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
-from common.secagg import SecAggError
 
 from common import codecs, tensors
 from common.logs import safe
@@ -32,6 +31,7 @@ from common.messages import (
     TrainConfig,
     UpdateHeader,
 )
+from common.secagg import SecAggError
 from fl_server.aggregation import Aggregator, FedAvg
 from fl_server.aggregation.secure import SecureSum
 from fl_server.errors import NotSelectedError, StaleRoundError, UnknownClientError, UploadStalledError, check_protocol
@@ -383,8 +383,15 @@ class RoundState:
         """A secure round's last stage: the survivors reveal the shares that remove the masks left."""
         assert self.secure is not None
         self._begin_reveal(r)
+        started = self.clock()
         while not self.stopping and not self.secure.reveal_done(r):
-            self._give_up_on_silent(r)
+            # A survivor that vanished after its upload is not waited for until the stage's deadline: a live
+            # one answers the moment it is asked (it is long-polling for the lists, or asks within a call).
+            for c in self.secure.waiting_for(r):
+                silent_for = self.members.silent_for(c, started)
+                if silent_for > self.members.silence_limit:
+                    r.silent[c] = f"silent for {silent_for:.1f} s while the round was unmasked"
+                    log.warning("round %d: client %s %s; unmasking without it", r.number, safe(c), r.silent[c])
             self._cond.wait(min(max(self.secure.deadline - self.clock(), 0.0) + 0.05, self.rules.heartbeat_seconds))
 
     def _give_up_on_silent(self, r: OpenRound) -> None:
