@@ -64,8 +64,8 @@ def run_round(state: RoundState, updates: dict[str, tuple[dict[str, torch.Tensor
     sent = {}
     for c in sorted(upload):
         local, weight = updates[c]
-        task = Task(client_id=c, round=round_, config=state.train_config, global_state=start, device=torch.device("cpu"),
-                    seed=seed_for(state.train_config, c, round_))
+        task = Task(client_id=c, round=round_, config=state.train_config, global_state=start,
+                    device=torch.device("cpu"), seed=seed_for(state.train_config, c, round_))
         update = rounds[c].prepare(start, task, Result(local, weight))
         sent[c] = update
         assert state.submit(update.header(state.model_version), update.payload.chunks()).accepted
