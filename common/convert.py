@@ -219,6 +219,7 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Federation"].full_name
 JOIN_ROUND = f"/{SERVICE}/JoinRound"
 GET_GLOBAL_MODEL = f"/{SERVICE}/GetGlobalModel"
 SUBMIT_UPDATE = f"/{SERVICE}/SubmitUpdate"
+SECURE_AGGREGATION = f"/{SERVICE}/SecureAggregation"
 # SubmitUpdate's admission: the server sends its initial metadata once it has a receive buffer for the
 # update, and the client holds its data chunks back until then, so that uploads waiting their turn sit
 # in neither side's gRPC buffers. (Initial metadata is the one thing a server can send mid-way through a
@@ -299,3 +300,41 @@ def submit_result_to_proto(r: m.SubmitResult) -> pb.SubmitReply:
 
 def submit_result_from_proto(msg: pb.SubmitReply) -> m.SubmitResult:
     return m.SubmitResult(accepted=msg.accepted, duplicate=msg.duplicate, message=msg.message)
+
+
+# --- SecureAggregation -------------------------------------------------------------------------------
+
+MAX_SECAGG_ENTRIES = 100_000  # a roster of every client of a round, at most
+MAX_SECAGG_ENTRY_BYTES = 4_096  # a client's keys, or its encrypted shares for one neighbour
+
+
+def secagg_request_to_proto(req: m.SecAggRequest) -> pb.SecAggRequest:
+    return pb.SecAggRequest(protocol_version=req.protocol_version, client_id=req.client_id, round=req.round,
+                            stage=req.stage.value, entries=req.entries)
+
+
+def secagg_request_from_raw(message: bytes) -> m.SecAggRequest:
+    msg = _parse(message, pb.SecAggRequest, "SecureAggregation request")
+    _require(msg.stage in {s.value for s in m.SecAggStage}, f"unknown secure-aggregation stage {msg.stage}")
+    return m.SecAggRequest(client_id=_client_id(msg.client_id), round=msg.round, stage=m.SecAggStage(msg.stage),
+                           entries=_entries(msg.entries), protocol_version=msg.protocol_version)
+
+
+def secagg_reply_to_proto(r: m.SecAggReply) -> pb.SecAggReply:
+    return pb.SecAggReply(ready=r.ready, entries=r.entries, survivors=r.survivors, dropped=r.dropped,
+                          message=r.message)
+
+
+def secagg_reply_from_proto(msg: pb.SecAggReply) -> m.SecAggReply:
+    return m.SecAggReply(ready=msg.ready, entries=_entries(msg.entries), survivors=tuple(msg.survivors),
+                         dropped=tuple(msg.dropped), message=msg.message)
+
+
+def _entries(entries: Any) -> dict[str, bytes]:
+    _require(len(entries) <= MAX_SECAGG_ENTRIES, f"more than {MAX_SECAGG_ENTRIES} secure-aggregation entries")
+    out = {}
+    for key, value in entries.items():
+        _require(0 < len(key) <= MAX_CLIENT_ID_LENGTH and len(value) <= MAX_SECAGG_ENTRY_BYTES,
+                 "a secure-aggregation entry has an empty or over-long key, or too many bytes")
+        out[key] = bytes(value)
+    return out

@@ -111,6 +111,25 @@ class ClientHyperparameters:
         check=Rule(lambda v: v.strip() != "", "must name a column"), defines_run=True)
     seed: int = setting(0, "base seed: sampling, data split, initial model; client i uses seed + i",
                         check=at_least(0, "must be 0 or more"), defines_run=True)
+    secure_aggregation: bool = setting(False, (
+        "secure aggregation (SecAgg+, docs/security.md): clients mask their updates with pairwise masks that "
+        "cancel in the sum, so the server learns each round's weighted mean and never one client's update. "
+        "Needs aggregator fedavg, compression none and no dp_noise_multiplier"), defines_run=True)
+    secagg_threshold: int = setting(0, (
+        "secure aggregation: shares that reconstruct a client's secret, and the fewest clients whose updates "
+        "a round unmasks (below it the round is re-run); 0 = a majority of each client's neighbourhood"),
+        check=at_least(0, "must be 0 (automatic) or more"), defines_run=True)
+    secagg_neighbours: int = setting(0, (
+        "secure aggregation: each client's neighbours in SecAgg+'s sparse graph, with whom it shares masks "
+        "and secrets (cost grows as n * neighbours); 0 = every other client of the round (plain SecAgg)"),
+        check=at_least(0, "must be 0 (all) or more"), defines_run=True)
+    secagg_clip: float = setting(8.0, (
+        "secure aggregation: each value of an update (local - global) is clipped to [-clip, clip] before it "
+        "is encoded in fixed point"), check=positive(), defines_run=True)
+    secagg_scale_bits: int = setting(16, (
+        "secure aggregation: fixed point with 2**bits steps per unit; the mean's error is at most "
+        "2**-(bits+1) per value"), check=Rule(lambda v: 8 <= v <= 24, "must be between 8 and 24"),
+        defines_run=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,6 +193,31 @@ class UpdateHeader:
     payload: PayloadHeader
     metrics: dict[str, float] = field(default_factory=dict)
     protocol_version: int = PROTOCOL_VERSION
+
+
+class SecAggStage(enum.Enum):
+    ADVERTISE_KEYS = 1
+    SHARE_KEYS = 2
+    UNMASK = 3
+    REVEAL = 4
+
+
+@dataclass(frozen=True)
+class SecAggRequest:
+    client_id: str
+    round: int
+    stage: SecAggStage
+    entries: dict[str, bytes] = field(default_factory=dict)
+    protocol_version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class SecAggReply:
+    ready: bool
+    entries: dict[str, bytes] = field(default_factory=dict)
+    survivors: tuple[str, ...] = ()
+    dropped: tuple[str, ...] = ()
+    message: str = ""
 
 
 @dataclass(frozen=True)

@@ -105,9 +105,21 @@ def check_type(key: str, value: Any, kind: type) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise SettingError(f"config key {key!r}: expected a number, got {value!r}")
         return float(value)
+    if kind is bool and not isinstance(value, bool):
+        raise SettingError(f"config key {key!r}: expected true or false, got {value!r}")
     if kind is str and not isinstance(value, str):
         raise SettingError(f"config key {key!r}: expected a string, got {value!r}")
     return value
+
+
+def parse_bool(text: str) -> bool:
+    """A flag's true or false (argparse's type=bool would take "false" for True)."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "yes", "on", "1"):
+        return True
+    if lowered in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
 
 
 def check_value(name: str, value: Any, check: Check | None) -> None:

@@ -34,6 +34,7 @@ from common.datasets import DataError
 from common.training import TrainingStopped, select_device
 from fl_client.connection import RequestRefusedError, ServerConnection
 from fl_client.round import ClientRound, seed_for
+from fl_client.secure import SecureRound
 from fl_client.task import EvaluateFn, Result, State, Task, TaskError, TrainFn, run_app
 
 log = logging.getLogger("fl_client")
@@ -172,13 +173,25 @@ class Federation:
             # user's code may change the task's.
             global_state = {name: t.clone() for name, t in fetched.items()}
             heartbeat = Heartbeat(self.connection, self._join_request(decision.round), decision.heartbeat_seconds)
+            heartbeat.start()
+            secure = None
+            if decision.config.secure_aggregation:
+                secure = SecureRound(self.client_id, decision.config, decision.round, global_state,
+                                     self.connection.secure_step)
+                try:
+                    secure.exchange_keys()
+                except RequestRefusedError as e:
+                    heartbeat.stop()
+                    if e.code not in RESYNC:
+                        raise
+                    log.warning("round %d: secure key exchange ended (%s); joining again", decision.round, e.details)
+                    continue
             task = Task(client_id=self.client_id, round=decision.round, config=decision.config,
                         global_state={name: t.clone() for name, t in global_state.items()}, device=self.device,
                         seed=seed_for(decision.config, self.client_id, decision.round), data_dir=self.data_dir,
                         _should_stop=heartbeat.round_over.is_set,
                         _submit=functools.partial(self._submit, global_state=global_state,
-                                                  model_version=header.model_version))
-            heartbeat.start()
+                                                  model_version=header.model_version, secure=secure))
             try:
                 yield task
             finally:
@@ -188,13 +201,17 @@ class Federation:
                     # now, so that the round does not wait for this client until its deadline.
                     self._report_failure(task, "the client's code did not submit the round")
 
-    def _submit(self, task: Task, result: Result, global_state: State, model_version: int) -> m.SubmitResult:
+    def _submit(self, task: Task, result: Result, global_state: State, model_version: int,
+                secure: SecureRound | None = None) -> m.SubmitResult:
         if task.should_stop():
             log.info("round %d: over before the update was sent; not sending it", task.round)
             return m.SubmitResult(accepted=False, message="the round was over before the update was sent")
-        update = self.client.prepare(global_state, task, result)
+        update = (secure.prepare(global_state, task, result) if secure is not None else
+                  self.client.prepare(global_state, task, result))
         try:
             reply = self.connection.submit(update.header(model_version), update.payload)
+            if secure is not None and reply.accepted:
+                secure.reveal()  # the round's masks come off only with the survivors' shares
         except RequestRefusedError as e:
             if e.code in RESYNC:
                 log.warning("round %d: update not taken (%s); joining again", task.round, e.details)
@@ -209,9 +226,9 @@ class Federation:
             raise
         if reply.accepted:
             self.client.commit(update)
-        self.num_samples = update.num_samples
+        self.num_samples = result.num_samples
         self.rounds_trained += 1
-        log.info("round %d: sent an update of %d samples (%s); server: %s", task.round, update.num_samples,
+        log.info("round %d: sent an update of %d samples (%s); server: %s", task.round, result.num_samples,
                  ", ".join(f"{k} {v:.4g}" for k, v in sorted(update.metrics.items())) or "no metrics",
                  reply.message)
         return reply

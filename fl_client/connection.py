@@ -104,6 +104,9 @@ class ServerConnection:
             response_deserializer=convert.raw)
         self._submit_update = self.channel.stream_unary(
             convert.SUBMIT_UPDATE, request_serializer=convert.raw, response_deserializer=pb.SubmitReply.FromString)
+        self._secure_aggregation = self.channel.unary_unary(
+            convert.SECURE_AGGREGATION, request_serializer=pb.SecAggRequest.SerializeToString,
+            response_deserializer=pb.SecAggReply.FromString)
         # The global model is received into the same buffer every round (fresh memory costs page faults);
         # the tensors fetch_model returns share it and are valid until the next fetch.
         self._model_buffer: bytearray | None = None
@@ -191,3 +194,12 @@ class ServerConnection:
             return call.result()
 
         return convert.submit_result_from_proto(self._call("SubmitUpdate", attempt))
+
+    def secure_step(self, req: m.SecAggRequest) -> m.SecAggReply:
+        """One stage of a secure round: the server's answer once the stage is complete (it holds each
+        call up to its long-poll, and is asked again until then)."""
+        while True:
+            reply = convert.secagg_reply_from_proto(self._call("SecureAggregation", lambda: self._secure_aggregation(
+                convert.secagg_request_to_proto(req), timeout=JOIN_DEADLINE, metadata=self._metadata)))
+            if reply.ready:
+                return reply

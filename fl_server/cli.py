@@ -23,6 +23,7 @@ from common.training import select_device
 from fl_server import config as config_module
 from fl_server import model_source
 from fl_server.aggregation import ServerOptimizer, make_aggregator
+from fl_server.aggregation.secure import SecureSum
 from fl_server.checkpoint import CheckpointError, RunFolder
 from fl_server.config import ConfigError, config_hash
 from fl_server.coordinator import Coordinator
@@ -147,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     def round_state(global_state: dict, model_version: int = 0) -> RoundState:
         optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_lr, cfg.server_momentum, cfg.server_beta1,
                                     cfg.server_beta2, cfg.server_tau)
-        aggregator = make_aggregator(tensors.specs_of(global_state), cfg.aggregator, cfg.clients_per_round,
-                                     optimizer, cfg.dp_noise_multiplier, cfg.dp_clip)
+        specs = tensors.specs_of(global_state)
+        aggregator = (SecureSum(specs, optimizer) if cfg.secure_aggregation else
+                      make_aggregator(specs, cfg.aggregator, cfg.clients_per_round, optimizer,
+                                      cfg.dp_noise_multiplier, cfg.dp_clip))
         rules = RoundRules(clients_per_round=cfg.clients_per_round, min_clients=cfg.effective_min_clients,
                            min_fit=cfg.effective_min_fit, round_timeout=cfg.round_timeout,
                            heartbeat_seconds=cfg.heartbeat_seconds)
@@ -158,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             max_concurrent_uploads=cfg.max_uploads, upload_progress_timeout=cfg.upload_progress_timeout,
             metrics=MetricLimits(cfg.max_metrics, cfg.max_metric_name_length, cfg.max_metric_value),
             registry=RegistryLimits(max_clients=cfg.max_clients if open_mode else 0,
-                                    forget_after=cfg.forget_clients_after))
+                                    forget_after=cfg.forget_clients_after),
+            secagg_stage_timeout=cfg.secagg_stage_timeout)
         return RoundState(global_state=global_state, train_config=cfg.train_config(spec), rules=rules,
                           aggregator=aggregator, selector=RandomSelector(cfg.seed), model_version=model_version,
                           limits=limits)

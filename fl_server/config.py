@@ -24,6 +24,7 @@ import tomllib
 from common.datasets import NO_DATASET
 from common.messages import ClientHyperparameters, ModelSpec, TrainConfig, class_names
 from common.models import TORCHVISION, check_model_name
+from common.secure_rounds import default_threshold
 from common.settings import (
     Declared,
     Parsed,
@@ -34,6 +35,7 @@ from common.settings import (
     check_value,
     declared,
     one_of,
+    parse_bool,
     positive,
     setting,
 )
@@ -53,7 +55,9 @@ _FUNCTION = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # package.module:func
 _IMAGE_CLASSIFIERS = ("cnn", "resnet18")
 # Settings added after checkpoints held the resume hash: they enter it only when set, so that a checkpoint
 # of an older version resumes under the same settings.
-_HASHED_WHEN_SET = frozenset({"input_shape", "num_classes", "initial_weights", "classes", "label_column"})
+_HASHED_WHEN_SET = frozenset({"input_shape", "num_classes", "initial_weights", "classes", "label_column",
+                              "secure_aggregation", "secagg_threshold", "secagg_neighbours", "secagg_clip",
+                              "secagg_scale_bits"})
 
 
 def _model_name(name: str) -> None:
@@ -139,6 +143,9 @@ class Config(ClientHyperparameters):
     dp_clip: float = setting(1.0, "with DP: each update's L2 norm is clipped to this before it is summed",
                              defines_run=True)
     dp_delta: float = setting(1e-5, "with DP: the delta at which epsilon is reported", defines_run=True)
+    secagg_stage_timeout: float = setting(30.0, (
+        "secure aggregation: seconds each stage (key advertisement, share exchange, unmasking) waits for the "
+        "round's clients; those missing then are dropped from the round"), check=positive(), defines_run=False)
     # The service.
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 or [::] for every interface)",
                         defines_run=False)
@@ -229,6 +236,8 @@ class Config(ClientHyperparameters):
         for d in declared(ClientHyperparameters):
             value = getattr(self, d.name)
             values[d.name] = value if d.setting.canonical is None else d.setting.canonical(value)
+        if self.secure_aggregation and not self.secagg_threshold:
+            values["secagg_threshold"] = default_threshold(self.clients_per_round, self.secagg_neighbours)
         return TrainConfig(model=spec, **values)
 
 
@@ -282,6 +291,13 @@ def validate(cfg: Config) -> None:
     if cfg.classes and cfg.num_classes:
         need(len(class_names(cfg.classes)) == cfg.num_classes, "num_classes",
              f"must be the number of names in `classes` ({len(class_names(cfg.classes))}), or 0 to take it from them")
+    if cfg.secure_aggregation:
+        need(cfg.aggregator == "fedavg", "aggregator", "must be fedavg with secure_aggregation: the server sees "
+             "only the sum of the updates, and the robust rules (and your own) need each update")
+        need(cfg.compression == "none", "compression", "must be none with secure_aggregation: updates are "
+             "encoded in fixed point and summed masked, which int8, float16 or top-k encodings cannot be")
+        need(cfg.dp_noise_multiplier == 0, "dp_noise_multiplier", "must be 0 with secure_aggregation: the "
+             "server cannot clip updates it never sees")
     need(cfg.effective_min_fit <= cfg.clients_per_round, "min_fit",
          f"cannot exceed clients_per_round ({cfg.clients_per_round})")
     need(cfg.effective_min_fit <= cfg.effective_min_clients, "min_fit",
@@ -348,7 +364,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config field (`--clients-per-round`, ...), each defaulting to "not given"."""
     parser.add_argument("--config", metavar="FILE", help="TOML or JSON config file (the seed's conf.json works)")
     for d in SETTINGS.values():
-        parser.add_argument("--" + d.name.replace("_", "-"), dest=d.name, type=d.type, default=None,
+        parser.add_argument("--" + d.name.replace("_", "-"), dest=d.name, default=None,
+                            type=parse_bool if d.type is bool else d.type,
                             help=f"{d.setting.help} (default: {d.default})")
 
 

@@ -25,6 +25,7 @@ class ServerLimits:
     upload_progress_timeout: float = UPLOAD_PROGRESS_TIMEOUT  # seconds an admitted upload may send nothing
     metrics: MetricLimits = field(default_factory=MetricLimits)  # what an update's metrics may be
     registry: RegistryLimits = field(default_factory=RegistryLimits)  # clients kept track of, and how long
+    secagg_stage_timeout: float = 30.0  # seconds a secure round's stage waits for its clients
 
 
 @dataclass

@@ -20,12 +20,25 @@ import torch
 
 from common import codecs, tensors
 from common.logs import safe
-from common.messages import Action, JoinDecision, JoinRequest, ModelRequest, SubmitResult, TrainConfig, UpdateHeader
+from common.messages import (
+    Action,
+    JoinDecision,
+    JoinRequest,
+    ModelRequest,
+    SecAggReply,
+    SecAggRequest,
+    SubmitResult,
+    TrainConfig,
+    UpdateHeader,
+)
+from common.secagg import SecAggError
 from fl_server.aggregation import Aggregator, FedAvg
-from fl_server.errors import StaleRoundError, UnknownClientError, UploadStalledError, check_protocol
+from fl_server.aggregation.secure import SecureSum
+from fl_server.errors import NotSelectedError, StaleRoundError, UnknownClientError, UploadStalledError, check_protocol
 from fl_server.membership import ClientSelector, Membership, RandomSelector
 from fl_server.publication import ModelPublisher, ModelSnapshot
 from fl_server.round_types import OpenRound, RoundOutcome, RoundRules, ServerLimits
+from fl_server.secure import Phase, SecureStages
 from fl_server.uploads import CheckedUpdate, UploadReceiver
 
 log = logging.getLogger("fl_server.rounds")
@@ -50,9 +63,18 @@ class RoundState:
         self._round: OpenRound | None = None
         self._global = {name: t.detach().cpu().clone() for name, t in global_state.items()}
         specs = tensors.specs_of(self._global)
-        self.aggregator = aggregator or FedAvg(specs)
+        self.aggregator = aggregator or (SecureSum(specs) if train_config.secure_aggregation else FedAvg(specs))
+        # Secure aggregation's stages around each round's upload (fl_server/secure.py).
+        self.secure: SecureStages | None = None
+        if train_config.secure_aggregation:
+            if not isinstance(self.aggregator, SecureSum):
+                raise ValueError("secure aggregation needs the SecureSum aggregator")
+            self.secure = SecureStages(train_config, self.aggregator, limits.secagg_stage_timeout, clock)
         self.publisher = ModelPublisher(self._global, model_version)
-        self.uploads = UploadReceiver(specs, codecs.parse(train_config.compression), self.aggregator.check,
+        # What an update must be is the aggregator's to say: the model's tensors, or a secure round's one
+        # masked vector.
+        self.uploads = UploadReceiver(self.aggregator.specs, codecs.parse(train_config.compression),
+                                      self.aggregator.check,
                                       limits.max_concurrent_uploads, clock, limits.upload_progress_timeout)
         self.uploads.metric_limits = limits.metrics
         # An accepted update is folded into the sum on this thread, after its client has the answer: the
@@ -293,9 +315,31 @@ class RoundState:
             self._round = OpenRound(number=self.model_version + 1, selected=selected,
                                      deadline=now + self.rules.round_timeout, started=now, opened_at=time.time(),
                                      population=len(present))
+            if self.secure is not None:
+                self.secure.open(self._round)
             log.info("round %d started with %s", self._round.number, ", ".join(map(safe, selected)))
             self._cond.notify_all()
             return selected
+
+    def secure_step(self, req: SecAggRequest, timeout: float) -> SecAggReply:
+        """A client's part of a secure round's stage (fl_server/secure.py); held, like a JoinRound
+        long-poll, until the stage is complete or `timeout` (then ready is False: call again)."""
+        check_protocol(req.protocol_version)
+        deadline = self.clock() + timeout
+        with self._cond:
+            if self.secure is None:
+                raise NotSelectedError("this server does not run secure aggregation")
+            r = self._round
+            if r is None or r.number != req.round:
+                raise StaleRoundError(f"round {req.round} is not open; join again")
+            self.members.touch(req.client_id)
+            while True:
+                reply = self.secure.handle(r, req)
+                self._cond.notify_all()  # a stage may have completed: its waiters can answer now
+                remaining = deadline - self.clock()
+                if reply.ready or remaining <= 0 or self._round is not r:
+                    return reply
+                self._cond.wait(min(remaining, max(self.secure.deadline - self.clock(), 0.0) + 0.05))
 
     def wait_until_complete(self) -> None:
         """Block until every selected client has submitted or fallen silent, the deadline passes, or
@@ -310,11 +354,45 @@ class RoundState:
         with self._cond:
             while not self.stopping:
                 self._give_up_on_silent(r)
+                if self.secure is not None and self.secure.advance(r):
+                    self._cond.notify_all()
                 remaining = r.deadline - self.clock()
                 if r.settled or remaining <= 0:
                     break
                 # Submissions wake us at once; the timeout is what notices a silent client.
                 self._cond.wait(min(remaining, self.rules.heartbeat_seconds))
+            if self.secure is not None and not self.stopping:
+                self._reveal(r)
+
+    def begin_unmasking(self) -> None:
+        """A secure round's uploads are over: tell the survivors to reveal their shares (wait_until_complete
+        does this itself; a simulation in one thread calls it, then close_round)."""
+        with self._cond:
+            r = self._round
+            assert r is not None and self.secure is not None, "no secure round is open"
+            self._begin_reveal(r)
+
+    def _begin_reveal(self, r: OpenRound) -> None:
+        assert self.secure is not None
+        while r.folding:  # every counted masked update is in the sum before anyone is told it survived
+            self._cond.wait()
+        self.secure.begin_reveal(r)
+        self._cond.notify_all()
+
+    def _reveal(self, r: OpenRound) -> None:
+        """A secure round's last stage: the survivors reveal the shares that remove the masks left."""
+        assert self.secure is not None
+        self._begin_reveal(r)
+        started = self.clock()
+        while not self.stopping and not self.secure.reveal_done(r):
+            # A survivor that vanished after its upload is not waited for until the stage's deadline: a live
+            # one answers the moment it is asked (it is long-polling for the lists, or asks within a call).
+            for c in self.secure.waiting_for(r):
+                silent_for = self.members.silent_for(c, started)
+                if silent_for > self.members.silence_limit:
+                    r.silent[c] = f"silent for {silent_for:.1f} s while the round was unmasked"
+                    log.warning("round %d: client %s %s; unmasking without it", r.number, safe(c), r.silent[c])
+            self._cond.wait(min(max(self.secure.deadline - self.clock(), 0.0) + 0.05, self.rules.heartbeat_seconds))
 
     def _give_up_on_silent(self, r: OpenRound) -> None:
         for c in r.selected:
@@ -335,13 +413,25 @@ class RoundState:
             while r.folding:  # ...and those accepted are all folded in
                 self._cond.wait()
             aggregated = len(r.submitted) >= self.rules.min_fit and not self.stopping
+            unmask_failure = ""
+            if self.secure is not None and aggregated and self.secure.phase is not Phase.REVEAL:
+                aggregated, unmask_failure = False, self.secure.failure or "the secure round did not reach unmasking"
+            num_samples = sum(r.submitted.values())
             aggregate_started = time.perf_counter()
             with self._fold_lock:
                 if aggregated:
                     # The old state goes to the aggregator, which may reuse its memory from the next round
                     # on; by then its evaluation has finished (the coordinator waits for it before opening
                     # another round) and no reader is left.
-                    self._global = self.aggregator.finish(self._global)
+                    try:
+                        self._global = self.aggregator.finish(self._global)
+                        if isinstance(self.aggregator, SecureSum):
+                            # A secure round's updates say no sample count; the unmasked sum holds the total.
+                            num_samples = self.aggregator.last_total_weight
+                    except SecAggError as e:  # too few shares revealed: re-run the round, never guess
+                        aggregated, unmask_failure = False, str(e)
+                        log.warning("round %d: the masked updates could not be unmasked: %s", r.number, e)
+                        self.aggregator.discard()
                 elif r.begun:
                     self.aggregator.discard()
             if aggregated:
@@ -349,8 +439,10 @@ class RoundState:
             self._cond.notify_all()
             reasons = {c: r.silent.get(c, "stopping" if self.stopping else "no update by the round's deadline")
                        for c in r.selected if c not in r.submitted}
+            if unmask_failure:
+                reasons.update({c: f"not unmasked: {unmask_failure}" for c in r.submitted})
             return RoundOutcome(round=r.number, selected=r.selected, contributors=sorted(r.submitted),
-                                num_samples=sum(r.submitted.values()), client_metrics=r.metrics,
+                                num_samples=num_samples, client_metrics=r.metrics,
                                 seconds=self.clock() - r.started, aggregated=aggregated, drop_reasons=reasons,
                                 opened_at=r.opened_at, closed_at=time.time(), bytes_in=r.bytes_in,
                                 aggregate_seconds=time.perf_counter() - aggregate_started, population=r.population)

@@ -135,6 +135,16 @@ class FederationServicer:
             self._download_slots.release()
         self.state.count_sent(sum(map(len, stream)))  # reached only when the whole stream went out
 
+    def SecureAggregation(self, request: bytes, context: grpc.ServicerContext) -> pb.SecAggReply:
+        try:
+            req = convert.secagg_request_from_raw(request)
+            self._check_identity(context, req.client_id)
+            remaining = context.time_remaining()
+            timeout = self.long_poll if remaining is None else max(0.0, min(self.long_poll, remaining - 1.0))
+            return convert.secagg_reply_to_proto(self.state.secure_step(req, timeout))
+        except _REFUSABLE as e:
+            _abort(context, e)
+
     def _check_identity(self, context: grpc.ServicerContext, client_id: str) -> None:
         if self.check_identity:
             certified = tls.peer_common_name(context)
@@ -224,6 +234,9 @@ def _handlers(servicer: FederationServicer) -> grpc.GenericRpcHandler:
         "SubmitUpdate": grpc.stream_unary_rpc_method_handler(
             servicer.SubmitUpdate, request_deserializer=convert.raw,
             response_serializer=pb.SubmitReply.SerializeToString),
+        "SecureAggregation": grpc.unary_unary_rpc_method_handler(
+            servicer.SecureAggregation, request_deserializer=convert.raw,
+            response_serializer=pb.SecAggReply.SerializeToString),
     })
 
 

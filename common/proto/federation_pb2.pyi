@@ -7,6 +7,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class SecAggStage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SECAGG_STAGE_UNSPECIFIED: _ClassVar[SecAggStage]
+    ADVERTISE_KEYS: _ClassVar[SecAggStage]
+    SHARE_KEYS: _ClassVar[SecAggStage]
+    UNMASK: _ClassVar[SecAggStage]
+    REVEAL: _ClassVar[SecAggStage]
+
 class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ACTION_UNSPECIFIED: _ClassVar[Action]
@@ -19,6 +27,11 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENCODING_UNSPECIFIED: _ClassVar[Encoding]
     FULL_WEIGHTS: _ClassVar[Encoding]
     DIFF: _ClassVar[Encoding]
+SECAGG_STAGE_UNSPECIFIED: SecAggStage
+ADVERTISE_KEYS: SecAggStage
+SHARE_KEYS: SecAggStage
+UNMASK: SecAggStage
+REVEAL: SecAggStage
 ACTION_UNSPECIFIED: Action
 TRAIN: Action
 WAIT: Action
@@ -26,6 +39,48 @@ FINISHED: Action
 ENCODING_UNSPECIFIED: Encoding
 FULL_WEIGHTS: Encoding
 DIFF: Encoding
+
+class SecAggRequest(_message.Message):
+    __slots__ = ("protocol_version", "client_id", "round", "stage", "entries")
+    class EntriesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    client_id: str
+    round: int
+    stage: SecAggStage
+    entries: _containers.ScalarMap[str, bytes]
+    def __init__(self, protocol_version: _Optional[int] = ..., client_id: _Optional[str] = ..., round: _Optional[int] = ..., stage: _Optional[_Union[SecAggStage, str]] = ..., entries: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+
+class SecAggReply(_message.Message):
+    __slots__ = ("ready", "entries", "survivors", "dropped", "message")
+    class EntriesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    READY_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ready: bool
+    entries: _containers.ScalarMap[str, bytes]
+    survivors: _containers.RepeatedScalarFieldContainer[str]
+    dropped: _containers.RepeatedScalarFieldContainer[str]
+    message: str
+    def __init__(self, ready: _Optional[bool] = ..., entries: _Optional[_Mapping[str, bytes]] = ..., survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("protocol_version", "client_id", "num_samples", "device", "training_round", "failure")

@@ -49,6 +49,11 @@ class FederationStub:
                 request_serializer=common_dot_proto_dot_federation__pb2.UpdateChunk.SerializeToString,
                 response_deserializer=common_dot_proto_dot_federation__pb2.SubmitReply.FromString,
                 _registered_method=True)
+        self.SecureAggregation = channel.unary_unary(
+                '/fl.v1.Federation/SecureAggregation',
+                request_serializer=common_dot_proto_dot_federation__pb2.SecAggRequest.SerializeToString,
+                response_deserializer=common_dot_proto_dot_federation__pb2.SecAggReply.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -76,6 +81,15 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SecureAggregation(self, request, context):
+        """Secure aggregation's stages around a round's upload (config secure_aggregation; common/secagg.py):
+        the client sends its part of a stage and the server answers once the stage is complete, with what
+        the client needs for the next one. A long-poll like JoinRound: `ready` false means call again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +107,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.SubmitUpdate,
                     request_deserializer=common_dot_proto_dot_federation__pb2.UpdateChunk.FromString,
                     response_serializer=common_dot_proto_dot_federation__pb2.SubmitReply.SerializeToString,
+            ),
+            'SecureAggregation': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecureAggregation,
+                    request_deserializer=common_dot_proto_dot_federation__pb2.SecAggRequest.FromString,
+                    response_serializer=common_dot_proto_dot_federation__pb2.SecAggReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +195,33 @@ class Federation:
             '/fl.v1.Federation/SubmitUpdate',
             common_dot_proto_dot_federation__pb2.UpdateChunk.SerializeToString,
             common_dot_proto_dot_federation__pb2.SubmitReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecureAggregation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fl.v1.Federation/SecureAggregation',
+            common_dot_proto_dot_federation__pb2.SecAggRequest.SerializeToString,
+            common_dot_proto_dot_federation__pb2.SecAggReply.FromString,
             options,
             channel_credentials,
             insecure,
