@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from common.settings import parse_bool
 from fl_server import config
 from fl_server.config import Config, ConfigError
 
@@ -119,8 +120,10 @@ def test_every_setting_has_a_typed_flag_and_a_line_in_the_docs():
     flags = {a.dest: a for a in parser._actions}
     docs = (CONFIGS.parent / "docs" / "config.md").read_text()
     for name, d in config.SETTINGS.items():
-        assert flags[name].option_strings == ["--" + name.replace("_", "-")] and flags[name].type is d.type
-        assert d.type in (int, float, str) and d.setting.help
+        assert flags[name].option_strings == ["--" + name.replace("_", "-")]
+        # A bool's flag takes true or false (argparse's type=bool would read "false" as True).
+        assert flags[name].type is (parse_bool if d.type is bool else d.type)
+        assert d.type in (int, float, str, bool) and d.setting.help
         assert f"| `{name}` | `{d.default!r}` |" in docs
         if d.setting.alias:
             assert f"`{d.setting.alias}`" in docs
