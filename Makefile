@@ -41,7 +41,7 @@ lint: install
 	$(BIN)/mypy
 
 test: lint sysdeps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # The performance benchmark: every figure as a ratio measured in this one run, with its target
 # (bench/results.json, bench/results.md; docs/performance.md explains them). About 4 minutes.

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench import bare_grpc, loadgen
+from bench import bare_grpc, loadgen, secure
 from bench.timing import median_seconds, own_cpu, process_cpu
 from common import allocator, convert, tensors
 from common import messages as m
@@ -382,6 +382,21 @@ class Bench:
                  f"({what}: {statistics.median(times_ours):.2f} s vs {statistics.median(times_bare):.2f} s)")
 
 
+    # 9 -------------------------------------------------------------------------------------------------
+    def secure_aggregation(self) -> None:
+        """Secure aggregation's cost against plain FedAvg, over the wire (bench/secure.py): a round's period
+        and the bytes each client sends per round, with fl_client's own Federation as the clients."""
+        for clients in ((3,) if self.quick else (10, 50)):
+            plain = secure.measure(clients, False, self.workdir, rounds=3 if self.quick else 4)
+            masked = secure.measure(clients, True, self.workdir, rounds=3 if self.quick else 4)
+            self.add(9, f"secure aggregation, {clients} clients: round time / plain FedAvg's", masked[0] / plain[0],
+                     "x", "reported", None, f"({masked[0]:.2f} s against {plain[0]:.2f} s per round, mlp)")
+            self.add(9, f"secure aggregation, {clients} clients: bytes each client sends / plain FedAvg's",
+                     masked[1] / plain[1], "x", "reported", None,
+                     f"({masked[1] / 1e3:.0f} kB against {plain[1] / 1e3:.0f} kB per round: the update in int64 "
+                     "fixed point, plus keys and shares)")
+
+
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
@@ -410,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fl-bench-") as tmp:
         bench = Bench(args.quick, Path(tmp))
         for name in ("transfer", "serialization", "rounds_and_memory", "scale", "round_start", "compression",
-                     "client_training"):
+                     "client_training", "secure_aggregation"):
             if not args.only or name in args.only:
                 getattr(bench, name)()
     where = machine()
