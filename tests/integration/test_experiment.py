@@ -16,7 +16,8 @@ pytestmark = pytest.mark.integration
 def test_federated_training_on_digits_is_close_to_centralized_and_beats_single_clients():
     torch.set_num_threads(1)
     train, test = load_digits()
-    s = experiment.Settings(train, test, "cnn", rounds=20, clients=10, local_epochs=5, seed=0)
+    # The MLP: the same comparison as with the CNN (fl-experiment's default), in a sixth of the time.
+    s = experiment.Settings(train, test, "mlp", rounds=20, clients=10, local_epochs=5, seed=0)
     federated = experiment.federated("federated", s, per_round=5)
     centralized = experiment.federated("centralized", s, per_round=1, clients=1)
     single = experiment.single_clients(s)
