@@ -84,6 +84,7 @@ def parity(clients: int = 10, rounds: int = 10) -> None:
     """Secure and plain FedAvg with the same seeds, in one process (fl_tools.simulation): the test accuracy
     after every round, and the largest difference between the final models' weights."""
     from common.datasets import load_digits
+    from common.training import EvalResult
     from fl_tools import simulation
 
     train, test = load_digits()
@@ -91,8 +92,12 @@ def parity(clients: int = 10, rounds: int = 10) -> None:
     for secure in (False, True):
         accuracy: list[float] = []
         finals: list[dict[str, torch.Tensor]] = []
+
+        def record(_version: int, result: EvalResult, accuracy: list[float] = accuracy) -> None:
+            accuracy.append(result.accuracy)
+
         simulation.run(train, test, clients=clients, rounds=rounds, model="mlp", secure_aggregation=secure,
-                       on_round=lambda _v, r, a=accuracy: a.append(r.accuracy), on_final=finals.append)
+                       on_round=record, on_final=finals.append)
         runs[secure] = accuracy, finals[0]
     for secure, (accuracy, _) in runs.items():
         print(f"{'secure' if secure else 'plain '}: " + " ".join(f"{a:.4f}" for a in accuracy))
