@@ -44,9 +44,11 @@ test: lint sysdeps
 	$(BIN)/python -m pytest -q --durations=25
 
 # The performance benchmark: every figure as a ratio measured in this one run, with its target
-# (bench/results.json, bench/results.md; docs/performance.md explains them). About 4 minutes.
+# (bench/results.json, bench/results.md; docs/performance.md explains them), then the learning studies
+# (tests marked `study`, such as MNIST to 95%), which are too slow for `make test`. About 6 minutes.
 bench: install
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m pytest -q -m study
 
 # Unit tests only (no processes started): the quick loop while editing.
 test-fast: install

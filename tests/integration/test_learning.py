@@ -1,6 +1,7 @@
 """Learning on real data: the FedAvg paper's CNN on MNIST, 10 IID clients, through the server's own round
 state and aggregation and the clients' training loop (in one process: this is about learning, the
-transport is tested elsewhere)."""
+transport is tested elsewhere). A study of a minute: `make bench` runs it (pytest -m study), `make test`
+does not."""
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import pytest
 from common.datasets import load_mnist
 from fl_tools import simulation
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.study]
 SHARED_MNIST = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
 
 
