@@ -121,8 +121,9 @@ class ClientHyperparameters:
         check=at_least(0, "must be 0 (automatic) or more"), defines_run=True)
     secagg_neighbours: int = setting(0, (
         "secure aggregation: each client's neighbours in SecAgg+'s sparse graph, with whom it shares masks "
-        "and secrets (cost grows as n * neighbours); 0 = every other client of the round (plain SecAgg)"),
-        check=at_least(0, "must be 0 (all) or more"), defines_run=True)
+        "and secrets (a round costs n * neighbours); 0 = about 2 log2(clients_per_round) + 1 (every other "
+        "client in rounds of up to 10); clients_per_round - 1 or more = every other client (plain SecAgg)"),
+        check=at_least(0, "must be 0 (automatic) or more"), defines_run=True)
     secagg_clip: float = setting(8.0, (
         "secure aggregation: each value of an update (local - global) is clipped to [-clip, clip] before it "
         "is encoded in fixed point"), check=positive(), defines_run=True)

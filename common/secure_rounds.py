@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -24,11 +25,18 @@ def masked_length(specs: list[TensorSpec]) -> int:
     return sum(s.numel for s in float_specs(specs))
 
 
+def default_neighbours(clients_per_round: int) -> int:
+    """secagg_neighbours 0: SecAgg+'s sparse graph, each client with about 2 log2(n) + 1 neighbours, so that
+    a round costs n log n rather than n squared; every other client in rounds of up to 10 (the server
+    resolves it once, from clients_per_round, and sends clients the number)."""
+    return min(max(clients_per_round - 1, 1), 2 * math.ceil(math.log2(max(clients_per_round, 2))) + 1)
+
+
 def default_threshold(clients_per_round: int, neighbours: int) -> int:
     """secagg_threshold 0: a majority of each client's neighbourhood (the server resolves it once, from
     clients_per_round, and sends clients the number). Fewer colluding clients cannot rebuild a secret,
     and a round survives the loss of the rest."""
-    degree = clients_per_round - 1 if neighbours == 0 else min(neighbours, clients_per_round - 1)
+    degree = min(neighbours or default_neighbours(clients_per_round), clients_per_round - 1)
     return max(2, degree // 2 + 1)
 
 

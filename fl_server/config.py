@@ -24,7 +24,7 @@ import tomllib
 from common.datasets import NO_DATASET
 from common.messages import ClientHyperparameters, ModelSpec, TrainConfig, class_names
 from common.models import TORCHVISION, check_model_name
-from common.secure_rounds import default_threshold
+from common.secure_rounds import default_neighbours, default_threshold
 from common.settings import (
     Declared,
     Parsed,
@@ -236,8 +236,10 @@ class Config(ClientHyperparameters):
         for d in declared(ClientHyperparameters):
             value = getattr(self, d.name)
             values[d.name] = value if d.setting.canonical is None else d.setting.canonical(value)
-        if self.secure_aggregation and not self.secagg_threshold:
-            values["secagg_threshold"] = default_threshold(self.clients_per_round, self.secagg_neighbours)
+        if self.secure_aggregation:  # what 0 means is resolved here, once, so that every client agrees
+            values["secagg_neighbours"] = self.secagg_neighbours or default_neighbours(self.clients_per_round)
+            values["secagg_threshold"] = self.secagg_threshold or default_threshold(self.clients_per_round,
+                                                                                    values["secagg_neighbours"])
         return TrainConfig(model=spec, **values)
 
 

@@ -14,7 +14,7 @@ from common.datasets import ArrayData, BatchLoader, model_spec_for
 from common.messages import JoinRequest, TrainConfig
 from common.models import build_model
 from common.partition import client_share
-from common.secure_rounds import default_threshold
+from common.secure_rounds import default_neighbours, default_threshold
 from common.training import EvalResult, evaluate
 from fl_client.builtin import BuiltinTraining
 from fl_client.round import ClientRound, State, seed_for
@@ -58,7 +58,9 @@ def run(train_data: ArrayData, test_data: ArrayData, *, model: str = "mlp", clie
     cfg = TrainConfig(model=spec, dataset=dataset, num_clients=clients, seed=seed, local_epochs=local_epochs,
                       batch_size=32, lr=lr, momentum=0.9, weight_decay=0.0, optimizer=optimizer, mu=mu,
                       partition=partition, compression=compression, eval_fraction=eval_fraction,
-                      secure_aggregation=secure_aggregation, secagg_neighbours=secagg_neighbours,
+                      secure_aggregation=secure_aggregation,
+                      secagg_neighbours=secagg_neighbours or (default_neighbours(per_round)
+                                                              if secure_aggregation else 0),
                       secagg_threshold=secagg_threshold or (default_threshold(per_round, secagg_neighbours)
                                                             if secure_aggregation else 0))
     initial = build_model(spec, seed=seed).state_dict()

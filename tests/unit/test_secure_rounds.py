@@ -183,3 +183,10 @@ def test_the_secure_sum_keeps_the_contract_of_memory():
     agg = SecureSum(specs)
     assert agg.specs[0].shape == (agg.length + 1,) and agg.memory_claim() >= 8 * (agg.length + 1)
     _ = ClientRound  # the plain round's counterpart (fl_client/round.py)
+
+
+def test_the_graph_is_sparse_by_default_beyond_ten_clients():
+    spec = m.ModelSpec("mlp", (1, 8, 8), 10)
+    for clients, neighbours, threshold in [(10, 9, 5), (50, 13, 7), (1000, 21, 11)]:
+        cfg = load(None, secure_aggregation=True, clients_per_round=clients).train_config(spec)
+        assert (cfg.secagg_neighbours, cfg.secagg_threshold) == (neighbours, threshold)
