@@ -61,6 +61,13 @@ class BuiltinTraining:
             raise DataError(f"the server asks this client to build the model class {cfg.model.name!r}; importing "
                             f"it runs its code, so start fl-client with --allow-model {cfg.model.name} if you "
                             "trust it")
+        if self.model is None:
+            # Built now, while the client waits for a round: a class that cannot be imported or built is
+            # the same error every round, so it ends the client in one sentence.
+            try:
+                self.model = build_model(cfg.model)
+            except ValueError as e:
+                raise DataError(str(e)) from None
         if self.data is None:
             self.data = self._load(client_id, cfg)
         data = self.data
