@@ -334,3 +334,15 @@ def test_apps_load_by_module_file_or_class(tmp_path, monkeypatch):
                           ("my_training:NOT_A_FUNCTION", "not a function")]:
         with pytest.raises(AppError, match=message):
             load_app(text)
+
+
+def test_a_model_class_the_client_cannot_import_ends_it_in_one_sentence(digits):
+    train, _ = digits
+    cfg = config(train, model=m.ModelSpec("nowhere.models:Net", (1, 8, 8), 10))
+    builtin = BuiltinTraining(client_share(train, 0, 4, 0), allowed_models=("nowhere.models:Net",))
+    with pytest.raises(DataError, match="cannot import model 'nowhere.models:Net'"):
+        builtin.configure("0", cfg, CPU)
+    connection = FakeConnection(build_model(config(train).model, seed=0).state_dict(), cfg, rounds=2)
+    with pytest.raises(DataError):
+        federation(connection).run(builtin.train, builtin.evaluate, lambda c: builtin.configure("1", c, CPU))
+    assert connection.submitted == []
