@@ -123,7 +123,8 @@ class Progress:
         seconds = o.seconds if o is not None else 0.0
         dropped = f", {len(o.drop_reasons)} dropped" if o is not None and o.drop_reasons else ""
         print(f"[{self.name}] round {version}/{self.rounds}: accuracy {result.accuracy:.2%}, loss {result.loss:.3f}; "
-              f"{done} client-rounds in {seconds:.1f} s ({done / max(seconds, 1e-9):.1f}/s){dropped}",
+              f"{done} client-round{'s' if done != 1 else ''} in {seconds:.1f} s "
+              f"({done / max(seconds, 1e-9):.1f}/s){dropped}",
               file=sys.stderr, flush=True)
 
 
