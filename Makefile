@@ -8,14 +8,14 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # Each of the test processes trains with one thread: on 2 cores, more threads only fight each other.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install sysdeps demo test test-fast bench proto lint clean
+.PHONY: install sysdeps demo test test-fast test-cluster bench proto lint clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,ray]'
 	touch $(STAMP)
 
 # System packages the tests use: docker-compose validates docker-compose.yml (no Docker engine needed);
@@ -49,6 +49,11 @@ test: lint sysdeps
 bench: install
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m pytest -q -m study
+
+# The slow tests left out of `make test`: a two-node Ray cluster on this machine, one node killed
+# mid-round (tests/integration/test_ray_cluster.py; about a minute).
+test-cluster: install
+	$(BIN)/python -m pytest -q -m slow
 
 # Unit tests only (no processes started): the quick loop while editing.
 test-fast: install

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench import bare_grpc, loadgen, secure
+from bench import bare_grpc, loadgen, ray_sim, secure
 from bench.timing import median_seconds, own_cpu, process_cpu
 from common import allocator, convert, tensors
 from common import messages as m
@@ -381,6 +381,19 @@ class Bench:
         self.add(8, "client training: one local epoch / bare PyTorch loop", ratio, "x", "<= 1.15", ratio <= 1.15,
                  f"({what}: {statistics.median(times_ours):.2f} s vs {statistics.median(times_bare):.2f} s)")
 
+    # 10 ------------------------------------------------------------------------------------------------
+    def ray_simulation(self) -> None:
+        """The simulation's Ray backend against in-process on the same work (bench/ray_sim.py): 1,000
+        digits clients, 100 a round, 5 rounds; --quick 20 clients, 5 a round, 2 rounds."""
+        clients, per_round, rounds = (20, 5, 2) if self.quick else (1000, 100, 5)
+        local = ray_sim.measure("inprocess", clients, per_round, rounds)
+        ray = ray_sim.measure("ray", clients, per_round, rounds)
+        assert local.rounds == ray.rounds == rounds, (local, ray)
+        self.add(10, "simulation on Ray (local instance, 2 CPUs): client-rounds per second / in-process",
+                 ray.rate / local.rate, "x", "reported", None, f"({ray_sim.summary(local, ray)})")
+        self.add(10, f"simulation on Ray, {clients} clients: the driver's peak RSS", ray.peak_rss / 2**20, "MB",
+                 "reported", None, f"(in-process: {local.peak_rss / 2**20:.0f} MB)")
+
 
     # 9 -------------------------------------------------------------------------------------------------
     def secure_aggregation(self) -> None:
@@ -425,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fl-bench-") as tmp:
         bench = Bench(args.quick, Path(tmp))
         for name in ("transfer", "serialization", "rounds_and_memory", "scale", "round_start", "compression",
-                     "client_training", "secure_aggregation"):
+                     "client_training", "secure_aggregation", "ray_simulation"):
             if not args.only or name in args.only:
                 getattr(bench, name)()
     where = machine()
