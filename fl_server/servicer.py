@@ -111,10 +111,7 @@ class FederationServicer:
         try:
             req = convert.join_request_from_raw(request)
             self._check_identity(context, req.client_id)
-            # Answer before the client's own deadline runs out, or it would see DEADLINE_EXCEEDED.
-            remaining = context.time_remaining()
-            timeout = self.long_poll if remaining is None else max(0.0, min(self.long_poll, remaining - 1.0))
-            return convert.join_decision_to_proto(self.state.join(req, timeout))
+            return convert.join_decision_to_proto(self.state.join(req, self._long_poll_for(context)))
         except _REFUSABLE as e:
             _abort(context, e)
 
@@ -139,11 +136,15 @@ class FederationServicer:
         try:
             req = convert.secagg_request_from_raw(request)
             self._check_identity(context, req.client_id)
-            remaining = context.time_remaining()
-            timeout = self.long_poll if remaining is None else max(0.0, min(self.long_poll, remaining - 1.0))
-            return convert.secagg_reply_to_proto(self.state.secure_step(req, timeout))
+            return convert.secagg_reply_to_proto(self.state.secure_step(req, self._long_poll_for(context)))
         except _REFUSABLE as e:
             _abort(context, e)
+
+    def _long_poll_for(self, context: grpc.ServicerContext) -> float:
+        """How long a long-poll may hold the call: answer before the client's own deadline runs out, or it
+        would see DEADLINE_EXCEEDED."""
+        remaining = context.time_remaining()
+        return self.long_poll if remaining is None else max(0.0, min(self.long_poll, remaining - 1.0))
 
     def _check_identity(self, context: grpc.ServicerContext, client_id: str) -> None:
         if self.check_identity:

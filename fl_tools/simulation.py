@@ -224,7 +224,7 @@ def run(train_data: ArrayData | ClientData, test_data: ArrayData, *, model: str 
 def _secure_round(state: RoundState, local: _InProcess, selected: list[str], cfg: TrainConfig, version: int,
                   start: State, drop_after_keys: Callable[[int, list[str]], list[str]] | None) -> None:
     """A round through secure aggregation's stages, every client in this process."""
-    secure = _exchange_keys(state, selected, cfg, version + 1, start)
+    secure = exchange_keys(state, selected, cfg, version + 1, start)
     gone = set(drop_after_keys(version + 1, selected)) if drop_after_keys is not None else set()
     for client in selected:
         if client in gone:
@@ -243,10 +243,10 @@ def _secure_round(state: RoundState, local: _InProcess, selected: list[str], cfg
                 state.secure_step(rnd.revelation(lists), 0)
 
 
-def _exchange_keys(state: RoundState, selected: list[str], cfg: TrainConfig, round_: int,
+def exchange_keys(state: RoundState, selected: list[str], cfg: TrainConfig, round_: int,
                    start: State) -> dict[str, SecureRound]:
     """Stages 1 and 2 of a secure round for every selected client, in one thread: each client's request
-    once to take part, then again for the stage's answer."""
+    once to take part, then again for the stage's answer (the unit tests drive secure rounds with it too)."""
     rounds = {c: SecureRound(c, cfg, round_, start, lambda req: state.secure_step(req, 0)) for c in selected}
     for rnd in rounds.values():
         state.secure_step(rnd.advertisement(), 0)

@@ -13,7 +13,6 @@ from common import tensors
 from common.datasets import load_digits, model_spec_for
 from common.models import build_model
 from fl_client.round import ClientRound, seed_for
-from fl_client.secure import SecureRound
 from fl_client.task import Result, Task
 from fl_server.aggregation.secure import SecureSum
 from fl_server.config import ConfigError, load
@@ -52,15 +51,7 @@ def run_round(state: RoundState, updates: dict[str, tuple[dict[str, torch.Tensor
     selected = state.open_round()
     start = {k: v.clone() for k, v in state.global_state.items()}
     round_ = state.model_version + 1
-    rounds = {c: SecureRound(c, state.train_config, round_, start, lambda req: state.secure_step(req, 0))
-              for c in selected}
-    for rnd in rounds.values():
-        state.secure_step(rnd.advertisement(), 0)
-    rosters = {c: state.secure_step(rnd.advertisement(), 0).entries for c, rnd in rounds.items()}
-    for c, rnd in rounds.items():
-        state.secure_step(rnd.shares(rosters[c]), 0)
-    for c, rnd in rounds.items():
-        rnd.received = state.secure_step(rnd.shares(rosters[c]), 0).entries
+    rounds = simulation.exchange_keys(state, selected, state.train_config, round_, start)
     sent = {}
     for c in sorted(upload):
         local, weight = updates[c]
