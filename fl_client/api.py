@@ -31,6 +31,7 @@ import torch
 from common import messages as m
 from common import tls, tokens
 from common.datasets import DataError
+from common.secagg import SecAggError
 from common.training import TrainingStopped, select_device
 from fl_client.connection import RequestRefusedError, ServerConnection
 from fl_client.round import ClientRound, seed_for
@@ -130,9 +131,11 @@ class Federation:
 
     def close(self) -> None:
         """Leave: a round in progress is reported as not delivered, and the connection closed."""
-        if self._rounds is not None:
-            self._rounds.close()  # type: ignore[attr-defined]  # a generator
-        self.connection.close()
+        try:
+            if self._rounds is not None:
+                self._rounds.close()  # type: ignore[attr-defined]  # a generator
+        finally:
+            self.connection.close()
 
     def rounds(self) -> Iterator[Task]:
         """The rounds this client is given, one Task each, until the server says training is finished.
@@ -155,7 +158,12 @@ class Federation:
                 log.info("server says training is finished after %d round(s) here", self.rounds_trained)
                 return
             if self.on_config is not None and decision.config != self._config:
-                self.on_config(decision.config)
+                try:
+                    self.on_config(decision.config)
+                except DataError as e:
+                    if decision.action is m.Action.TRAIN:  # selected already: the round is not waited for
+                        self._send_failure(decision.round, str(e))
+                    raise
                 self._config = decision.config
             if decision.action is m.Action.WAIT:
                 if decision.retry_after:
@@ -176,9 +184,9 @@ class Federation:
             heartbeat.start()
             secure = None
             if decision.config.secure_aggregation:
-                secure = SecureRound(self.client_id, decision.config, decision.round, global_state,
-                                     self.connection.secure_step)
                 try:
+                    secure = SecureRound(self.client_id, decision.config, decision.round, global_state,
+                                         self.connection.secure_step)
                     secure.exchange_keys()
                 except RequestRefusedError as e:
                     heartbeat.stop()
@@ -186,6 +194,16 @@ class Federation:
                         raise
                     log.warning("round %d: secure key exchange ended (%s); joining again", decision.round, e.details)
                     continue
+                except SecAggError as e:  # this client cannot take part (a roster it does not fit): next round
+                    heartbeat.stop()
+                    log.warning("round %d: secure key exchange failed (%s); joining again", decision.round, e)
+                    self._send_failure(decision.round, f"secure key exchange failed: {e}")
+                    continue
+                except BaseException:
+                    heartbeat.stop()
+                    raise
+            # Seeded here for every way of running the task (run_app seeds again, to the same seed).
+            torch.manual_seed(seed_for(decision.config, self.client_id, decision.round))
             task = Task(client_id=self.client_id, round=decision.round, config=decision.config,
                         global_state={name: t.clone() for name, t in global_state.items()}, device=self.device,
                         seed=seed_for(decision.config, self.client_id, decision.round), data_dir=self.data_dir,
@@ -211,7 +229,7 @@ class Federation:
         try:
             reply = self.connection.submit(update.header(model_version), update.payload)
             if secure is not None and reply.accepted:
-                secure.reveal()  # the round's masks come off only with the survivors' shares
+                self._reveal(secure)
         except RequestRefusedError as e:
             if e.code in RESYNC:
                 log.warning("round %d: update not taken (%s); joining again", task.round, e.details)
@@ -226,23 +244,35 @@ class Federation:
             raise
         if reply.accepted:
             self.client.commit(update)
-        self.num_samples = result.num_samples
+        if secure is None:  # a secure round's sample count is inside the mask: joins do not tell it either
+            self.num_samples = result.num_samples
         self.rounds_trained += 1
         log.info("round %d: sent an update of %d samples (%s); server: %s", task.round, result.num_samples,
                  ", ".join(f"{k} {v:.4g}" for k, v in sorted(update.metrics.items())) or "no metrics",
                  reply.message)
         return reply
 
+    def _reveal(self, secure: SecureRound) -> None:
+        """A secure round's unmasking, once the update is taken; a failure here loses the round, not the
+        update's acceptance (the round is re-run without it if too few reveal)."""
+        try:
+            secure.reveal()
+        except (RequestRefusedError, SecAggError) as e:
+            log.warning("round %d: secure unmasking not completed here (%s)", secure.round, e)
+
     def _report_failure(self, task: Task, why: str) -> None:
         """Tell the server that `task`'s round will not be delivered. One attempt after a failed one:
         should it not arrive, the round gives up on this client once its heartbeats stop anyway."""
         if task.should_stop():
             return  # the round is over for this client: nothing to report
-        request = self._join_request(task.round, why)
+        self._send_failure(task.round, why)
+
+    def _send_failure(self, round_: int, why: str) -> None:
+        request = self._join_request(round_, why)
         for _ in range(2):  # short: the client may be on its way out (SIGTERM)
             if self.connection.heartbeat(request, timeout=3.0) is not None:
                 return
-        log.warning("round %d: could not tell the server that this round failed", task.round)
+        log.warning("round %d: could not tell the server that this round failed", round_)
 
     def run(self, train: TrainFn, evaluate: EvaluateFn | None = None,
             prepare: Callable[[m.TrainConfig], None] | None = None) -> None:

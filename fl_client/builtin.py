@@ -84,6 +84,7 @@ class BuiltinTraining:
             cut = min(len(data) - 1, max(1, round(cfg.eval_fraction * len(data))))
             self.held_out = BatchLoader(data.subset(order[:cut]), 256, device=device)
             self.data = data.subset(order[cut:])
+            self._loader = None  # made again over the training part only
             log.info("holding out %d samples to evaluate the global model, training on %d", cut, len(self.data))
         self._configured = True
 

@@ -184,6 +184,7 @@ class RoundState:
         check_protocol(header.protocol_version)
         with self._cond:
             r = self._check_submittable(header)
+            self._check_secure_upload(header.client_id)
             if header.client_id in r.submitted:
                 return SubmitResult(accepted=True, duplicate=True,
                                     message=f"update for round {r.number} was already counted")
@@ -201,6 +202,16 @@ class RoundState:
             with self._cond:
                 r.uploading.discard(header.client_id)
 
+    def _check_secure_upload(self, client_id: str) -> None:
+        """In a secure round, only a masked update from a client that exchanged keys, while uploads are taken."""
+        if self.secure is not None and not self.secure.accepts_upload(client_id):
+            raise NotSelectedError(f"client {client_id!r} may not upload into round {self._round_number()} now: a "
+                                   "secure round takes masked updates only from the clients that exchanged keys, "
+                                   "between the key exchange and the unmasking")
+
+    def _round_number(self) -> int:
+        return self._round.number if self._round is not None else self.model_version + 1
+
     def _give_up_on_stalled(self, r: OpenRound, client_id: str, why: str) -> None:
         with self._cond:
             if self._round is r and client_id not in r.submitted:
@@ -216,6 +227,11 @@ class RoundState:
             if self._round is not r:  # the round closed while the bytes were streaming in
                 self.uploads.release(update.buffer)
                 raise StaleRoundError(f"round {r.number} closed while the update was uploading")
+            try:
+                self._check_secure_upload(header.client_id)  # the uploads may have closed meanwhile
+            except NotSelectedError:
+                self.uploads.release(update.buffer)
+                raise
             if header.client_id in r.submitted:
                 self.uploads.release(update.buffer)
                 return SubmitResult(accepted=True, duplicate=True, message="already counted")
@@ -334,12 +350,16 @@ class RoundState:
                 raise StaleRoundError(f"round {req.round} is not open; join again")
             self.members.touch(req.client_id)
             while True:
+                changes = self.secure.changes
                 reply = self.secure.handle(r, req)
-                self._cond.notify_all()  # a stage may have completed: its waiters can answer now
+                if self.secure.changes != changes:
+                    self._cond.notify_all()  # something was recorded or a stage completed: its waiters answer
                 remaining = deadline - self.clock()
                 if reply.ready or remaining <= 0 or self._round is not r:
                     return reply
-                self._cond.wait(min(remaining, max(self.secure.deadline - self.clock(), 0.0) + 0.05))
+                # A stage with a deadline is closed by whoever looks after it; the uploads' end is announced.
+                stage_left = self.secure.deadline - self.clock()
+                self._cond.wait(min(remaining, stage_left + 0.05) if stage_left > 0 else remaining)
 
     def wait_until_complete(self) -> None:
         """Block until every selected client has submitted or fallen silent, the deadline passes, or
@@ -374,7 +394,8 @@ class RoundState:
 
     def _begin_reveal(self, r: OpenRound) -> None:
         assert self.secure is not None
-        while r.folding:  # every counted masked update is in the sum before anyone is told it survived
+        self.secure.closing = True  # no more uploads start; those in flight finish (their progress deadline)
+        while r.folding or r.uploading:  # every counted masked update is in the sum before anyone is told
             self._cond.wait()
         self.secure.begin_reveal(r)
         self._cond.notify_all()

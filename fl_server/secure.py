@@ -54,7 +54,12 @@ class SecureStages:
         self.revealed: set[str] = set()
         self.survivors: tuple[str, ...] = ()
         self.dropped: tuple[str, ...] = ()
+        self.advertisements: dict[str, bytes] = {}
+        self.closing = False  # the uploads are over: no more masked updates are taken
         self.failure = ""
+        # Counts what was recorded and every phase change: a waiter is woken only when this moves, so that
+        # clients waiting on a stage do not wake each other in a loop.
+        self.changes = 0
 
     def open(self, r: OpenRound) -> None:
         params = round_params(self.train_config, self.aggregator.length, r.number)
@@ -63,7 +68,10 @@ class SecureStages:
         self.round, self.phase, self.failure = r, Phase.ADVERTISE, ""
         self.deadline = self.clock() + self.stage_timeout
         self.advertised, self.shared, self.revealed = set(), set(), set()
+        self.advertisements = {}
         self.survivors, self.dropped = (), ()
+        self.closing = False
+        self.changes += 1
 
     @property
     def threshold(self) -> int:
@@ -84,17 +92,29 @@ class SecureStages:
             raise StaleRoundError(f"round {r.number} cannot be aggregated securely ({self.failure}); join again")
         try:
             return self._answer(r, req)
-        except secagg.SecAggError as e:
+        except _ClientFault as e:
             self._give_up(r, client, f"sent a malformed secure-aggregation message ({e})")
             raise InvalidUpdateError(f"round {r.number}: {e}") from None
+        except secagg.SecAggError as e:  # the round's own state cannot go on (too few in a neighbourhood)
+            self.fail(r, str(e))
+            raise StaleRoundError(f"round {r.number} cannot be aggregated securely ({e}); join again") from None
 
     def _answer(self, r: OpenRound, req: m.SecAggRequest) -> m.SecAggReply:
         assert self.session is not None
         client, stage = req.client_id, req.stage
         if stage is m.SecAggStage.ADVERTISE_KEYS:
+            keys = req.entries.get(client, b"")
+            if client in self.advertisements and keys != self.advertisements[client]:
+                # Other keys than the first time: the client restarted, and its new session cannot take part
+                # in a round whose roster holds its old keys.
+                self._give_up(r, client, "advertised other keys (it restarted mid-round)")
+                raise NotSelectedError(f"client {client!r} advertised other keys for round {r.number}; it takes "
+                                       "no further part in it")
             if self.phase is Phase.ADVERTISE and client not in self.advertised and client not in r.stalled:
-                self.session.add_keys(client, req.entries.get(client, b""))
+                _by_client(self.session.add_keys, client, keys)
                 self.advertised.add(client)
+                self.advertisements[client] = keys
+                self.changes += 1
                 self.advance(r)
             if self.phase is Phase.ADVERTISE:
                 return m.SecAggReply(ready=False, message="waiting for the round's key advertisements")
@@ -103,13 +123,17 @@ class SecureStages:
         if stage is m.SecAggStage.SHARE_KEYS:
             self._require(client in self.advertised, r, "missed the key advertisement")
             if self.phase is Phase.SHARE and client not in self.shared and client not in r.stalled:
-                self.session.add_shares(client, req.entries)
+                _by_client(self.session.add_shares, client, req.entries)
                 self.shared.add(client)
+                self.changes += 1
                 self.advance(r)
             if self.phase is Phase.SHARE:
                 return m.SecAggReply(ready=False, message="waiting for the round's share exchange")
             self._require(client in self.shared, r, "missed the share exchange")
             return m.SecAggReply(ready=True, entries=self.session.shares_for(client))
+        # Only the clients that exchanged keys take part in unmasking, and only once the keys are exchanged.
+        self._require(client in self.shared and self.phase in (Phase.UPLOAD, Phase.REVEAL), r,
+                      "is not in the unmasking")
         if stage is m.SecAggStage.UNMASK:
             if self.phase is not Phase.REVEAL:
                 return m.SecAggReply(ready=False, message="waiting for the round's uploads")
@@ -118,9 +142,14 @@ class SecureStages:
         # REVEAL
         self._require(self.phase is Phase.REVEAL and client in self.survivors, r, "is not asked to reveal shares")
         if client not in self.revealed:
-            self.session.add_reveal(client, req.entries)
+            _by_client(self.session.add_reveal, client, req.entries)
             self.revealed.add(client)
+            self.changes += 1
         return m.SecAggReply(ready=True, message="shares received")
+
+    def accepts_upload(self, client: str) -> bool:
+        """A masked update counts only from a client that exchanged keys, while the round takes uploads."""
+        return self.phase is Phase.UPLOAD and not self.closing and client in self.shared
 
     def _require(self, ok: bool, r: OpenRound, what: str) -> None:
         if not ok:
@@ -150,12 +179,16 @@ class SecureStages:
         for client in r.selected:
             if client not in takers and client not in r.silent:
                 self._give_up(r, client, f"{missed} within secagg_stage_timeout")
-        if len(takers) < self.threshold:
-            self.fail(r, f"only {len(takers)} clients took part in the {self.phase.name.lower()} stage, fewer "
-                         f"than the threshold {self.threshold}")
+        assert self.session is not None
+        neighbours = self.session.params.neighbours
+        degree = len(takers) - 1 if not neighbours else min(neighbours, len(takers) - 1)
+        if degree < self.threshold:
+            self.fail(r, f"only {len(takers)} clients took part in the {self.phase.name.lower()} stage: their "
+                         f"neighbourhoods of {degree} cannot hold the threshold's {self.threshold} shares")
         else:
             self.phase = Phase.SHARE if self.phase is Phase.ADVERTISE else Phase.UPLOAD
             self.deadline = self.clock() + self.stage_timeout
+            self.changes += 1
             log.info("round %d: secure aggregation: %d clients in, on to %s", r.number, len(takers),
                      self.phase.name.lower())
         return True
@@ -177,6 +210,7 @@ class SecureStages:
             return
         self.phase = Phase.REVEAL
         self.deadline = self.clock() + self.stage_timeout
+        self.changes += 1
         log.info("round %d: secure aggregation: %d masked updates in, %d dropped; unmasking", r.number,
                  len(self.survivors), len(self.dropped))
 
@@ -185,13 +219,26 @@ class SecureStages:
 
     def fail(self, r: OpenRound, why: str) -> None:
         self.phase, self.failure = Phase.FAILED, why
+        self.changes += 1
         log.warning("round %d: secure aggregation failed: %s; the round will be re-run", r.number, why)
         for client in r.selected:
             if client not in r.silent and client not in r.submitted:
                 self._give_up(r, client, f"the secure round failed: {why}")
 
     def _give_up(self, r: OpenRound, client: str, why: str) -> None:
-        if client not in r.silent:
+        if client not in r.silent and client not in r.submitted:
             r.silent[client] = why
             r.stalled.add(client)
             log.warning("round %d: client %s %s; giving up on it", r.number, safe(client), why)
+
+
+class _ClientFault(Exception):
+    """A secure-aggregation message that its sender got wrong."""
+
+
+def _by_client(record: Callable[..., None], *args: object) -> None:
+    """`record` a client's message; its SecAggError is the client's fault, not the round's."""
+    try:
+        record(*args)
+    except secagg.SecAggError as e:
+        raise _ClientFault(str(e)) from None

@@ -30,7 +30,7 @@ from fl_client.secure import SecureRound
 from fl_client.task import Result, Task
 from fl_server.aggregation import make_aggregator
 from fl_server.aggregation.secure import SecureSum
-from fl_server.errors import InvalidUpdateError
+from fl_server.errors import InvalidUpdateError, NotSelectedError, StaleRoundError
 from fl_server.membership import RandomSelector
 from fl_server.round_types import RoundOutcome
 from fl_server.rounds import RoundRules, RoundState
@@ -199,10 +199,9 @@ def run(train_data: ArrayData | ClientData, test_data: ArrayData, *, model: str 
         if on_outcome is not None:
             on_outcome(outcome)
         if not outcome.aggregated:
-            lost = not secure_aggregation and any(c not in outcome.contributors and c not in refused
-                                                  for c in selected)
+            lost = any(c not in outcome.contributors and c not in refused for c in selected)
             if not lost:
-                break  # every update refused (or a secure round not unmasked): the model is lost
+                break  # every update refused: the model is lost
             attempts += 1
             if attempts >= MAX_ROUND_ATTEMPTS:
                 reason = next(iter(outcome.drop_reasons.values()), "no update")
@@ -223,8 +222,12 @@ def run(train_data: ArrayData | ClientData, test_data: ArrayData, *, model: str 
 
 def _secure_round(state: RoundState, local: _InProcess, selected: list[str], cfg: TrainConfig, version: int,
                   start: State, drop_after_keys: Callable[[int, list[str]], list[str]] | None) -> None:
-    """A round through secure aggregation's stages, every client in this process."""
-    secure = exchange_keys(state, selected, cfg, version + 1, start)
+    """A round through secure aggregation's stages, every client in this process. A stage that fails
+    (too few clients left for the threshold) leaves the round to close unaggregated, to be re-run."""
+    try:
+        secure = exchange_keys(state, selected, cfg, version + 1, start)
+    except (StaleRoundError, NotSelectedError):
+        return
     gone = set(drop_after_keys(version + 1, selected)) if drop_after_keys is not None else set()
     for client in selected:
         if client in gone:
@@ -233,14 +236,18 @@ def _secure_round(state: RoundState, local: _InProcess, selected: list[str], cfg
         update = secure[client].prepare(start, task, trained)
         try:
             state.submit(update.header(version), update.payload.chunks())
-        except InvalidUpdateError:
+        except (InvalidUpdateError, NotSelectedError):
             continue
     state.begin_unmasking()
     for client, rnd in secure.items():
-        if client not in gone:
+        if client in gone:
+            continue
+        try:
             lists = state.secure_step(rnd.unmask_request(), 0)
             if lists.ready:
                 state.secure_step(rnd.revelation(lists), 0)
+        except (StaleRoundError, NotSelectedError):
+            return  # the round failed: it closes unaggregated
 
 
 def exchange_keys(state: RoundState, selected: list[str], cfg: TrainConfig, round_: int,

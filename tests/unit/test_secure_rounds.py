@@ -3,20 +3,22 @@ process (the protocol's primitives: test_secagg.py; over the wire: tests/integra
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
 import torch
 
+from common import convert, tensors
 from common import messages as m
-from common import tensors
 from common.datasets import load_digits, model_spec_for
 from common.models import build_model
 from fl_client.round import ClientRound, seed_for
+from fl_client.secure import SecureRound
 from fl_client.task import Result, Task
 from fl_server.aggregation.secure import SecureSum
 from fl_server.config import ConfigError, load
-from fl_server.errors import StaleRoundError
+from fl_server.errors import NotSelectedError, StaleRoundError
 from fl_server.membership import RandomSelector
 from fl_server.rounds import RoundRules, RoundState
 from fl_tools import simulation
@@ -181,3 +183,48 @@ def test_the_graph_is_sparse_by_default_beyond_ten_clients():
     for clients, neighbours, threshold in [(10, 9, 5), (50, 13, 7), (1000, 21, 11)]:
         cfg = load(None, secure_aggregation=True, clients_per_round=clients).train_config(spec)
         assert (cfg.secagg_neighbours, cfg.secagg_threshold) == (neighbours, threshold)
+
+
+def test_a_simulated_secure_round_below_the_threshold_is_re_run(digits):
+    train, test = digits
+    outcomes = []
+    # Round 1's first attempt loses two of four clients after the key exchange: with threshold 3, the
+    # round cannot be unmasked and is run again with a fresh sample (in which nobody vanishes).
+    simulation.run(train, test, clients=4, rounds=1, model="mlp", secure_aggregation=True, secagg_threshold=3,
+                   drop_after_keys=lambda r, selected: selected[:2] if not outcomes else [],
+                   on_outcome=outcomes.append)
+    assert [o.aggregated for o in outcomes] == [False, True]
+
+
+def test_uploads_outside_the_protocol_are_refused():
+    state = secure_state(4)
+    selected = state.open_round()
+    # A selected client that has not exchanged keys cannot put anything into the sum.
+    bogus = {"masked": torch.zeros(SecureSum(tensors.specs_of(GLOBAL)).length + 1, dtype=torch.int64)}
+    payload = tensors.encode(bogus)
+    header = m.UpdateHeader(client_id=selected[0], round=1, model_version=0, num_samples=1000,
+                            payload=convert.payload_header_of(payload, m.Encoding.DIFF, tensors.CHUNK_SIZE))
+    with pytest.raises(NotSelectedError, match="takes masked updates only from the clients that exchanged keys"):
+        state.submit(header, payload.chunks())
+
+
+def test_waiting_clients_do_not_wake_each_other_in_a_loop():
+    state = secure_state(3)
+    state.open_round()
+    calls = []
+    handle = state.secure.handle
+
+    def counted(r, req):
+        calls.append(req.client_id)
+        return handle(r, req)
+
+    state.secure.handle = counted
+    rnd = SecureRound("0", state.train_config, 1, state.global_state, lambda req: state.secure_step(req, 0))
+    threads = [threading.Thread(target=state.secure_step, args=(rnd.advertisement(), 1.0))]
+    other = SecureRound("1", state.train_config, 1, state.global_state, lambda req: state.secure_step(req, 0))
+    threads.append(threading.Thread(target=state.secure_step, args=(other.advertisement(), 1.0)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) < 20  # each waits for the stage; before, they woke each other some 80,000 times a second
