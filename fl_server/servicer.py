@@ -271,14 +271,25 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_time_ms", int(KEEPALIVE_SECONDS * 1000)),
     ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT * 1000)),
     ("grpc.http2.max_pings_without_data", 0),
+    # Calls that have arrived but that the server's single dispatch thread has not yet picked up (it takes
+    # them one at a time, starting a thread for each). Past gRPC's default 1,000 such calls, core drops new
+    # ones at random (none are kept past 3,000), each dropped call ending in a bare CANCELLED (RST_STREAM):
+    # 2,000 idle streams opened at once made honest calls among them fail that way. Sized from max_rpcs
+    # instead (never below gRPC's defaults), a burst up to the cap on calls is picked up and served, and
+    # calls past the cap get its RESOURCE_EXHAUSTED; the queue stays bounded (core still drops calls past
+    # twice the cap), and a pending call holds no thread, only its stream's state.
+    ("grpc.server.max_pending_requests", MAX_RPCS),
+    ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_RPCS),
 ]
 
 
 def server_options(keepalive_seconds: float = KEEPALIVE_SECONDS,
-                   keepalive_timeout: float = KEEPALIVE_TIMEOUT) -> list[tuple[str, int]]:
-    """SERVER_OPTIONS with the keepalive settings given."""
+                   keepalive_timeout: float = KEEPALIVE_TIMEOUT, max_rpcs: int = MAX_RPCS) -> list[tuple[str, int]]:
+    """SERVER_OPTIONS with the keepalive settings and the cap on calls (max_rpcs) given."""
     values = {"grpc.keepalive_time_ms": int(keepalive_seconds * 1000),
-              "grpc.keepalive_timeout_ms": int(keepalive_timeout * 1000)}
+              "grpc.keepalive_timeout_ms": int(keepalive_timeout * 1000),
+              "grpc.server.max_pending_requests": max(1000, max_rpcs),
+              "grpc.server.max_pending_requests_hard_limit": max(3000, 2 * max_rpcs)}
     return [(key, values.get(key, value)) for key, value in SERVER_OPTIONS]
 
 
@@ -322,7 +333,7 @@ def create_server(servicer: FederationServicer, host: str, port: int, max_worker
         # pool must exceed the number of clients plus what an attacker can hold open, or calls would wait
         # for a thread while legitimate heartbeats time out. Threads are created only as needed.
         CallThreads(max_workers, thread_stack_kib),
-        options=server_options(keepalive_seconds, keepalive_timeout),
+        options=server_options(keepalive_seconds, keepalive_timeout, max_workers),
         maximum_concurrent_rpcs=max_workers)
     server.add_generic_rpc_handlers((_handlers(servicer),))
     if health is not None:

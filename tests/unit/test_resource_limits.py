@@ -16,10 +16,11 @@ from common import convert, tls
 from common.messages import Action, JoinRequest
 from common.proto import federation_pb2 as pb
 from fl_client.connection import retryable
+from fl_server import servicer as servicer_module
 from fl_server import uploads
 from fl_server.deadlines import Deadlines
 from fl_server.monitoring import MonitoringServer
-from fl_server.servicer import FederationServicer, create_server
+from fl_server.servicer import FederationServicer, create_server, server_options
 from tests.unit.test_rounds import GUARD, diff, started, update
 from tests.unit.test_servicer import Aborted, Context
 
@@ -157,6 +158,30 @@ def test_a_real_server_caps_calls_and_ends_idle_streams():
         hold.set()
         channel.close()
         server.stop(None)
+
+
+def test_calls_not_yet_picked_up_queue_up_to_the_call_cap_rather_than_being_dropped(monkeypatch):
+    """gRPC core drops calls the server has not picked up yet, as a bare CANCELLED, past 1,000 of them by
+    default: a burst of 2,000 idle streams then cancelled honest calls too. The queue follows max_rpcs (never
+    below gRPC's defaults), bounded at twice the cap."""
+    options = dict(server_options(max_rpcs=8192))
+    assert options["grpc.server.max_pending_requests"] == 8192
+    assert options["grpc.server.max_pending_requests_hard_limit"] == 2 * 8192
+    small = dict(server_options(max_rpcs=4))
+    assert (small["grpc.server.max_pending_requests"], small["grpc.server.max_pending_requests_hard_limit"]) == \
+        (1000, 3000)
+    given = {}
+    real_server = grpc.server
+
+    def spy(*args, options=(), **kw):
+        given.update(options)
+        return real_server(*args, options=options, **kw)
+
+    monkeypatch.setattr(servicer_module.grpc, "server", spy)
+    server, _ = create_server(FederationServicer(started(k=1)), "127.0.0.1", 0, max_workers=5000)
+    server.stop(None)
+    assert given["grpc.server.max_pending_requests"] == 5000
+    assert given["grpc.server.max_pending_requests_hard_limit"] == 10000
 
 
 def test_only_the_call_cap_is_retried_among_resource_exhausted():
