@@ -151,7 +151,7 @@ class Bench:
                 nbytes = header.payload.total_bytes
                 # Each transfer follows a pause, as in a round: after an idle spell, Linux restarts TCP's
                 # slow start, which a back-to-back loop would not pay.
-                idle = 0.5 if self.quick else 2.0
+                idle = 0.1 if self.quick else 2.0
                 down = median_seconds(lambda: conn.fetch_model(request), self.repeats, idle)
                 payload = loadgen.tiny_change(header.payload.specs)
                 updates: list[m.UpdateHeader] = []  # one per upload, for the round opened before it
@@ -312,21 +312,22 @@ class Bench:
     # 7 -------------------------------------------------------------------------------------------------
     def compression(self) -> None:
         rounds = "3" if self.quick else "10"
+        clients = 2 if self.quick else 3
         results = {}
         # --quick: the smoke test of this path, with the codec that has error feedback and two federations
         # rather than five (each codec has tests of its own: tests/unit/test_codecs.py).
         for codec in ("none", "topk:0.1") if self.quick else ("none", "float16", "bfloat16", "int8", "topk:0.1"):
             out = self.run_dir("compression-" + codec.replace(":", ""))
             model = "mlp" if self.quick else "cnn"
-            srv = server(out, "--model-name", model, "--rounds", rounds, "--clients-per-round", "3",
-                         "--num-clients", "3", "--compression", codec)
+            srv = server(out, "--model-name", model, "--rounds", rounds, "--clients-per-round", str(clients),
+                         "--num-clients", str(clients), "--compression", codec)
             try:
                 procs = [start_client(str(i), srv.address, ["--device", "cpu"], out / f"client{i}.log", env=ENV)
-                         for i in range(3)]
+                         for i in range(clients)]
                 codes = [p.wait(600) for p in procs]
             finally:
                 srv.stop()
-            assert codes == [0, 0, 0], f"{codec}: clients exited {codes}"
+            assert codes == [0] * clients, f"{codec}: clients exited {codes}"
             records = [r for r in read_jsonl(out / "metrics.jsonl") if r.aggregated]
             results[codec] = (sum(r.bytes_in for r in records), records[2].accuracy, records[-1].accuracy)
         base_bytes, base_early, base_final = results["none"]
@@ -335,7 +336,7 @@ class Bench:
                 continue
             self.add(7, f"compression {codec}: upload bytes / float32", nbytes / base_bytes, "x", "reported",
                      None, f"(accuracy after 3 rounds {early:.2%} vs {base_early:.2%} uncompressed, after {rounds} "
-                     f"{final:.2%} vs {base_final:.2%}; digits, {model}, 3 clients)")
+                     f"{final:.2%} vs {base_final:.2%}; digits, {model}, {clients} clients)")
 
     # 8 -------------------------------------------------------------------------------------------------
     def client_training(self) -> None:
@@ -400,8 +401,8 @@ class Bench:
         """Secure aggregation's cost against plain FedAvg, over the wire (bench/secure.py): a round's period
         and the bytes each client sends per round, with fl_client's own Federation as the clients."""
         for clients in ((3,) if self.quick else (10, 50)):
-            plain = secure.measure(clients, False, self.workdir, rounds=3 if self.quick else 4)
-            masked = secure.measure(clients, True, self.workdir, rounds=3 if self.quick else 4)
+            plain = secure.measure(clients, False, self.workdir, rounds=2 if self.quick else 4)
+            masked = secure.measure(clients, True, self.workdir, rounds=2 if self.quick else 4)
             self.add(9, f"secure aggregation, {clients} clients: round time / plain FedAvg's", masked[0] / plain[0],
                      "x", "reported", None, f"({masked[0]:.2f} s against {plain[0]:.2f} s per round, mlp)")
             self.add(9, f"secure aggregation, {clients} clients: bytes each client sends / plain FedAvg's",
