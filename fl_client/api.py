@@ -177,9 +177,10 @@ class Federation:
                     raise
                 log.warning("round %d: model not fetched (%s); joining again", decision.round, e.details)
                 continue
-            # The driver's own copy: the tensors fetched share a buffer the next fetch overwrites, and the
-            # user's code may change the task's.
-            global_state = {name: t.clone() for name, t in fetched.items()}
+            # The tensors fetched share a buffer that only the next fetch overwrites, after this task's submit:
+            # they serve as the reference the update is computed against. The task gets a copy, which the
+            # user's code may change.
+            global_state = fetched
             heartbeat = Heartbeat(self.connection, self._join_request(decision.round), decision.heartbeat_seconds)
             heartbeat.start()
             secure = None

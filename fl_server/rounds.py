@@ -203,14 +203,8 @@ class RoundState:
                 r.uploading.discard(header.client_id)
 
     def _check_secure_upload(self, client_id: str) -> None:
-        """In a secure round, only a masked update from a client that exchanged keys, while uploads are taken."""
-        if self.secure is not None and not self.secure.accepts_upload(client_id):
-            raise NotSelectedError(f"client {client_id!r} may not upload into round {self._round_number()} now: a "
-                                   "secure round takes masked updates only from the clients that exchanged keys, "
-                                   "between the key exchange and the unmasking")
-
-    def _round_number(self) -> int:
-        return self._round.number if self._round is not None else self.model_version + 1
+        if self.secure is not None:
+            self.secure.check_upload(client_id)
 
     def _give_up_on_stalled(self, r: OpenRound, client_id: str, why: str) -> None:
         with self._cond:
@@ -349,17 +343,7 @@ class RoundState:
             if r is None or r.number != req.round:
                 raise StaleRoundError(f"round {req.round} is not open; join again")
             self.members.touch(req.client_id)
-            while True:
-                changes = self.secure.changes
-                reply = self.secure.handle(r, req)
-                if self.secure.changes != changes:
-                    self._cond.notify_all()  # something was recorded or a stage completed: its waiters answer
-                remaining = deadline - self.clock()
-                if reply.ready or remaining <= 0 or self._round is not r:
-                    return reply
-                # A stage with a deadline is closed by whoever looks after it; the uploads' end is announced.
-                stage_left = self.secure.deadline - self.clock()
-                self._cond.wait(min(remaining, stage_left + 0.05) if stage_left > 0 else remaining)
+            return self.secure.step(r, req, self._cond, deadline, lambda: self._round is r)
 
     def wait_until_complete(self) -> None:
         """Block until every selected client has submitted or fallen silent, the deadline passes, or
@@ -406,13 +390,7 @@ class RoundState:
         self._begin_reveal(r)
         started = self.clock()
         while not self.stopping and not self.secure.reveal_done(r):
-            # A survivor that vanished after its upload is not waited for until the stage's deadline: a live
-            # one answers the moment it is asked (it is long-polling for the lists, or asks within a call).
-            for c in self.secure.waiting_for(r):
-                silent_for = self.members.silent_for(c, started)
-                if silent_for > self.members.silence_limit:
-                    r.silent[c] = f"silent for {silent_for:.1f} s while the round was unmasked"
-                    log.warning("round %d: client %s %s; unmasking without it", r.number, safe(c), r.silent[c])
+            self.secure.give_up_on_silent(r, self.members, started)
             self._cond.wait(min(max(self.secure.deadline - self.clock(), 0.0) + 0.05, self.rules.heartbeat_seconds))
 
     def _give_up_on_silent(self, r: OpenRound) -> None:

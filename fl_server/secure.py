@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import threading
 from collections.abc import Callable
 
 from common import messages as m
@@ -23,6 +24,7 @@ from common.logs import safe
 from common.secure_rounds import round_params
 from fl_server.aggregation.secure import SecureSum
 from fl_server.errors import InvalidUpdateError, NotSelectedError, StaleRoundError
+from fl_server.membership import Membership
 from fl_server.round_types import OpenRound
 
 log = logging.getLogger("fl_server.secure")
@@ -146,6 +148,40 @@ class SecureStages:
             self.revealed.add(client)
             self.changes += 1
         return m.SecAggReply(ready=True, message="shares received")
+
+    def step(self, r: OpenRound, req: m.SecAggRequest, cond: threading.Condition, deadline: float,
+             still_open: Callable[[], bool]) -> m.SecAggReply:
+        """`handle`, held (under the round state's `cond`) until the stage answers, the round is no longer
+        `still_open`, or `deadline`. Waiters are woken only when something was recorded, so that clients
+        waiting on a stage do not wake each other in a loop."""
+        while True:
+            changes = self.changes
+            reply = self.handle(r, req)
+            if self.changes != changes:
+                cond.notify_all()
+            remaining = deadline - self.clock()
+            if reply.ready or remaining <= 0 or not still_open():
+                return reply
+            # A stage with a deadline is closed by whoever looks after it; the uploads' end is announced.
+            stage_left = self.deadline - self.clock()
+            cond.wait(min(remaining, stage_left + 0.05) if stage_left > 0 else remaining)
+
+    def check_upload(self, client: str) -> None:
+        """NotSelectedError unless the client may upload its masked update now (accepts_upload)."""
+        if not self.accepts_upload(client):
+            number = self.round.number if self.round is not None else 0
+            raise NotSelectedError(f"client {client!r} may not upload into round {number} now: a secure round "
+                                   "takes masked updates only from the clients that exchanged keys, between the "
+                                   "key exchange and the unmasking")
+
+    def give_up_on_silent(self, r: OpenRound, members: Membership, since: float) -> None:
+        """While the round is unmasked: a survivor that vanished after its upload is not waited for until
+        the stage's deadline (a live one answers the moment it is asked: it is long-polling for the lists)."""
+        for c in self.waiting_for(r):
+            silent_for = members.silent_for(c, since)
+            if silent_for > members.silence_limit:
+                r.silent[c] = f"silent for {silent_for:.1f} s while the round was unmasked"
+                log.warning("round %d: client %s %s; unmasking without it", r.number, safe(c), r.silent[c])
 
     def accepts_upload(self, client: str) -> bool:
         """A masked update counts only from a client that exchanged keys, while the round takes uploads."""

@@ -7,7 +7,7 @@ from collections.abc import Collection
 import numpy as np
 import pytest
 
-from common import secagg
+from common import secagg, secagg_crypto
 from common.secagg import ClientSession, SecAggError, SecAggParams, ServerSession, decode, encode, neighbours
 
 IDS = [f"client-{i}" for i in range(10)]
@@ -413,8 +413,8 @@ def test_graph_depends_on_the_round_seed():
 
 def test_masks_made_block_by_block_are_the_aes_ctr_keystream():
     seeds = [(bytes(range(32)), 1), (bytes(32), -1)]
-    count = 2 * secagg._BLOCK + 3  # blocks and a ragged end
+    count = 2 * secagg_crypto._BLOCK + 3  # blocks and a ragged end
     out = np.arange(count, dtype=np.uint64)
-    secagg._add_streams(out, seeds)
-    assert np.array_equal(out, np.arange(count, dtype=np.uint64) + secagg.prg(seeds[0][0], count)
-                          - secagg.prg(seeds[1][0], count))
+    secagg_crypto._add_streams(out, seeds)
+    assert np.array_equal(out, np.arange(count, dtype=np.uint64) + secagg_crypto.prg(seeds[0][0], count)
+                          - secagg_crypto.prg(seeds[1][0], count))

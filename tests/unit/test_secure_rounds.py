@@ -13,7 +13,7 @@ from common import convert, tensors
 from common import messages as m
 from common.datasets import load_digits, model_spec_for
 from common.models import build_model
-from fl_client.round import ClientRound, seed_for
+from fl_client.round import seed_for
 from fl_client.secure import SecureRound
 from fl_client.task import Result, Task
 from fl_server.aggregation.secure import SecureSum
@@ -175,7 +175,6 @@ def test_the_secure_sum_keeps_the_contract_of_memory():
     specs = tensors.specs_of(build_model(model_spec_for("mlp", load_digits()[0])).state_dict())
     agg = SecureSum(specs)
     assert agg.specs[0].shape == (agg.length + 1,) and agg.memory_claim() >= 8 * (agg.length + 1)
-    _ = ClientRound  # the plain round's counterpart (fl_client/round.py)
 
 
 def test_the_graph_is_sparse_by_default_beyond_ten_clients():
