@@ -432,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check that every benchmark runs")
     parser.add_argument("--out", type=Path, default=ROOT / "bench", help="where results.json and results.md go")
     parser.add_argument("--only", nargs="*", help="run only these benchmarks (method names)")
+    parser.add_argument("--skip", nargs="*", default=[], help="leave out these benchmarks (method names)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     allocator.keep_freed_memory()  # as fl-server and fl-client do
@@ -440,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(args.quick, Path(tmp))
         for name in ("transfer", "serialization", "rounds_and_memory", "scale", "round_start", "compression",
                      "client_training", "secure_aggregation", "ray_simulation"):
-            if not args.only or name in args.only:
+            if (not args.only or name in args.only) and name not in args.skip:
                 getattr(bench, name)()
     where = machine()
     args.out.mkdir(parents=True, exist_ok=True)
