@@ -14,6 +14,9 @@ from common.tensors import TensorSpec
 # 2: TrainConfig carries the hyperparameters as one JSON object.
 # 3: an update's integer and bool tensors are the client's new values, not local - global.
 PROTOCOL_VERSION = 3
+# The words a RESOURCE_EXHAUSTED refusal starts with when the server's client registry is full (open
+# mode): a client may try again later, as places free up, unlike other RESOURCE_EXHAUSTED refusals.
+REGISTRY_FULL = "the client registry is full"
 
 
 class Action(enum.Enum):

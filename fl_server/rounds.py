@@ -125,6 +125,9 @@ class RoundState:
                     self._cond.wait(remaining)
             finally:
                 info.polls -= 1
+                # Heard from until now: a client whose long-poll just ended is not "away" (and may not be
+                # forgotten to make room for a newcomer) in the moment before it polls again.
+                info.last_seen = self.clock()
         return decision or JoinDecision(Action.WAIT, self.train_config, message="no round needs you yet")
 
     def _train(self, r: OpenRound, message: str = "") -> JoinDecision:
