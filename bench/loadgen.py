@@ -133,9 +133,15 @@ def _shared_change(specs: list[tensors.TensorSpec]) -> tuple[tensors.Payload, li
     return _SHARED[key]
 
 
-async def run_clients(address: str, count: int, prefix: str = "sim") -> LoadStats:
+# fl-client's channel options, plus a connection of the channel's own: by default gRPC shares one
+# connection among a process's channels to the same address, which no two real clients would.
+OWN_CONNECTION = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+
+
+async def run_clients(address: str, count: int, prefix: str = "sim", own_connections: bool = False) -> LoadStats:
     stats = LoadStats()
-    clients = [SimulatedClient(f"{prefix}{i}", address, stats) for i in range(count)]
+    options = OWN_CONNECTION if own_connections else CHANNEL_OPTIONS
+    clients = [SimulatedClient(f"{prefix}{i}", address, stats, options=options) for i in range(count)]
     await asyncio.gather(*(c.run() for c in clients))
     return stats
 

@@ -86,6 +86,7 @@ class Membership:
         self.recent = heartbeat_seconds + 1.0
         self.limits = limits or RegistryLimits()
         self.clients: dict[str, ClientInfo] = {}
+        self.polling = 0  # JoinRound long-polls held open now, of all clients (the round state counts them)
         self._pruned = -float("inf")  # when forget() last went through every client
         # After a search of a full registry found no one to forget, newcomers are refused without another
         # search until this time: a flood of new ids then costs one pass over the registry a second, not one
@@ -203,7 +204,7 @@ class Membership:
                 what = "submitted"
             elif r is not None and c in r.silent:
                 what = "silent"
-            elif r is not None and c in r.selected:
+            elif r is not None and c in r.chosen:
                 what = "uploading" if c in r.uploading else "training"
             elif info.polls > 0:
                 what = "waiting"

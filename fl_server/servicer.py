@@ -298,6 +298,12 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_time_ms", int(KEEPALIVE_SECONDS * 1000)),
     ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT * 1000)),
     ("grpc.http2.max_pings_without_data", 0),
+    # A ping that comes sooner than min_recv_ping_interval after the last counts a strike, and two strikes
+    # (gRPC's default) close the connection with GOAWAY "too_many_pings". A server busy with thousands of
+    # connections reads their pings late, in bunches: 10,000 clients pinging every 10 s then had thousands
+    # of connections closed, each call on them failing. Strikes are not counted: a ping costs the server a
+    # few bytes, answered in gRPC's core.
+    ("grpc.http2.max_ping_strikes", 0),
     # Calls that have arrived but that the server's single dispatch thread has not yet picked up (it takes
     # them one at a time, starting a thread for each). Past gRPC's default 1,000 such calls, core drops new
     # ones at random (none are kept past 3,000), each dropped call ending in a bare CANCELLED (RST_STREAM):
