@@ -420,8 +420,8 @@ class RoundState:
             with self._fold_lock:
                 if aggregated:
                     # The old state goes to the aggregator, which may reuse its memory from the next round
-                    # on; by then its evaluation has finished (the coordinator waits for it before opening
-                    # another round) and no reader is left.
+                    # on; by then its evaluation and checkpoint have finished (the coordinator waits for them
+                    # before closing another round) and no reader is left.
                     try:
                         self._global = self.aggregator.finish(self._global)
                         if isinstance(self.aggregator, SecureSum):
