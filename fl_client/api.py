@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterator
 import grpc
 import torch
 
+from common import convert, tls, tokens
 from common import messages as m
-from common import tls, tokens
 from common.datasets import DataError
 from common.secagg import SecAggError
 from common.training import TrainingStopped, select_device
@@ -238,8 +238,14 @@ class Federation:
                     time.sleep(decision.retry_after)
                 continue
             try:
-                header, fetched = self.connection.fetch_model(
-                    m.ModelRequest(client_id=self.client_id, model_version=decision.model_version))
+                if decision.model_stream:  # a small model comes with the answer
+                    header, fetched = self.connection.model_of(iter(decision.model_stream))
+                    if header.model_version != decision.model_version:
+                        raise convert.MalformedMessage(f"the TRAIN answer for model version {decision.model_version} "
+                                                       f"carries version {header.model_version}")
+                else:
+                    header, fetched = self.connection.fetch_model(
+                        m.ModelRequest(client_id=self.client_id, model_version=decision.model_version))
             except RequestRefusedError as e:
                 if e.code not in RESYNC:
                     raise
@@ -279,7 +285,8 @@ class Federation:
                         seed=seed_for(decision.config, self.client_id, decision.round), data_dir=self.data_dir,
                         _should_stop=heartbeat.round_over.is_set,
                         _submit=functools.partial(self._submit, global_state=global_state,
-                                                  model_version=header.model_version, secure=secure))
+                                                  model_version=header.model_version, secure=secure,
+                                                  admitted=decision.upload_admitted))
             try:
                 yield task
             finally:
@@ -290,14 +297,14 @@ class Federation:
                     self._report_failure(task, "the client's code did not submit the round")
 
     def _submit(self, task: Task, result: Result, global_state: State, model_version: int,
-                secure: SecureRound | None = None) -> m.SubmitResult:
+                secure: SecureRound | None = None, admitted: bool = False) -> m.SubmitResult:
         if task.should_stop():
             log.info("round %d: over before the update was sent; not sending it", task.round)
             return m.SubmitResult(accepted=False, message="the round was over before the update was sent")
         update = (secure.prepare(global_state, task, result) if secure is not None else
                   self.client.prepare(global_state, task, result))
         try:
-            reply = self.connection.submit(update.header(model_version), update.payload)
+            reply = self.connection.submit(update.header(model_version), update.payload, admitted)
             if secure is not None and reply.accepted:
                 self._reveal(secure)
         except RequestRefusedError as e:

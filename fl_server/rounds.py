@@ -128,8 +128,11 @@ class RoundState:
         return decision or JoinDecision(Action.WAIT, self.train_config, message="no round needs you yet")
 
     def _train(self, r: OpenRound, message: str = "") -> JoinDecision:
+        # With a receive buffer for every selected client, no upload of theirs ever waits for one: the
+        # admission's round trip would only delay it, so the clients are told to send their data at once.
         return JoinDecision(Action.TRAIN, self.train_config, round=r.number, model_version=self.model_version,
-                            heartbeat_seconds=self.rules.heartbeat_seconds, message=message)
+                            heartbeat_seconds=self.rules.heartbeat_seconds, message=message,
+                            upload_admitted=self.uploads.max_concurrent >= len(r.selected))
 
     def _heartbeat_reply(self, client_id: str, training_round: int) -> JoinDecision:
         r = self._round
