@@ -162,6 +162,8 @@ class JoinDecision:
     retry_after: float = 0.0
     message: str = ""
     heartbeat_seconds: float = 0.0  # TRAIN only: how often to send heartbeats while working
+    upload_admitted: bool = False  # TRAIN only: the upload needs no admission (a receive buffer is held for it)
+    model_stream: tuple[bytes, ...] = ()  # TRAIN only, small models: the GetGlobalModel stream, or () to fetch it
 
 
 @dataclass(frozen=True)

@@ -151,8 +151,11 @@ class RoundState:
         return decision or JoinDecision(Action.WAIT, self.train_config, message="no round needs you yet")
 
     def _train(self, r: OpenRound, message: str = "") -> JoinDecision:
+        # With a receive buffer for every selected client, no upload of theirs ever waits for one: the
+        # admission's round trip would only delay it, so the clients are told to send their data at once.
         return JoinDecision(Action.TRAIN, self.train_config, round=r.number, model_version=self.model_version,
-                            heartbeat_seconds=self.rules.heartbeat_seconds, message=message)
+                            heartbeat_seconds=self.rules.heartbeat_seconds, message=message,
+                            upload_admitted=self.uploads.max_concurrent >= len(r.selected))
 
     def _heartbeat_reply(self, client_id: str, training_round: int) -> JoinDecision:
         r = self._round
@@ -471,8 +474,8 @@ class RoundState:
             with self._fold_lock:
                 if aggregated:
                     # The old state goes to the aggregator, which may reuse its memory from the next round
-                    # on; by then its evaluation has finished (the coordinator waits for it before opening
-                    # another round) and no reader is left.
+                    # on; by then its evaluation and checkpoint have finished (the coordinator waits for them
+                    # before closing another round) and no reader is left.
                     try:
                         self._global = self.aggregator.finish(self._global)
                         if isinstance(self.aggregator, SecureSum):

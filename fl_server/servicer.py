@@ -1,6 +1,7 @@
 """The gRPC layer: parse, call one method of `RoundState`, map its exceptions to one status each."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -13,6 +14,7 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import HealthServicer
 
 from common import convert, tls, tokens
+from common.messages import Action, JoinDecision
 from common.proto import federation_pb2 as pb
 from common.tensors import CHUNK_SIZE
 from fl_server import errors
@@ -24,6 +26,10 @@ log = logging.getLogger("fl_server.servicer")
 
 LONG_POLL_SECONDS = 10.0  # how long JoinRound holds a call open before answering WAIT
 STREAM_WAIT = 30.0  # seconds a model request waits for its version's stream to be serialized
+# A model whose whole GetGlobalModel stream is at most this many bytes rides in the TRAIN answer to
+# JoinRound, saving each selected client a call. Small, because every such answer holds its own copies
+# of it (protobuf's, then gRPC's), where model streams are bounded by max_downloads.
+INLINE_MODEL_BYTES = 64 * 1024
 FIRST_MESSAGE_TIMEOUT = 10.0  # seconds an update stream may take to send its header (config: first_message_timeout)
 MAX_RPCS = 8192  # calls served at once, one thread each (config: max_rpcs)
 THREAD_STACK_KIB = 512  # each call thread's stack (config: rpc_thread_stack_kib)
@@ -138,7 +144,10 @@ class FederationServicer:
         try:
             req = convert.join_request_from_raw(request)
             self._check_identity(context, req.client_id)
-            return convert.join_decision_to_proto(self.state.join(req, self._long_poll_for(context)))
+            decision = self.state.join(req, self._long_poll_for(context))
+            if decision.action is Action.TRAIN and not req.training_round:  # not to heartbeats
+                decision = self._with_small_model(decision)
+            return convert.join_decision_to_proto(decision)
         except _REFUSABLE as e:
             _abort(context, e)
 
@@ -166,6 +175,18 @@ class FederationServicer:
             return convert.secagg_reply_to_proto(self.state.secure_step(req, self._long_poll_for(context)))
         except _REFUSABLE as e:
             _abort(context, e)
+
+    def _with_small_model(self, decision: JoinDecision) -> JoinDecision:
+        """`decision` carrying its model's stream when that is cached and small (INLINE_MODEL_BYTES)."""
+        with self._streams_lock:
+            cached = self._stream
+        if cached is None or cached[0] != decision.model_version:
+            return decision
+        size = sum(map(len, cached[1]))
+        if size > INLINE_MODEL_BYTES:
+            return decision
+        self.state.count_sent(size)
+        return dataclasses.replace(decision, model_stream=tuple(cached[1]))
 
     def _long_poll_for(self, context: grpc.ServicerContext) -> float:
         """How long a long-poll may hold the call: answer before the client's own deadline runs out, or it
