@@ -33,9 +33,9 @@ def _count_bytes(federation, sent: list[int]) -> None:  # noqa: ANN001 - a Feder
     connection = federation.connection
     submit, step = connection.submit, connection.secure_step
 
-    def counted_submit(header: m.UpdateHeader, payload):  # noqa: ANN001, ANN202
+    def counted_submit(header: m.UpdateHeader, payload, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         sent[0] += sum(len(message) for message in convert.update_stream(header, payload, tensors.CHUNK_SIZE))
-        return submit(header, payload)
+        return submit(header, payload, *args, **kwargs)
 
     def counted_step(req: m.SecAggRequest) -> m.SecAggReply:
         sent[0] += convert.secagg_request_to_proto(req).ByteSize()
