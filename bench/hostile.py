@@ -336,10 +336,11 @@ def table(results: list[dict], command: str) -> str:
 
 
 async def honest(address: str) -> None:
-    """The honest federation: LEGIT simulated clients; each error is printed as it happens."""
+    """The honest federation: LEGIT simulated clients, which try again after the errors fl-client tries
+    again after; each error is printed as it happens."""
     stats = loadgen.LoadStats()
     clients = [loadgen.SimulatedClient(f"legit{i}", address, stats) for i in range(LEGIT)]
-    tasks = [asyncio.ensure_future(c.run()) for c in clients]
+    tasks = [asyncio.ensure_future(c.run(retry=True)) for c in clients]  # as fl-client, it tries again
     printed = 0
     while not all(t.done() for t in tasks):
         await asyncio.sleep(0.5)

@@ -16,7 +16,7 @@ import torch
 from common import convert, tensors
 from common import messages as m
 from common.proto import federation_pb2 as pb
-from fl_client.connection import CHANNEL_OPTIONS
+from fl_client.connection import CHANNEL_OPTIONS, retryable
 
 
 @dataclass
@@ -58,20 +58,26 @@ class SimulatedClient:
         self.submit = self.channel.stream_unary(convert.SUBMIT_UPDATE, request_serializer=convert.raw,
                                                 response_deserializer=pb.SubmitReply.FromString)
 
-    async def run(self) -> None:
+    async def run(self, retry: bool = False) -> None:
+        """Take part until the server says FINISHED. An error ends the client, or with `retry`, is counted
+        and, if fl-client would try again after it (fl_client.connection.retryable), tried again."""
         request = convert.join_request_to_proto(m.JoinRequest(client_id=self.client_id, num_samples=self.num_samples))
         try:
             while True:
-                start = time.perf_counter()
-                decision = convert.join_decision_from_proto(await self.join(request, timeout=60))
-                self.stats.join_latencies.append(time.perf_counter() - start)
-                if decision.action is m.Action.FINISHED:
-                    return
-                if decision.action is m.Action.TRAIN:
-                    self.stats.train_received.setdefault(decision.round, []).append(time.time())
-                    await self.one_round(decision)
-        except grpc.aio.AioRpcError as e:
-            self.stats.errors.append(f"{self.client_id}: {e.code().name} {e.details()}")
+                try:
+                    start = time.perf_counter()
+                    decision = convert.join_decision_from_proto(await self.join(request, timeout=60))
+                    self.stats.join_latencies.append(time.perf_counter() - start)
+                    if decision.action is m.Action.FINISHED:
+                        return
+                    if decision.action is m.Action.TRAIN:
+                        self.stats.train_received.setdefault(decision.round, []).append(time.time())
+                        await self.one_round(decision)
+                except grpc.aio.AioRpcError as e:
+                    self.stats.errors.append(f"{self.client_id}: {e.code().name} {e.details()}")
+                    if not (retry and retryable(e.code(), e.details() or "")):
+                        return
+                    await asyncio.sleep(0.5)
         finally:
             await self.channel.close()
 
@@ -127,9 +133,15 @@ def _shared_change(specs: list[tensors.TensorSpec]) -> tuple[tensors.Payload, li
     return _SHARED[key]
 
 
-async def run_clients(address: str, count: int, prefix: str = "sim") -> LoadStats:
+# fl-client's channel options, plus a connection of the channel's own: by default gRPC shares one
+# connection among a process's channels to the same address, which no two real clients would.
+OWN_CONNECTION = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+
+
+async def run_clients(address: str, count: int, prefix: str = "sim", own_connections: bool = False) -> LoadStats:
     stats = LoadStats()
-    clients = [SimulatedClient(f"{prefix}{i}", address, stats) for i in range(count)]
+    options = OWN_CONNECTION if own_connections else CHANNEL_OPTIONS
+    clients = [SimulatedClient(f"{prefix}{i}", address, stats, options=options) for i in range(count)]
     await asyncio.gather(*(c.run() for c in clients))
     return stats
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from bench import bare_grpc, loadgen, ray_sim, secure
+from bench import many_clients as bench_many_clients
 from bench.timing import median_seconds, own_cpu, process_cpu
 from common import allocator, convert, tensors
 from common import messages as m
@@ -382,6 +383,20 @@ class Bench:
         self.add(8, "client training: one local epoch / bare PyTorch loop", ratio, "x", "<= 1.15", ratio <= 1.15,
                  f"({what}: {statistics.median(times_ours):.2f} s vs {statistics.median(times_bare):.2f} s)")
 
+    # 11 ------------------------------------------------------------------------------------------------
+    def many_clients(self) -> None:
+        """10,000 connected clients of a tiny model (the MLP on digits), 1,000 a round, 3 rounds, on one
+        server (bench/many_clients.py); --quick 200 clients, 20 a round."""
+        clients, per_round = (200, 20) if self.quick else (10_000, 1_000)
+        result = bench_many_clients.measure(clients, per_round, 3, self.workdir, env=ENV)
+        assert result.rounds == 3, result
+        self.add(11, f"{clients} connected clients, {per_round} a round: server memory per connected client",
+                 result.bytes_per_client / 1024, "KiB", "reported", None, f"({result.summary()})")
+        self.add(11, f"{clients} connected clients, {per_round} a round: round open-to-close, median",
+                 statistics.median(result.round_seconds), "s", "3 rounds complete", True, "")
+        self.add(11, f"{clients} connected clients, {per_round} a round: round start (open to a client's TRAIN), "
+                 "p99", result.start_p99 * 1e3, "ms", "reported", None, "")
+
     # 10 ------------------------------------------------------------------------------------------------
     def ray_simulation(self) -> None:
         """The simulation's Ray backend against in-process on the same work (bench/ray_sim.py): 1,000
@@ -432,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check that every benchmark runs")
     parser.add_argument("--out", type=Path, default=ROOT / "bench", help="where results.json and results.md go")
     parser.add_argument("--only", nargs="*", help="run only these benchmarks (method names)")
+    parser.add_argument("--skip", nargs="*", default=[], help="leave out these benchmarks (method names)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     allocator.keep_freed_memory()  # as fl-server and fl-client do
@@ -439,8 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fl-bench-") as tmp:
         bench = Bench(args.quick, Path(tmp))
         for name in ("transfer", "serialization", "rounds_and_memory", "scale", "round_start", "compression",
-                     "client_training", "secure_aggregation", "ray_simulation"):
-            if not args.only or name in args.only:
+                     "client_training", "secure_aggregation", "ray_simulation", "many_clients"):
+            if (not args.only or name in args.only) and name not in args.skip:
                 getattr(bench, name)()
     where = machine()
     args.out.mkdir(parents=True, exist_ok=True)

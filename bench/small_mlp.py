@@ -1,6 +1,6 @@
-"""The small-model workload's network for `make bench-peers` (bench/peers.py): an MLP 64-128-10, one
-hidden layer of 128 with ReLU. PyTorch only, so that both fedgrpc (as `model_name =
-"bench.small_mlp:SmallMLP"`) and the Flower processes in their own virtualenv build the same module."""
+"""The small-model workload's network, an MLP 64-128-10 (one hidden layer of 128 with ReLU), for
+`make bench-peers` (bench/peers.py) and bench/small_rounds.py. PyTorch only, so that both this product (as
+`model_name = "bench.small_mlp:SmallMLP"`) and the Flower processes in their own virtualenv build it."""
 from __future__ import annotations
 
 import math

@@ -141,7 +141,8 @@ _ACTIONS_BACK = {v: k for k, v in _ACTIONS.items()}
 def join_decision_to_proto(d: m.JoinDecision) -> pb.JoinReply:
     return pb.JoinReply(action=_ACTIONS[d.action], round=d.round, model_version=d.model_version,
                         config=train_config_to_proto(d.config), retry_after_seconds=d.retry_after,
-                        message=d.message, heartbeat_seconds=d.heartbeat_seconds)
+                        message=d.message, heartbeat_seconds=d.heartbeat_seconds, upload_admitted=d.upload_admitted,
+                        model_stream=d.model_stream)
 
 
 def join_decision_from_proto(msg: pb.JoinReply) -> m.JoinDecision:
@@ -149,7 +150,8 @@ def join_decision_from_proto(msg: pb.JoinReply) -> m.JoinDecision:
     return m.JoinDecision(action=_ACTIONS_BACK[msg.action], config=train_config_from_proto(msg.config),
                           round=msg.round, model_version=msg.model_version,
                           retry_after=max(0.0, msg.retry_after_seconds), message=msg.message,
-                          heartbeat_seconds=max(0.0, msg.heartbeat_seconds))
+                          heartbeat_seconds=max(0.0, msg.heartbeat_seconds), upload_admitted=msg.upload_admitted,
+                          model_stream=tuple(msg.model_stream))
 
 
 # --- GetGlobalModel ----------------------------------------------------------------------------------

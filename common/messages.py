@@ -14,6 +14,9 @@ from common.tensors import TensorSpec
 # 2: TrainConfig carries the hyperparameters as one JSON object.
 # 3: an update's integer and bool tensors are the client's new values, not local - global.
 PROTOCOL_VERSION = 3
+# The words a RESOURCE_EXHAUSTED refusal starts with when the server's client registry is full (open
+# mode): a client may try again later, as places free up, unlike other RESOURCE_EXHAUSTED refusals.
+REGISTRY_FULL = "the client registry is full"
 
 
 class Action(enum.Enum):
@@ -159,6 +162,8 @@ class JoinDecision:
     retry_after: float = 0.0
     message: str = ""
     heartbeat_seconds: float = 0.0  # TRAIN only: how often to send heartbeats while working
+    upload_admitted: bool = False  # TRAIN only: the upload needs no admission (a receive buffer is held for it)
+    model_stream: tuple[bytes, ...] = ()  # TRAIN only, small models: the GetGlobalModel stream, or () to fetch it
 
 
 @dataclass(frozen=True)

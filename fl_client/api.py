@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterator
 import grpc
 import torch
 
+from common import convert, tls, tokens
 from common import messages as m
-from common import tls, tokens
 from common.datasets import DataError
 from common.secagg import SecAggError
 from common.training import TrainingStopped, select_device
@@ -72,34 +72,100 @@ def connect(server: str, client_id: str, *, tls_ca: str | None = None, tls_cert:
 
 class Heartbeat:
     """Tells the server, every few seconds while this client works on a round, that it is alive; and
-    notices when the server says the round is over, so the work can stop early."""
+    notices when the server says the round is over, so the work can stop early.
 
-    def __init__(self, connection: ServerConnection, request: m.JoinRequest, interval: float):
+    One per round (`round_over` is the round's), beating on the Federation's one heartbeat thread
+    (Heartbeats): a round that lasts less than a heartbeat costs no thread of its own."""
+
+    def __init__(self, connection: ServerConnection, request: m.JoinRequest, interval: float,
+                 beats: Heartbeats | None = None):
         self.connection = connection
         self.request = request
         self.interval = interval
         self.round_over = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self._beats = beats or Heartbeats()
+        self._owned = beats is None  # a thread of its own, stopped with it
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            reply = self.connection.heartbeat(self.request, timeout=max(self.interval, 1.0))
-            if reply is None:
-                log.warning("round %d: heartbeat not delivered; carrying on", self.request.training_round)
-            elif reply.action is not m.Action.TRAIN or reply.round != self.request.training_round:
-                log.info("round %d: %s", self.request.training_round, reply.message or "round is over")
-                self.round_over.set()
-                return
+    def beat(self) -> bool:
+        """One heartbeat; False once the server says the round is over."""
+        reply = self.connection.heartbeat(self.request, timeout=max(self.interval, 1.0))
+        if reply is None:
+            log.warning("round %d: heartbeat not delivered; carrying on", self.request.training_round)
+        elif reply.action is not m.Action.TRAIN or reply.round != self.request.training_round:
+            log.info("round %d: %s", self.request.training_round, reply.message or "round is over")
+            self.round_over.set()
+            return False
+        return True
 
     def start(self) -> None:
         if self.interval > 0:
-            self._thread.start()
+            self._beats.begin(self)
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
+        """No heartbeat of this round is sent or under way once this returns."""
+        self._beats.end(self)
+        if self._owned:
+            self._beats.close()
+
+
+class Heartbeats:
+    """The thread that beats the current round's Heartbeat every `interval` seconds; started with the
+    first round, and reused for every round after it."""
+
+    def __init__(self) -> None:
+        self.current: Heartbeat | None = None
+        self._beating: Heartbeat | None = None  # the one whose heartbeat is on its way
+        self._changed = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def begin(self, heartbeat: Heartbeat) -> None:
+        with self._changed:
+            self.current = heartbeat
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+                self._thread.start()
+            self._changed.notify_all()
+
+    def end(self, heartbeat: Heartbeat) -> None:
+        with self._changed:
+            if self.current is heartbeat:
+                self.current = None
+                self._changed.notify_all()
+            if threading.current_thread() is not self._thread:
+                self._changed.wait_for(lambda: self._beating is not heartbeat)
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self.current = None
+            self._changed.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._closed or self.current is not None)
+                if self._closed:
+                    return
+                heartbeat = self.current
+                assert heartbeat is not None
+                # The first heartbeat an interval after the round began, the next an interval later.
+                due = time.monotonic() + heartbeat.interval
+                while not self._closed and self.current is heartbeat and time.monotonic() < due:
+                    self._changed.wait(due - time.monotonic())
+                if self._closed or self.current is not heartbeat:
+                    continue
+                self._beating = heartbeat
+            try:
+                going_on = heartbeat.beat()  # outside the lock: the round may end meanwhile
+            finally:
+                with self._changed:
+                    self._beating = None
+                    self._changed.notify_all()
+            if not going_on:
+                self.end(heartbeat)
 
 
 class Federation:
@@ -118,6 +184,7 @@ class Federation:
         self.num_samples = num_samples  # what this client trains on, once known (the server shows it)
         self.rounds_trained = 0
         self._rounds: Iterator[Task] | None = None
+        self._heartbeats = Heartbeats()
         # Given each new training config as soon as a join brings it, before any round: what an app needs
         # to get ready while the client waits (the built-in one loads and checks its data).
         self.on_config: Callable[[m.TrainConfig], None] | None = None
@@ -135,6 +202,7 @@ class Federation:
             if self._rounds is not None:
                 self._rounds.close()  # type: ignore[attr-defined]  # a generator
         finally:
+            self._heartbeats.close()
             self.connection.close()
 
     def rounds(self) -> Iterator[Task]:
@@ -170,8 +238,14 @@ class Federation:
                     time.sleep(decision.retry_after)
                 continue
             try:
-                header, fetched = self.connection.fetch_model(
-                    m.ModelRequest(client_id=self.client_id, model_version=decision.model_version))
+                if decision.model_stream:  # a small model comes with the answer
+                    header, fetched = self.connection.model_of(iter(decision.model_stream))
+                    if header.model_version != decision.model_version:
+                        raise convert.MalformedMessage(f"the TRAIN answer for model version {decision.model_version} "
+                                                       f"carries version {header.model_version}")
+                else:
+                    header, fetched = self.connection.fetch_model(
+                        m.ModelRequest(client_id=self.client_id, model_version=decision.model_version))
             except RequestRefusedError as e:
                 if e.code not in RESYNC:
                     raise
@@ -181,7 +255,8 @@ class Federation:
             # they serve as the reference the update is computed against. The task gets a copy, which the
             # user's code may change.
             global_state = fetched
-            heartbeat = Heartbeat(self.connection, self._join_request(decision.round), decision.heartbeat_seconds)
+            heartbeat = Heartbeat(self.connection, self._join_request(decision.round), decision.heartbeat_seconds,
+                                  self._heartbeats)
             heartbeat.start()
             secure = None
             if decision.config.secure_aggregation:
@@ -210,7 +285,8 @@ class Federation:
                         seed=seed_for(decision.config, self.client_id, decision.round), data_dir=self.data_dir,
                         _should_stop=heartbeat.round_over.is_set,
                         _submit=functools.partial(self._submit, global_state=global_state,
-                                                  model_version=header.model_version, secure=secure))
+                                                  model_version=header.model_version, secure=secure,
+                                                  admitted=decision.upload_admitted))
             try:
                 yield task
             finally:
@@ -221,14 +297,14 @@ class Federation:
                     self._report_failure(task, "the client's code did not submit the round")
 
     def _submit(self, task: Task, result: Result, global_state: State, model_version: int,
-                secure: SecureRound | None = None) -> m.SubmitResult:
+                secure: SecureRound | None = None, admitted: bool = False) -> m.SubmitResult:
         if task.should_stop():
             log.info("round %d: over before the update was sent; not sending it", task.round)
             return m.SubmitResult(accepted=False, message="the round was over before the update was sent")
         update = (secure.prepare(global_state, task, result) if secure is not None else
                   self.client.prepare(global_state, task, result))
         try:
-            reply = self.connection.submit(update.header(model_version), update.payload)
+            reply = self.connection.submit(update.header(model_version), update.payload, admitted)
             if secure is not None and reply.accepted:
                 self._reveal(secure)
         except RequestRefusedError as e:

@@ -135,14 +135,16 @@ class BuiltinTraining:
             model = self._model(task)
             loader = self._loader_for(data, cfg, task.device)
             loader.generator.manual_seed(task.seed)
-            with tqdm(total=cfg.local_epochs, desc=f"round {task.round}", unit="epoch", leave=False,
-                      disable=not (self.progress and sys.stderr.isatty())) as bar:
-                def on_epoch(_epoch: int, loss: float) -> None:
-                    bar.set_postfix(loss=f"{loss:.4f}")
-                    bar.update(1)
+            if not (self.progress and sys.stderr.isatty()):  # no bar to show: none made, each round
+                result = train(model, loader, cfg, task.device, should_stop=task.should_stop, autocast=autocast)
+            else:
+                with tqdm(total=cfg.local_epochs, desc=f"round {task.round}", unit="epoch", leave=False) as bar:
+                    def on_epoch(_epoch: int, loss: float) -> None:
+                        bar.set_postfix(loss=f"{loss:.4f}")
+                        bar.update(1)
 
-                result = train(model, loader, cfg, task.device, should_stop=task.should_stop,
-                               on_epoch=on_epoch, autocast=autocast)
+                    result = train(model, loader, cfg, task.device, should_stop=task.should_stop,
+                                   on_epoch=on_epoch, autocast=autocast)
             weights = model
         return Result(weights, result.num_samples, {"train_loss": result.loss, "train_seconds": result.seconds})
 

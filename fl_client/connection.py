@@ -22,13 +22,15 @@ T = TypeVar("T")
 
 # Only these can get better by trying again: the server is down or restarting, or the network is slow.
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-# ...and the server's cap on calls served at once (its max_rpcs), which gRPC reports with this text.
-# Other RESOURCE_EXHAUSTED refusals (a message over the size limit) would fail again the same way.
+# ...and the server's cap on calls served at once (its max_rpcs), which gRPC reports with this text, and
+# its client registry being full (open mode; places free up as clients leave). Other RESOURCE_EXHAUSTED
+# refusals (a message over the size limit) would fail again the same way.
 BUSY = "concurrent rpc limit"
 
 
 def retryable(code: grpc.StatusCode, details: str) -> bool:
-    return code in RETRYABLE or (code is grpc.StatusCode.RESOURCE_EXHAUSTED and BUSY in details.lower())
+    return code in RETRYABLE or (code is grpc.StatusCode.RESOURCE_EXHAUSTED and (
+        BUSY in details.lower() or details.startswith(m.REGISTRY_FULL)))
 JOIN_DEADLINE = 30.0  # above the server's long-poll (10 s), so a healthy long-poll never times out here
 TRANSFER_DEADLINE = 600.0  # a whole model up or down; generous for slow links
 
@@ -163,20 +165,29 @@ class ServerConnection:
 
     def fetch_model(self, req: m.ModelRequest) -> tuple[m.ModelHeader, dict[str, torch.Tensor]]:
         def fetch() -> tuple[m.ModelHeader, dict[str, torch.Tensor]]:
-            stream = self._get_global_model(convert.model_request_to_proto(req), timeout=TRANSFER_DEADLINE,
-                                            metadata=self._metadata)
-            # An empty stream (None) is refused as malformed there.
-            header = convert.model_header_from_raw(next(stream, None))
-            size = sum(s.nbytes for s in header.payload.specs)
-            if self._model_buffer is None or len(self._model_buffer) != size:
-                self._model_buffer = bytearray(size)
-            state = tensors.assemble(header.payload.specs, convert.data_chunks(stream, pb.ModelChunk, "model"),
-                                     header.payload.checksum, self._model_buffer)
-            return header, state
+            return self.model_of(self._get_global_model(convert.model_request_to_proto(req),
+                                                        timeout=TRANSFER_DEADLINE, metadata=self._metadata))
 
         return self._call("GetGlobalModel", fetch)
 
-    def submit(self, header: m.UpdateHeader, payload: tensors.Payload) -> m.SubmitResult:
+    def model_of(self, stream: Iterator[bytes]) -> tuple[m.ModelHeader, dict[str, torch.Tensor]]:
+        """The model a GetGlobalModel stream's messages carry (fetched, or in a TRAIN answer)."""
+        # An empty stream (None) is refused as malformed there.
+        header = convert.model_header_from_raw(next(stream, None))
+        size = sum(s.nbytes for s in header.payload.specs)
+        if self._model_buffer is None or len(self._model_buffer) != size:
+            self._model_buffer = bytearray(size)
+        state = tensors.assemble(header.payload.specs, convert.data_chunks(stream, pb.ModelChunk, "model"),
+                                 header.payload.checksum, self._model_buffer)
+        return header, state
+
+    def submit(self, header: m.UpdateHeader, payload: tensors.Payload, admitted: bool = False) -> m.SubmitResult:
+        """`admitted`: the server said that this round's uploads need no admission (JoinDecision's
+        upload_admitted), so the data follows the header at once."""
+        def eager() -> pb.SubmitReply:
+            return self._submit_update(convert.update_stream(header, payload, CHUNK_SIZE), timeout=TRANSFER_DEADLINE,
+                                       metadata=self._metadata)
+
         def attempt() -> pb.SubmitReply:  # a stream is single-use, so each retry builds a fresh one
             admitted = threading.Event()
 
@@ -193,7 +204,7 @@ class ServerConnection:
                 admitted.set()
             return call.result()
 
-        return convert.submit_result_from_proto(self._call("SubmitUpdate", attempt))
+        return convert.submit_result_from_proto(self._call("SubmitUpdate", eager if admitted else attempt))
 
     def secure_step(self, req: m.SecAggRequest) -> m.SecAggReply:
         """One stage of a secure round: the server's answer once the stage is complete (it holds each

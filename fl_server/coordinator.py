@@ -1,9 +1,12 @@
-"""The round loop: sample, send and wait, aggregate, save, evaluate.
+"""The round loop: sample, send and wait, aggregate, then evaluate and save beside the next round.
 
-Evaluation runs beside the next round rather than before it: the next round opens the moment the
-aggregate is checkpointed, and each round's accuracy is filled into `metrics.jsonl` when ready. The
-server evaluates on its data set's test split, or with the operator's server_evaluation function; with
-neither (dataset none), a round's record is complete when it is aggregated.
+The next round opens the moment a round is aggregated. Its evaluation, checkpoint and `metrics.jsonl`
+line are made on one background thread while the next round runs, in that order, and that work is
+waited for before the next round is aggregated: so the checkpoint of round r exists before round r+2
+opens, and a crash loses at most the round in progress and the one before it, which a resumed server
+re-runs exactly (each client's round is seeded by its round, the sample by the checkpointed sampler).
+The server evaluates on its data set's test split, or with the operator's server_evaluation function;
+with neither (dataset none), a round's record is complete when it is aggregated.
 """
 from __future__ import annotations
 
@@ -93,7 +96,8 @@ class Coordinator:
         self.write_report = write_report  # PNG plots and report.md at the end (fl_server.report)
         self.privacy = privacy
         self._metrics_lock = threading.Lock()
-        # One worker: evaluations happen in round order, each on the model version it was given.
+        # One worker: each round's evaluation, checkpoint and metrics line, in round order, beside the
+        # next round (see the module's docstring).
         self._evaluator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate")
         self._last_evaluation: Future | None = None
 
@@ -110,6 +114,10 @@ class Coordinator:
                     return False
                 self.state.open_round()
                 self.state.wait_until_complete()
+                # The round before's evaluation and checkpoint have had this whole round to finish. Waiting
+                # here, before this round's aggregate replaces the state they read, keeps them consistent,
+                # and the checkpoint of every round on disk before the round after next opens.
+                self._wait_for_evaluation()
                 outcome = self.state.close_round()
                 if not outcome.aggregated:
                     if self.state.stopping:
@@ -122,16 +130,14 @@ class Coordinator:
                 record = self._record_of(outcome)
                 if self.privacy is not None:
                     self._add_privacy_spent(record)
-                # The previous round's evaluation has had a whole round to finish; waiting for it here
-                # keeps at most the newest record without accuracy in any checkpoint.
-                self._wait_for_evaluation()
-                self._add_record(record)
-                self.save()
-                if self.evaluates:
-                    self._last_evaluation = self._evaluator.submit(self._evaluate_round, record,
-                                                                   self.state.global_state, outcome)
-                else:  # nothing to wait for: the record is complete
-                    self._report_round(record, outcome)
+                with self._metrics_lock:
+                    self.metrics.append(record)
+                # Taken now: the next round's sample moves the sampler on. The model and the server
+                # optimizer's state stay as they are until the next round is aggregated, which waits for
+                # this work first.
+                checkpoint = self._checkpoint()
+                self._last_evaluation = self._evaluator.submit(self._after_round, record, checkpoint,
+                                                               self.state.global_checksum, outcome)
             self._wait_for_evaluation()
             path = self.run_folder.save_final_model(self.state.global_state)
             self.state.finish()
@@ -184,16 +190,24 @@ class Coordinator:
                           "them", outcome.round)
             return RoundRecord.of(dataclasses.replace(outcome, client_metrics={}))
 
-    def _evaluate_round(self, record: RoundRecord, state: dict[str, torch.Tensor], outcome: RoundOutcome) -> None:
-        try:
-            result = self.evaluate(state)
-        except Exception as e:
-            # The round's model is published and checkpointed already: it stays without a test result.
-            self._evaluation_failed(outcome.round, e)
-        else:
-            with self._metrics_lock:
-                result.fill(record)
-                self._write_metrics()
+    def _after_round(self, record: RoundRecord, checkpoint: Checkpoint, model_checksum: int,
+                     outcome: RoundOutcome) -> None:
+        """An aggregated round's evaluation, then its checkpoint (with the record complete), then its
+        line in metrics.jsonl and on stdout: beside the next round, on the evaluation thread."""
+        if self.evaluates:
+            try:
+                result = self.evaluate(checkpoint.model)
+            except Exception as e:
+                # The round's model is published already: it stays without a test result.
+                self._evaluation_failed(outcome.round, e)
+            else:
+                with self._metrics_lock:
+                    result.fill(record)
+        with self._metrics_lock:
+            checkpoint.metrics = [r.copy() for r in self.metrics]
+        self.run_folder.save_checkpoint(checkpoint, model_checksum=model_checksum)
+        with self._metrics_lock:
+            self._write_metrics()
         self._report_round(record, outcome)
 
     def _evaluation_failed(self, round_: int, error: Exception) -> None:
@@ -246,14 +260,12 @@ class Coordinator:
         except Exception:
             log.exception("writing %s failed; the round loop carries on", self.run_folder.path / METRICS)
 
-    def save(self) -> None:
-        with self._metrics_lock:
-            metrics = [r.copy() for r in self.metrics]
-        self.run_folder.save_checkpoint(Checkpoint(
+    def _checkpoint(self) -> Checkpoint:
+        """The server's state now, to save; its metrics are filled in when it is saved."""
+        return Checkpoint(
             model=self.state.global_state, model_version=self.state.model_version,
             rng_state=self.state.selector.state_dict(), server_optimizer=self.state.aggregator.state_dict(),
-            metrics=metrics, config_hash=self.config_hash, model_spec=self.model_spec,
-        ), model_checksum=self.state.global_checksum)
+            config_hash=self.config_hash, model_spec=self.model_spec)
 
     def _add_privacy_spent(self, record: RoundRecord) -> None:
         """Epsilon spent by every aggregated round so far, this one included (rounds re-run for lack of

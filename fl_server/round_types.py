@@ -67,15 +67,19 @@ class OpenRound:
     bytes_in: int = 0  # payload bytes of the counted updates
     folding: int = 0  # accepted updates not yet folded into the sum
     begun: bool = False  # the aggregator's begin_round has run (under the fold lock)
+    next_silence_check: float = -float("inf")  # when the coordinator next looks for silent clients
+
+    def __post_init__(self) -> None:
+        self.chosen = frozenset(self.selected)  # `selected` as a set: membership in O(1) with 1,000 a round
 
     def expects(self, client_id: str) -> bool:
         """Whether this round still waits for work from the client: selected, not in, not given up on for
         a stalled upload."""
-        return client_id in self.selected and client_id not in self.submitted and client_id not in self.stalled
+        return client_id in self.chosen and client_id not in self.submitted and client_id not in self.stalled
 
     def check_upload(self, client_id: str) -> None:
         """Refuse an upload from a client this round does not expect one from (now)."""
-        if client_id not in self.selected:
+        if client_id not in self.chosen:
             raise NotSelectedError(f"client {client_id!r} was not selected for round {self.number}")
         if client_id in self.stalled:
             raise NotSelectedError(f"client {client_id!r} was given up on for round {self.number}: "

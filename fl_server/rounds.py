@@ -2,8 +2,11 @@
 
 A plain thread-safe object with no gRPC in it: the servicer calls `join`, `model` and `submit` from
 its worker threads; the coordinator's loop calls `open_round`, `wait_until_complete` and
-`close_round`. One condition variable wakes everyone waiting the moment something changes, so no one
-ever sleep-polls. Its parts, each in its own module: membership (who is live, how clients are
+`close_round`. No one sleep-polls: the coordinator and tools wait on one condition variable, woken the
+moment something they wait for changes; each JoinRound long-poll waits on a condition of its own (on the
+same lock), woken only when its client's answer changes, so that a round started among 10,000 polling
+clients wakes the 1,000 it selected rather than all of them. Its parts, each in its own module:
+membership (who is live, how clients are
 selected), uploads (receiving and checking one update), aggregation (the rule) and publication (each
 model version, encoded once).
 """
@@ -59,7 +62,12 @@ class RoundState:
         self.stopping = False
         self.bytes_received = 0  # payload bytes of every counted update
         self.bytes_sent = 0  # bytes of every model stream served in full
-        self._cond = threading.Condition()
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        # Each JoinRound long-poll's own condition, by client: woken when a round selects the client, and
+        # all of them at the end.
+        self._pollers: dict[str, list[threading.Condition]] = {}
+        self._watchers = 0  # callers of wait_for() waiting now: they watch joins too
         self._round: OpenRound | None = None
         self._global = {name: t.detach().cpu().clone() for name, t in global_state.items()}
         specs = tensors.specs_of(self._global)
@@ -109,27 +117,45 @@ class RoundState:
         check_protocol(req.protocol_version)
         deadline = self.clock() + timeout
         with self._cond:
-            info = self.members.register(req, keep=self._round.selected if self._round is not None else ())
+            info = self.members.register(req, keep=self._round.chosen if self._round is not None else ())
             if req.training_round and req.failure:
                 return self._give_up_on_failed(req.client_id, req.training_round, req.failure)
             if req.training_round:
                 return self._heartbeat_reply(req.client_id, req.training_round)
-            self._cond.notify_all()  # the coordinator may be waiting for enough clients
+            if self._round is None or self._watchers:
+                # The coordinator may be waiting for enough clients (no round is open then). During a round
+                # joins change nothing it waits for: waking it for each of thousands of polls would cost it
+                # a pass over the round's clients each time.
+                self._cond.notify_all()
             info.polls += 1
+            self.members.polling += 1
+            waiter = threading.Condition(self._lock)
+            self._pollers.setdefault(req.client_id, []).append(waiter)
             try:
                 while True:
                     decision = self._decision_for(req.client_id)
                     remaining = deadline - self.clock()
                     if decision is not None or remaining <= 0:
                         break
-                    self._cond.wait(remaining)
+                    waiter.wait(remaining)
             finally:
                 info.polls -= 1
+                self.members.polling -= 1
+                waiters = self._pollers[req.client_id]
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._pollers[req.client_id]
+                # Heard from until now: a client whose long-poll just ended is not "away" (and may not be
+                # forgotten to make room for a newcomer) in the moment before it polls again.
+                info.last_seen = self.clock()
         return decision or JoinDecision(Action.WAIT, self.train_config, message="no round needs you yet")
 
     def _train(self, r: OpenRound, message: str = "") -> JoinDecision:
+        # With a receive buffer for every selected client, no upload of theirs ever waits for one: the
+        # admission's round trip would only delay it, so the clients are told to send their data at once.
         return JoinDecision(Action.TRAIN, self.train_config, round=r.number, model_version=self.model_version,
-                            heartbeat_seconds=self.rules.heartbeat_seconds, message=message)
+                            heartbeat_seconds=self.rules.heartbeat_seconds, message=message,
+                            upload_admitted=self.uploads.max_concurrent >= len(r.selected))
 
     def _heartbeat_reply(self, client_id: str, training_round: int) -> JoinDecision:
         r = self._round
@@ -151,6 +177,12 @@ class RoundState:
             self._cond.notify_all()  # the round may be settled now
         return JoinDecision(Action.WAIT, self.train_config,
                             message=f"round {training_round}: noted that this client could not train it")
+
+    def _wake_pollers(self, clients: Iterable[str] | None = None) -> None:
+        """Wake the long-polls of `clients` (all when None): their answer has changed. Under the lock."""
+        for client in self._pollers if clients is None else clients:
+            for waiter in self._pollers.get(client, ()):
+                waiter.notify()
 
     def _decision_for(self, client_id: str) -> JoinDecision | None:
         if self.finished:
@@ -281,11 +313,20 @@ class RoundState:
 
     def wait_for_clients(self) -> None:
         """Block until `min_clients` clients are there now (Membership.present) (or we are stopping)."""
+        need = self.rules.min_clients
         with self._cond:
-            if len(self.members.present()) < self.rules.min_clients:
-                log.info("waiting for %d clients (%d connected)", self.rules.min_clients, len(self.members.present()))
-            while len(self.members.present()) < self.rules.min_clients and not self.stopping:
-                self._cond.wait(1.0)  # joins wake us at once; the timeout only lets silent clients age out
+            if len(self.members.present()) < need:
+                log.info("waiting for %d clients (%d connected)", need, len(self.members.present()))
+            counted = -float("inf")
+            while not self.stopping:
+                # Joins wake us at once, but counting who is there is a pass over every client: while
+                # thousands join, count again only when enough are polling, or a quarter second on.
+                now = time.monotonic()
+                if self.members.polling >= need or now - counted >= 0.25:
+                    counted = now
+                    if len(self.members.present()) >= need:
+                        break
+                self._cond.wait(0.25)  # the timeout lets silent clients age out
 
     def status(self) -> dict[str, Any]:
         """What the server is doing, for `fl-server status` and the metrics endpoint."""
@@ -308,7 +349,11 @@ class RoundState:
         `timeout` seconds pass; whether it holds. Every change a client or the coordinator can see wakes
         it: for tests and tools that must act once the state has reached a point."""
         with self._cond:
-            return self._cond.wait_for(predicate, timeout)
+            self._watchers += 1
+            try:
+                return self._cond.wait_for(predicate, timeout)
+            finally:
+                self._watchers -= 1
 
     def count_sent(self, nbytes: int) -> None:
         with self._cond:
@@ -327,8 +372,10 @@ class RoundState:
                                      population=len(present))
             if self.secure is not None:
                 self.secure.open(self._round)
-            log.info("round %d started with %s", self._round.number, ", ".join(map(safe, selected)))
+            shown = ", ".join(map(safe, selected[:20])) + (f" and {len(selected) - 20} more" * (len(selected) > 20))
+            log.info("round %d started with %s", self._round.number, shown)
             self._cond.notify_all()
+            self._wake_pollers(selected)
             return selected
 
     def secure_step(self, req: SecAggRequest, timeout: float) -> SecAggReply:
@@ -394,6 +441,13 @@ class RoundState:
             self._cond.wait(min(max(self.secure.deadline - self.clock(), 0.0) + 0.05, self.rules.heartbeat_seconds))
 
     def _give_up_on_silent(self, r: OpenRound) -> None:
+        # Each submission wakes the coordinator; with a thousand clients a round, a pass over them all at each
+        # wake-up would cost a million checks a round. Silence is counted in seconds: a pass every quarter
+        # heartbeat notices it as soon.
+        now = self.clock()
+        if now < r.next_silence_check:
+            return
+        r.next_silence_check = now + self.rules.heartbeat_seconds / 4
         for c in r.selected:
             if c in r.submitted or c in r.silent or c in r.uploading:
                 continue
@@ -420,8 +474,8 @@ class RoundState:
             with self._fold_lock:
                 if aggregated:
                     # The old state goes to the aggregator, which may reuse its memory from the next round
-                    # on; by then its evaluation has finished (the coordinator waits for it before opening
-                    # another round) and no reader is left.
+                    # on; by then its evaluation and checkpoint have finished (the coordinator waits for them
+                    # before closing another round) and no reader is left.
                     try:
                         self._global = self.aggregator.finish(self._global)
                         if isinstance(self.aggregator, SecureSum):
@@ -450,8 +504,10 @@ class RoundState:
         with self._cond:
             self.finished = True
             self._cond.notify_all()
+            self._wake_pollers()
 
     def stop(self) -> None:
         with self._cond:
             self.stopping = True
             self._cond.notify_all()
+            self._wake_pollers()

@@ -87,7 +87,7 @@ class SecureStages:
         if r is not self.round or self.session is None:
             raise StaleRoundError(f"round {req.round} is not the secure round in progress")
         client = req.client_id
-        if client not in r.selected:
+        if client not in r.chosen:
             raise NotSelectedError(f"client {client!r} was not selected for round {r.number}")
         self.advance(r)
         if self.phase is Phase.FAILED:

@@ -1,9 +1,11 @@
 """The gRPC layer: parse, call one method of `RoundState`, map its exceptions to one status each."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import NoReturn
 
@@ -12,6 +14,7 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import HealthServicer
 
 from common import convert, tls, tokens
+from common.messages import Action, JoinDecision
 from common.proto import federation_pb2 as pb
 from common.tensors import CHUNK_SIZE
 from fl_server import errors
@@ -23,6 +26,10 @@ log = logging.getLogger("fl_server.servicer")
 
 LONG_POLL_SECONDS = 10.0  # how long JoinRound holds a call open before answering WAIT
 STREAM_WAIT = 30.0  # seconds a model request waits for its version's stream to be serialized
+# A model whose whole GetGlobalModel stream is at most this many bytes rides in the TRAIN answer to
+# JoinRound, saving each selected client a call. Small, because every such answer holds its own copies
+# of it (protobuf's, then gRPC's), where model streams are bounded by max_downloads.
+INLINE_MODEL_BYTES = 64 * 1024
 FIRST_MESSAGE_TIMEOUT = 10.0  # seconds an update stream may take to send its header (config: first_message_timeout)
 MAX_RPCS = 8192  # calls served at once, one thread each (config: max_rpcs)
 THREAD_STACK_KIB = 512  # each call thread's stack (config: rpc_thread_stack_kib)
@@ -53,9 +60,35 @@ STATUS_FOR = {
 }
 
 
+class RefusalLog:
+    """Logs refusals, at most one line a second for each status: a flood of hostile calls (thousands of
+    made-up ids a second against a full registry) must not become a flood of log lines, nor its writing
+    take the server's time. A line after a quiet spell says how many were left out."""
+
+    def __init__(self, interval: float = 1.0, clock: Callable[[], float] = time.monotonic):
+        self.interval, self.clock = interval, clock
+        self._lock = threading.Lock()
+        self._last: dict[grpc.StatusCode, float] = {}
+        self._left_out: dict[grpc.StatusCode, int] = {}
+
+    def refused(self, peer: str, code: grpc.StatusCode, error: Exception) -> None:
+        now = self.clock()
+        with self._lock:
+            if now - self._last.get(code, -float("inf")) < self.interval:
+                self._left_out[code] = self._left_out.get(code, 0) + 1
+                return
+            self._last[code] = now
+            left_out = self._left_out.pop(code, 0)
+        more = f" (and {left_out} more {code.name} refusal(s) not logged)" if left_out else ""
+        log.warning("%s refused (%s): %s%s", peer, code.name, error, more)
+
+
+REFUSALS = RefusalLog()
+
+
 def _abort(context: grpc.ServicerContext, error: Exception) -> NoReturn:
     code = next(code for kind, code in STATUS_FOR.items() if isinstance(error, kind))
-    log.warning("%s refused (%s): %s", context.peer(), code.name, error)
+    REFUSALS.refused(context.peer(), code, error)
     context.abort(code, str(error))
     raise AssertionError("unreachable: context.abort raises")
 
@@ -111,7 +144,10 @@ class FederationServicer:
         try:
             req = convert.join_request_from_raw(request)
             self._check_identity(context, req.client_id)
-            return convert.join_decision_to_proto(self.state.join(req, self._long_poll_for(context)))
+            decision = self.state.join(req, self._long_poll_for(context))
+            if decision.action is Action.TRAIN and not req.training_round:  # not to heartbeats
+                decision = self._with_small_model(decision)
+            return convert.join_decision_to_proto(decision)
         except _REFUSABLE as e:
             _abort(context, e)
 
@@ -139,6 +175,18 @@ class FederationServicer:
             return convert.secagg_reply_to_proto(self.state.secure_step(req, self._long_poll_for(context)))
         except _REFUSABLE as e:
             _abort(context, e)
+
+    def _with_small_model(self, decision: JoinDecision) -> JoinDecision:
+        """`decision` carrying its model's stream when that is cached and small (INLINE_MODEL_BYTES)."""
+        with self._streams_lock:
+            cached = self._stream
+        if cached is None or cached[0] != decision.model_version:
+            return decision
+        size = sum(map(len, cached[1]))
+        if size > INLINE_MODEL_BYTES:
+            return decision
+        self.state.count_sent(size)
+        return dataclasses.replace(decision, model_stream=tuple(cached[1]))
 
     def _long_poll_for(self, context: grpc.ServicerContext) -> float:
         """How long a long-poll may hold the call: answer before the client's own deadline runs out, or it
@@ -271,6 +319,12 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_time_ms", int(KEEPALIVE_SECONDS * 1000)),
     ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT * 1000)),
     ("grpc.http2.max_pings_without_data", 0),
+    # A ping that comes sooner than min_recv_ping_interval after the last counts a strike, and two strikes
+    # (gRPC's default) close the connection with GOAWAY "too_many_pings". A server busy with thousands of
+    # connections reads their pings late, in bunches: 10,000 clients pinging every 10 s then had thousands
+    # of connections closed, each call on them failing. Strikes are not counted: a ping costs the server a
+    # few bytes, answered in gRPC's core.
+    ("grpc.http2.max_ping_strikes", 0),
     # Calls that have arrived but that the server's single dispatch thread has not yet picked up (it takes
     # them one at a time, starting a thread for each). Past gRPC's default 1,000 such calls, core drops new
     # ones at random (none are kept past 3,000), each dropped call ending in a bare CANCELLED (RST_STREAM):

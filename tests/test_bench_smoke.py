@@ -12,13 +12,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.integration
 def test_quick_benchmark_produces_every_figure(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    # All but figure 10 (Ray against in-process): starting a Ray instance costs most of its time, and
+    # tests/integration/test_ray.py measures it on the instance that test already has.
+    done = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path),
+                           "--skip", "ray_simulation"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    assert sorted({f["number"] for f in results["figures"]}) == list(range(1, 11))
+    assert sorted({f["number"] for f in results["figures"]}) == [*range(1, 10), 11]
     assert all(f["value"] > 0 for f in results["figures"])
-    assert "| 10 |" in (tmp_path / "results.md").read_text()
+    assert "| 9 |" in (tmp_path / "results.md").read_text()
 
 
 @pytest.mark.integration

@@ -117,7 +117,7 @@ class TrainConfig(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., hyperparameters: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("action", "round", "model_version", "config", "retry_after_seconds", "message", "heartbeat_seconds")
+    __slots__ = ("action", "round", "model_version", "config", "retry_after_seconds", "message", "heartbeat_seconds", "upload_admitted", "model_stream")
     ACTION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +125,8 @@ class JoinReply(_message.Message):
     RETRY_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_ADMITTED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_STREAM_FIELD_NUMBER: _ClassVar[int]
     action: Action
     round: int
     model_version: int
@@ -132,7 +134,9 @@ class JoinReply(_message.Message):
     retry_after_seconds: float
     message: str
     heartbeat_seconds: float
-    def __init__(self, action: _Optional[_Union[Action, str]] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., config: _Optional[_Union[TrainConfig, _Mapping]] = ..., retry_after_seconds: _Optional[float] = ..., message: _Optional[str] = ..., heartbeat_seconds: _Optional[float] = ...) -> None: ...
+    upload_admitted: bool
+    model_stream: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, action: _Optional[_Union[Action, str]] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., config: _Optional[_Union[TrainConfig, _Mapping]] = ..., retry_after_seconds: _Optional[float] = ..., message: _Optional[str] = ..., heartbeat_seconds: _Optional[float] = ..., upload_admitted: _Optional[bool] = ..., model_stream: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class ModelRequest(_message.Message):
     __slots__ = ("protocol_version", "client_id", "model_version")

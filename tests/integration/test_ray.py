@@ -74,3 +74,15 @@ def test_ray_gives_the_in_process_results(local_ray, tmp_path):
     for name, tensor in finals["inprocess"].items():
         torch.testing.assert_close(finals["ray"][name], tensor, rtol=0, atol=1e-6)
     assert len(where) == 12 and all(w.node_id == ray.get_runtime_context().get_node_id() for w in where)
+
+
+def test_the_ray_benchmark_measures_both_backends(local_ray):
+    # bench.run's figure 10 on tiny sizes (the quick bench in make test leaves it out, to start Ray once).
+    from bench import ray_sim  # noqa: PLC0415 - bench is not a package the product needs
+
+    local = ray_sim.child("inprocess", 20, 5, 2, 2)
+    on_ray = ray_sim.child("ray", 20, 5, 2, 2)
+    assert local.rounds == on_ray.rounds == 2
+    assert local.client_rounds == on_ray.client_rounds == 10
+    assert on_ray.rate > 0 and local.rate > 0
+    assert "20 clients, 5 a round, 2 rounds" in ray_sim.summary(local, on_ray)

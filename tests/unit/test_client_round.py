@@ -80,7 +80,7 @@ class FakeConnection:
     def fetch_model(self, request):
         return m.ModelHeader(round=1, model_version=request.model_version, payload=None), self.global_state
 
-    def submit(self, header, payload):
+    def submit(self, header, payload, admitted=False):
         self.submitted.append((header, payload))
         return self.reply
 

@@ -144,6 +144,22 @@ def test_4_a_new_client_takes_the_place_of_the_one_gone_longest():
     assert sorted(state.status()["clients"]) == ["a", "new"]
 
 
+def test_4_a_client_whose_long_poll_just_ended_is_not_forgotten_to_make_room():
+    """A long-poll lasts longer than the silence limit: the moment it ends, before its client polls again,
+    the client was heard from just now, not when the poll began (a Sybil flood evicted honest clients so)."""
+    state = make_state(k=2, registry=RegistryLimits(max_clients=2))
+    poll = threading.Thread(target=join, args=(state, "a", state.members.silence_limit + 5.0))
+    poll.start()
+    assert state.wait_for(lambda: state.status()["clients"].get("a", {}).get("state") == "waiting", GUARD)
+    state.clock.advance(state.members.silence_limit + 10.0)  # the poll's deadline passes...
+    join(state, "b")  # ...and this join's wake-up ends it
+    poll.join(GUARD)
+    assert not poll.is_alive()
+    with pytest.raises(errors.RegistryFullError, match="^the client registry is full: .*max_clients"):
+        join(state, "newcomer")
+    assert sorted(state.status()["clients"]) == ["a", "b"]
+
+
 def test_4_clients_not_heard_from_for_a_while_are_forgotten_but_never_a_selected_one():
     state = make_state(k=1, registry=RegistryLimits(forget_after=600.0))
     join(state, "a")
@@ -278,3 +294,20 @@ def test_11_a_client_without_data_is_logged_with_its_share_then_its_samples(capl
     assert f"client 0 joined (share 0 of {CONFIG.dataset}, cpu); 1 known" in lines
     assert not any("(0 samples" in line for line in lines)
     assert lines.count("client 0 trains on 600 samples") == 1
+
+
+def test_a_flood_of_refusals_is_logged_once_a_second_with_a_count(caplog):
+    from fl_server.servicer import RefusalLog  # noqa: PLC0415
+
+    now = [0.0]
+    refusals = RefusalLog(clock=lambda: now[0])
+    full = errors.RegistryFullError("the client registry is full")
+    with caplog.at_level(logging.WARNING, logger="fl_server.servicer"):
+        for i in range(500):
+            now[0] = i * 0.004  # 500 refusals in two seconds
+            refusals.refused(f"ipv4:127.0.0.1:{i}", grpc.StatusCode.RESOURCE_EXHAUSTED, full)
+        refusals.refused("ipv4:127.0.0.1:1", grpc.StatusCode.UNAUTHENTICATED, errors.RegistryFullError("other"))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3, lines
+    assert "(and 249 more RESOURCE_EXHAUSTED refusal(s) not logged)" in lines[1]
+    assert "UNAUTHENTICATED" in lines[2]  # each status has its own allowance

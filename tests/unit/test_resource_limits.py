@@ -138,7 +138,12 @@ def test_a_real_server_caps_calls_and_ends_idle_streams():
 
     try:
         idle = [submit.future(silent(), timeout=GUARD) for _ in range(4)]
-        time.sleep(0.2)  # let the four reach their handlers (a late one would only be refused below instead)
+        # Let the four reach their handlers (a late one would only be refused below instead): each has a
+        # call thread of its own then. On a busy machine that takes longer than any fixed pause.
+        deadline = time.monotonic() + GUARD
+        while sum(t.name.startswith("rpc") for t in threading.enumerate()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.1)
         with pytest.raises(grpc.RpcError) as refused:
             submit(silent(), timeout=GUARD)
         assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -188,6 +193,8 @@ def test_only_the_call_cap_is_retried_among_resource_exhausted():
     assert retryable(grpc.StatusCode.RESOURCE_EXHAUSTED, "Concurrent RPC limit exceeded!")
     assert not retryable(grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max")
     assert retryable(grpc.StatusCode.UNAVAILABLE, "")
+    # A full client registry (open mode) frees places as clients leave: fl-client tries again later.
+    assert retryable(grpc.StatusCode.RESOURCE_EXHAUSTED, "the client registry is full: the server already keeps")
 
 
 def monitoring(**kw):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from common import convert
-from common.messages import ModelRequest, ModelSpec, TrainConfig
+from common.messages import Action, JoinRequest, ModelRequest, ModelSpec, TrainConfig
+from fl_server import servicer as servicer_module
 from fl_server.rounds import RoundRules, RoundState
 from fl_server.servicer import FederationServicer
 
@@ -91,3 +92,32 @@ def test_a_model_request_waits_for_the_version_being_serialized():
     s._cache_stream(snapshot)  # the serialization ends
     asking.join(GUARD)
     assert served["stream"] == s._stream[1]  # served, not refused as a version that is gone
+
+
+def join(s, training_round=0):
+    raw = convert.join_request_to_proto(JoinRequest(client_id="a", num_samples=10,
+                                                    training_round=training_round)).SerializeToString()
+    return convert.join_decision_from_proto(s.JoinRound(raw, Context(time_remaining=1.0)))  # no long-poll
+
+
+def test_a_small_model_rides_in_the_train_answer_and_uploads_need_no_admission():
+    s = servicer(max_downloads=1)
+    join(s)
+    s.state.open_round()
+    decision = join(s)
+    assert decision.action is Action.TRAIN and decision.upload_admitted  # a receive buffer for each selected
+    assert list(decision.model_stream) == s._stream[1]  # what GetGlobalModel would have streamed
+    header = convert.model_header_from_raw(decision.model_stream[0])
+    assert header.model_version == decision.model_version
+    heartbeat = join(s, training_round=decision.round)
+    assert heartbeat.action is Action.TRAIN and heartbeat.model_stream == ()  # heartbeats carry no model
+
+
+def test_a_larger_model_is_fetched_and_uploads_wait_for_admission_when_buffers_are_fewer(monkeypatch):
+    monkeypatch.setattr(servicer_module, "INLINE_MODEL_BYTES", 10)
+    s = servicer(max_downloads=1)
+    s.state.uploads.max_concurrent = 0  # fewer receive buffers than selected clients
+    join(s)
+    s.state.open_round()
+    decision = join(s)
+    assert decision.action is Action.TRAIN and decision.model_stream == () and not decision.upload_admitted
