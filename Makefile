@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # Each of the test processes trains with one thread: on 2 cores, more threads only fight each other.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install sysdeps demo test test-fast test-cluster bench proto lint clean
+.PHONY: install sysdeps demo test test-fast test-cluster bench bench-peers proto lint clean
 
 install: $(STAMP)
 
@@ -50,6 +50,22 @@ bench: install
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m pytest -q -m study
 
+# fedgrpc against Flower's legacy gRPC runtime (start_server / start_client) on the same workloads in one run
+# (bench/peers.py; bench/peers.json, bench/peers.md; docs/performance.md). Flower lives in a virtualenv of its
+# own, bench/.peers-venv (its grpcio and protobuf are its own), made here on first use. About 15 minutes.
+PEERS_VENV := bench/.peers-venv
+PEERS_STAMP := $(PEERS_VENV)/.installed
+FLOWER_SPEC ?= flwr==1.42.*
+PEERS_TORCH ?= $(firstword $(TORCH_SPEC))
+
+$(PEERS_STAMP):
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet '$(FLOWER_SPEC)' $(PEERS_TORCH) numpy
+	touch $(PEERS_STAMP)
+
+bench-peers: install $(PEERS_STAMP)
+	$(BIN)/python -m bench.peers
+
 # The slow tests left out of `make test`: a two-node Ray cluster on this machine, one node killed
 # mid-round (tests/integration/test_ray_cluster.py; about a minute).
 test-cluster: install
@@ -63,4 +79,4 @@ proto: install
 	$(BIN)/python scripts/gen_proto.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(PEERS_VENV) runs .pytest_cache
