@@ -109,6 +109,7 @@ class RunFolder:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        self._metrics_written: int | None = None  # records this folder's metrics.jsonl holds, as written here
 
     def save_checkpoint(self, checkpoint: Checkpoint, model_checksum: int | None = None) -> None:
         """`model_checksum`: the XXH3 of checkpoint.model as common.tensors frames it, when the caller has it
@@ -143,7 +144,27 @@ class RunFolder:
 
     def write_metrics(self, records: list[RoundRecord]) -> None:
         """Rewrite the whole log from the checkpoint's records, so it always agrees with the checkpoint."""
+        self._metrics_written = None  # until the new file is in place
         write_atomically(self.path / METRICS, to_jsonl(records).encode())
+        self._metrics_written = len(records)
+
+    def append_metrics(self, records: list[RoundRecord]) -> None:
+        """Add to the log the records after those this folder wrote last, which must not have changed since
+        (the coordinator changes a record only before its first write, or after a restart, when it
+        rewrites the log). The first write of a run rewrites the log whole, so that a resumed run's log
+        agrees with its checkpoint. Appending keeps a round's write the size of its line: rewriting the
+        whole log every round made a long run's rounds slower and slower (a 1,000-round run rewrote 300
+        kB and its fsync each round)."""
+        written = self._metrics_written
+        if written is None or written > len(records):
+            self.write_metrics(records)
+            return
+        self._metrics_written = None  # a failure part-way leaves the file unknown: the next write rewrites it
+        with open(self.path / METRICS, "ab") as f:
+            f.write(to_jsonl(records[written:]).encode())
+            f.flush()
+            os.fsync(f.fileno())
+        self._metrics_written = len(records)
 
     def save_final_model(self, state: dict[str, torch.Tensor]) -> Path:
         path = self.path / FINAL_MODEL

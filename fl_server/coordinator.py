@@ -253,10 +253,10 @@ class Coordinator:
             self._write_metrics()
 
     def _write_metrics(self) -> None:
-        """metrics.jsonl rewritten, under the metrics lock. A failure is logged and the run carries on: the
-        records stay in memory and in the checkpoints, and the next write has them all."""
+        """The new records added to metrics.jsonl, under the metrics lock. A failure is logged and the run
+        carries on: the records stay in memory and in the checkpoints, and the next write has them all."""
         try:
-            self.run_folder.write_metrics(self.metrics)
+            self.run_folder.append_metrics(self.metrics)
         except Exception:
             log.exception("writing %s failed; the round loop carries on", self.run_folder.path / METRICS)
 

@@ -11,7 +11,7 @@ from common.messages import ModelSpec
 from common.models import build_model
 from fl_server.checkpoint import CHECKPOINT, Checkpoint, CheckpointError, RunFolder
 from fl_server.config import config_hash, load
-from fl_server.records import RoundRecord
+from fl_server.records import RoundRecord, read_jsonl
 
 SPEC = ModelSpec("mlp", (1, 8, 8), 10)
 
@@ -109,3 +109,20 @@ def test_resume_errors_say_what_differs(tmp_path):
     assert checkpoint.resume_error(cfg, ModelSpec("cnn", (1, 8, 8), 10), allow_config_change=True) == (
         f"the checkpoint in {tmp_path} holds a ['mlp', [1, 8, 8], 10] model, not ['cnn', [1, 8, 8], 10]; use "
         "another --out or the original settings")
+
+
+def test_the_metrics_log_is_rewritten_once_a_run_then_appended_to(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"round": 9}\n')  # a log past the checkpoint (a crash after it)
+    folder = RunFolder(tmp_path)
+    records = [RoundRecord(round=1)]
+    folder.append_metrics(records)  # a run's first write replaces the log with the checkpoint's records
+    assert [r.round for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1]
+    records.append(RoundRecord(round=2))
+    size = (tmp_path / "metrics.jsonl").stat().st_size
+    folder.append_metrics(records)
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert [r.round for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
+    assert len(text) > size and text.count("\n") == 2
+    # Fewer records than written (never in a run, but safe): the log is rewritten from them.
+    folder.append_metrics(records[:1])
+    assert [r.round for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1]
