@@ -5,6 +5,8 @@ so a `kill -9` at any moment leaves either the old file or the new one, never ha
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +19,8 @@ from common import logs, tensors
 from common.messages import ModelSpec
 from fl_server.config import Config, config_hash
 from fl_server.records import RoundRecord, to_jsonl
+
+log = logging.getLogger("fl_server.checkpoint")
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -38,21 +42,29 @@ class Checkpoint:
     model_version: int
     rng_state: Mapping[str, Any]  # the round sampler's (numpy bit generator state)
     server_optimizer: dict[str, Any] = field(default_factory=dict)
+    # The round records: in the file, only how many there are (metrics_count); the records themselves are
+    # metrics.jsonl's first lines, written before the checkpoint. A checkpoint holding every record cost
+    # 14 us a record to save, each round: 15 ms a round after 1,000 rounds, 150 ms after 10,000.
     metrics: list[RoundRecord] = field(default_factory=list)
     config_hash: str | None = None
     model_spec: ModelSpec | None = None
+    metrics_count: int | None = None  # read from the file: records metrics.jsonl must hold (None: `metrics` is all)
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "model_version": self.model_version, "rng_state": self.rng_state,
-                "server_optimizer": self.server_optimizer, "metrics": [r.to_dict() for r in self.metrics],
+                "server_optimizer": self.server_optimizer,
+                "metrics_count": len(self.metrics) if self.metrics_count is None else self.metrics_count,
                 "config_hash": self.config_hash, "model_spec": _spec_list(self.model_spec)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Checkpoint:
         spec = data.get("model_spec")
+        # Checkpoints written before metrics_count hold the records themselves.
+        old = "metrics" in data
         return cls(model=data["model"], model_version=data["model_version"], rng_state=data["rng_state"],
                    server_optimizer=data.get("server_optimizer", {}),
-                   metrics=[RoundRecord.from_dict(r) for r in data["metrics"]], config_hash=data.get("config_hash"),
+                   metrics=[RoundRecord.from_dict(r) for r in data["metrics"]] if old else [],
+                   metrics_count=None if old else int(data["metrics_count"]), config_hash=data.get("config_hash"),
                    model_spec=None if spec is None else ModelSpec(spec[0], tuple(spec[1]), spec[2]))
 
     def resume_error(self, cfg: Config, spec: ModelSpec, allow_config_change: bool = False) -> str | None:
@@ -140,7 +152,26 @@ class RunFolder:
         if checksum is not None and tensors.encode(checkpoint.model).checksum != checksum:
             raise CheckpointError(f"checkpoint {path} is damaged: its model does not match the checksum saved with "
                                   "it; move it away to start afresh, or point --out elsewhere")
+        if checkpoint.metrics_count is not None:
+            checkpoint.metrics = self._logged_records(checkpoint.metrics_count)
+            checkpoint.metrics_count = None
         return checkpoint
+
+    def _logged_records(self, count: int) -> list[RoundRecord]:
+        """The first `count` records of metrics.jsonl: the checkpoint's. Lines after them (rounds after the
+        checkpoint, or one cut short by a crash) are left out; the resumed run rewrites the log from these."""
+        path = self.path / METRICS
+        lines = path.read_text().splitlines()[:count] if path.exists() else []
+        records = []
+        try:
+            records = [RoundRecord.from_dict(json.loads(line)) for line in lines]
+        except (ValueError, TypeError, KeyError) as e:
+            log.warning("%s is damaged (%s); the rounds' history before this resume is lost", path, e)
+            return []
+        if len(records) < count:
+            log.warning("%s holds %d of the checkpoint's %d round records (moved or cut short?); the history "
+                        "before this resume is incomplete", path, len(records), count)
+        return records
 
     def write_metrics(self, records: list[RoundRecord]) -> None:
         """Rewrite the whole log from the checkpoint's records, so it always agrees with the checkpoint."""

@@ -192,8 +192,8 @@ class Coordinator:
 
     def _after_round(self, record: RoundRecord, checkpoint: Checkpoint, model_checksum: int,
                      outcome: RoundOutcome) -> None:
-        """An aggregated round's evaluation, then its checkpoint (with the record complete), then its
-        line in metrics.jsonl and on stdout: beside the next round, on the evaluation thread."""
+        """An aggregated round's evaluation, then its line in metrics.jsonl, then its checkpoint, then its
+        line on stdout: beside the next round, on the evaluation thread."""
         if self.evaluates:
             try:
                 result = self.evaluate(checkpoint.model)
@@ -203,11 +203,12 @@ class Coordinator:
             else:
                 with self._metrics_lock:
                     result.fill(record)
-        with self._metrics_lock:
-            checkpoint.metrics = [r.copy() for r in self.metrics]
-        self.run_folder.save_checkpoint(checkpoint, model_checksum=model_checksum)
+        # The record goes to metrics.jsonl before the checkpoint that counts it is saved: a resumed server
+        # reads the checkpoint's records from the log (fl_server/checkpoint.py).
         with self._metrics_lock:
             self._write_metrics()
+            checkpoint.metrics_count = len(self.metrics)
+        self.run_folder.save_checkpoint(checkpoint, model_checksum=model_checksum)
         self._report_round(record, outcome)
 
     def _evaluation_failed(self, round_: int, error: Exception) -> None:

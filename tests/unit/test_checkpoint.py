@@ -33,9 +33,15 @@ def _same(a: Checkpoint, b: Checkpoint) -> bool:
             == (b.model_version, b.rng_state, b.metrics, b.config_hash, b.model_spec))
 
 
+def _save(folder: RunFolder, checkpoint: Checkpoint) -> None:
+    """As the coordinator saves a round: its records to metrics.jsonl first, then the checkpoint."""
+    folder.append_metrics(checkpoint.metrics)
+    folder.save_checkpoint(checkpoint)
+
+
 def test_checkpoint_loads_back_as_saved(tmp_path):
     saved = _checkpoint()
-    RunFolder(tmp_path).save_checkpoint(saved)
+    _save(RunFolder(tmp_path), saved)
     loaded = RunFolder(tmp_path).load_checkpoint()
     assert _same(loaded, saved)
     rng = np.random.default_rng()
@@ -43,17 +49,36 @@ def test_checkpoint_loads_back_as_saved(tmp_path):
     assert rng.integers(1 << 30) == np.random.default_rng(7).integers(1 << 30)
 
 
-def test_the_file_is_the_dict_it_always_was(tmp_path):
-    """Checkpoints written before the Checkpoint type existed load, and the file's keys did not change."""
+def test_the_file_is_a_dict_of_plain_values_and_counts_the_records_in_the_log(tmp_path):
+    """The file's keys: the records are not in it, only their number (metrics_count); a checkpoint written
+    before that, with the records in it ("metrics"), still loads them from itself."""
     saved = _checkpoint()
-    RunFolder(tmp_path).save_checkpoint(saved)
+    _save(RunFolder(tmp_path), saved)
     raw = torch.load(tmp_path / CHECKPOINT, weights_only=True)
-    assert list(raw) == ["model", "model_version", "rng_state", "server_optimizer", "metrics", "config_hash",
+    assert list(raw) == ["model", "model_version", "rng_state", "server_optimizer", "metrics_count", "config_hash",
                         "model_spec", "model_checksum"]
-    assert raw["model_spec"] == ["mlp", [1, 8, 8], 10]
-    assert raw["metrics"][0] == saved.metrics[0].to_dict()
+    assert raw["model_spec"] == ["mlp", [1, 8, 8], 10] and raw["metrics_count"] == 2
     torch.save(raw, tmp_path / CHECKPOINT)
     assert _same(RunFolder(tmp_path).load_checkpoint(), saved)
+    older = {k: v for k, v in raw.items() if k != "metrics_count"}
+    older["metrics"] = [r.to_dict() for r in saved.metrics]
+    (tmp_path / "metrics.jsonl").unlink()
+    torch.save(older, tmp_path / CHECKPOINT)
+    assert _same(RunFolder(tmp_path).load_checkpoint(), saved)
+
+
+def test_a_resumed_checkpoint_takes_its_records_from_the_log_and_no_more(tmp_path, caplog):
+    saved = _checkpoint()
+    folder = RunFolder(tmp_path)
+    _save(folder, saved)
+    # A crash after the next round's line reached the log (cut short, too), before its checkpoint did.
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"round": 3, "aggregated": true}\n{"round": 4, "aggre')
+    assert RunFolder(tmp_path).load_checkpoint().metrics == saved.metrics
+    # A log that lost lines: what is there is kept, and the loss said.
+    (tmp_path / "metrics.jsonl").write_text((tmp_path / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    assert RunFolder(tmp_path).load_checkpoint().metrics == saved.metrics[:1]
+    assert "holds 1 of the checkpoint's 2 round records" in caplog.text
 
 
 def test_a_checkpoint_without_the_later_keys_still_loads(tmp_path):
