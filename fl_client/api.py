@@ -160,6 +160,10 @@ class Heartbeats:
                 self._beating = heartbeat
             try:
                 going_on = heartbeat.beat()  # outside the lock: the round may end meanwhile
+            except Exception:  # noqa: BLE001 - this thread beats every later round too: it must not end
+                log.warning("round %d: heartbeat failed; carrying on", heartbeat.request.training_round,
+                            exc_info=True)
+                going_on = True
             finally:
                 with self._changed:
                     self._beating = None

@@ -48,12 +48,15 @@ class Checkpoint:
     metrics: list[RoundRecord] = field(default_factory=list)
     config_hash: str | None = None
     model_spec: ModelSpec | None = None
-    metrics_count: int | None = None  # read from the file: records metrics.jsonl must hold (None: `metrics` is all)
+    # How many records metrics.jsonl holds for this checkpoint; None: the file carries `metrics` itself (the
+    # coordinator's fallback when the log could not be written, and checkpoints older than the count).
+    metrics_count: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        records: dict[str, Any] = ({"metrics": [r.to_dict() for r in self.metrics]} if self.metrics_count is None
+                                   else {"metrics_count": self.metrics_count})
         return {"model": self.model, "model_version": self.model_version, "rng_state": self.rng_state,
-                "server_optimizer": self.server_optimizer,
-                "metrics_count": len(self.metrics) if self.metrics_count is None else self.metrics_count,
+                "server_optimizer": self.server_optimizer, **records,
                 "config_hash": self.config_hash, "model_spec": _spec_list(self.model_spec)}
 
     @classmethod
@@ -163,14 +166,18 @@ class RunFolder:
         path = self.path / METRICS
         lines = path.read_text().splitlines()[:count] if path.exists() else []
         records = []
-        try:
-            records = [RoundRecord.from_dict(json.loads(line)) for line in lines]
-        except (ValueError, TypeError, KeyError) as e:
-            log.warning("%s is damaged (%s); the rounds' history before this resume is lost", path, e)
-            return []
+        for line in lines:
+            try:
+                records.append(RoundRecord.from_dict(json.loads(line)))
+            except (ValueError, TypeError, KeyError):
+                break  # the good lines before a damaged one are kept
         if len(records) < count:
-            log.warning("%s holds %d of the checkpoint's %d round records (moved or cut short?); the history "
-                        "before this resume is incomplete", path, len(records), count)
+            kept = ""
+            if path.exists():  # the resumed run rewrites the log: what was there is kept aside, not lost
+                kept = f"; the file as it was is kept as {path.name}.damaged"
+                os.replace(path, path.with_name(path.name + ".damaged"))
+            log.warning("%s holds %d of the checkpoint's %d round records (moved, cut short or damaged); the "
+                        "history before this resume is incomplete%s", path, len(records), count, kept)
         return records
 
     def write_metrics(self, records: list[RoundRecord]) -> None:

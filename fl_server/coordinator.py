@@ -206,8 +206,10 @@ class Coordinator:
         # The record goes to metrics.jsonl before the checkpoint that counts it is saved: a resumed server
         # reads the checkpoint's records from the log (fl_server/checkpoint.py).
         with self._metrics_lock:
-            self._write_metrics()
-            checkpoint.metrics_count = len(self.metrics)
+            if self._write_metrics():
+                checkpoint.metrics_count = len(self.metrics)
+            else:  # the log is behind: this checkpoint carries the records itself
+                checkpoint.metrics = [r.copy() for r in self.metrics]
         self.run_folder.save_checkpoint(checkpoint, model_checksum=model_checksum)
         self._report_round(record, outcome)
 
@@ -253,13 +255,16 @@ class Coordinator:
             self.metrics.append(record)
             self._write_metrics()
 
-    def _write_metrics(self) -> None:
-        """The new records added to metrics.jsonl, under the metrics lock. A failure is logged and the run
-        carries on: the records stay in memory and in the checkpoints, and the next write has them all."""
+    def _write_metrics(self) -> bool:
+        """The new records added to metrics.jsonl, under the metrics lock; whether that worked. A failure is
+        logged and the run carries on: the records stay in memory, the round's checkpoint then carries them
+        itself, and the next write has them all."""
         try:
             self.run_folder.append_metrics(self.metrics)
+            return True
         except Exception:
             log.exception("writing %s failed; the round loop carries on", self.run_folder.path / METRICS)
+            return False
 
     def _checkpoint(self) -> Checkpoint:
         """The server's state now, to save; its metrics are filled in when it is saved."""

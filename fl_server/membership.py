@@ -161,11 +161,13 @@ class Membership:
         if not cap or len(self.clients) < cap:
             return
         # Full: make room by forgetting the client gone longest, if one has been gone past the silence limit.
-        away = [] if now < self._no_room_until else [
+        searched = now >= self._no_room_until
+        away = [] if not searched else [
             (info.last_seen, c) for c, info in self.clients.items()
             if info.polls == 0 and now - info.last_seen > self.silence_limit and c not in keep]
         if not away:
-            self._no_room_until = max(self._no_room_until, now + 1.0)
+            if searched:  # the window starts at a real search: a steady flood still gets one a second
+                self._no_room_until = now + 1.0
             raise RegistryFullError(f"{REGISTRY_FULL}: the server already keeps track of {cap} clients, its "
                                     "limit (max_clients), and all of them are active; try again later, or ask "
                                     "its operator to raise max_clients")

@@ -233,6 +233,8 @@ class RoundState:
         finally:
             with self._cond:
                 r.uploading.discard(header.client_id)
+                # A secure round's reveal waits for the uploads in flight to end, whichever way they end.
+                self._cond.notify_all()
 
     def _check_secure_upload(self, client_id: str) -> None:
         if self.secure is not None:
@@ -293,6 +295,7 @@ class RoundState:
             with self._cond:
                 r.submitted.pop(client_id, None)
                 r.silent[client_id] = f"its update could not be folded in ({e})"
+                r.stalled.add(client_id)  # not offered the round again: it would fail the same way
         finally:
             self.uploads.release(update.buffer)
             with self._cond:
@@ -427,7 +430,8 @@ class RoundState:
         assert self.secure is not None
         self.secure.closing = True  # no more uploads start; those in flight finish (their progress deadline)
         while r.folding or r.uploading:  # every counted masked update is in the sum before anyone is told
-            self._cond.wait()
+            # Woken when an upload or fold ends; the timeout is a backstop, not the mechanism.
+            self._cond.wait(self.rules.heartbeat_seconds)
         self.secure.begin_reveal(r)
         self._cond.notify_all()
 

@@ -37,7 +37,9 @@ def test_missing_wrong_and_borrowed_tokens_are_refused(federation, secrets):
     assert_clear_error(run("fl-client", "--id", "0", "--server", address, "--insecure", "--token-file",
                            str(secrets / "1.token")), "belongs to another client than '0'", "PERMISSION_DENIED")
     log = "".join(federation.server.stderr_lines)
-    assert "joined" not in log and log.count("refused (UNAUTHENTICATED)") == 2
+    # Refusals are logged at most once a second per status (fl_server.servicer.RefusalLog): both clients'
+    # are, unless the second came within a second of the first.
+    assert "joined" not in log and log.count("refused (UNAUTHENTICATED)") in (1, 2)
     assert federation.server.stop() == 0
 
 

@@ -36,7 +36,7 @@ def _same(a: Checkpoint, b: Checkpoint) -> bool:
 def _save(folder: RunFolder, checkpoint: Checkpoint) -> None:
     """As the coordinator saves a round: its records to metrics.jsonl first, then the checkpoint."""
     folder.append_metrics(checkpoint.metrics)
-    folder.save_checkpoint(checkpoint)
+    folder.save_checkpoint(dataclasses.replace(checkpoint, metrics_count=len(checkpoint.metrics)))
 
 
 def test_checkpoint_loads_back_as_saved(tmp_path):
@@ -76,9 +76,11 @@ def test_a_resumed_checkpoint_takes_its_records_from_the_log_and_no_more(tmp_pat
         f.write('{"round": 3, "aggregated": true}\n{"round": 4, "aggre')
     assert RunFolder(tmp_path).load_checkpoint().metrics == saved.metrics
     # A log that lost lines: what is there is kept, and the loss said.
-    (tmp_path / "metrics.jsonl").write_text((tmp_path / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    first = (tmp_path / "metrics.jsonl").read_text().splitlines()[0]
+    (tmp_path / "metrics.jsonl").write_text(first + "\n{damaged\n")
     assert RunFolder(tmp_path).load_checkpoint().metrics == saved.metrics[:1]
     assert "holds 1 of the checkpoint's 2 round records" in caplog.text
+    assert (tmp_path / "metrics.jsonl.damaged").read_text() == first + "\n{damaged\n"  # kept, not rewritten
 
 
 def test_a_checkpoint_without_the_later_keys_still_loads(tmp_path):

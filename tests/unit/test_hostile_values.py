@@ -311,3 +311,23 @@ def test_a_flood_of_refusals_is_logged_once_a_second_with_a_count(caplog):
     assert len(lines) == 3, lines
     assert "(and 249 more RESOURCE_EXHAUSTED refusal(s) not logged)" in lines[1]
     assert "UNAUTHENTICATED" in lines[2]  # each status has its own allowance
+
+
+def test_a_steady_flood_of_new_ids_still_lets_the_registry_forget_a_client_gone_silent():
+    """A full registry is searched for a client to forget at most once a second, however many newcomers
+    are refused meanwhile: the window starts at a search, not at each refusal."""
+    state = make_state(k=1, registry=RegistryLimits(max_clients=2))
+    join(state, "gone")
+    join(state, "active")
+    admitted_at = None
+    for i in range(200):  # a newcomer every 0.1 s; "active" keeps calling, "gone" never does again
+        state.clock.advance(0.1)
+        join(state, "active")
+        try:
+            join(state, f"new{i}")
+        except errors.RegistryFullError:
+            continue
+        admitted_at = (i + 1) * 0.1
+        break
+    assert admitted_at is not None and admitted_at <= state.members.silence_limit + 1.2
+    assert "gone" not in state.status()["clients"]
