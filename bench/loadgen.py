@@ -138,8 +138,10 @@ def _shared_change(specs: list[tensors.TensorSpec]) -> tuple[tensors.Payload, li
 OWN_CONNECTION = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
 
 
-async def run_clients(address: str, count: int, prefix: str = "sim", own_connections: bool = False) -> LoadStats:
-    stats = LoadStats()
+async def run_clients(address: str, count: int, prefix: str = "sim", own_connections: bool = False,
+                      stats: LoadStats | None = None) -> LoadStats:
+    """`stats`: filled as the clients go (so that a caller who cancels this still has them)."""
+    stats = stats if stats is not None else LoadStats()
     options = OWN_CONNECTION if own_connections else CHANNEL_OPTIONS
     clients = [SimulatedClient(f"{prefix}{i}", address, stats, options=options) for i in range(count)]
     await asyncio.gather(*(c.run() for c in clients))

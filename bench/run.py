@@ -388,12 +388,14 @@ class Bench:
         """10,000 connected clients of a tiny model (the MLP on digits), 1,000 a round, 3 rounds, on one
         server (bench/many_clients.py); --quick 200 clients, 20 a round."""
         clients, per_round = (200, 20) if self.quick else (10_000, 1_000)
-        result = bench_many_clients.measure(clients, per_round, 3, self.workdir, env=ENV)
-        assert result.rounds == 3, result
+        result = bench_many_clients.measure(clients, per_round, 3, self.workdir, env=ENV,
+                                            budget=120.0 if self.quick else 600.0)
         self.add(11, f"{clients} connected clients, {per_round} a round: server memory per connected client",
                  result.bytes_per_client / 1024, "KiB", "reported", None, f"({result.summary()})")
-        self.add(11, f"{clients} connected clients, {per_round} a round: round open-to-close, median",
-                 statistics.median(result.round_seconds), "s", "3 rounds complete", True, "")
+        self.add(11, f"{clients} connected clients, {per_round} a round: rounds aggregated (of 3) within its "
+                 "time budget", result.rounds, "rounds", "3", result.rounds == 3,
+                 f"(round open-to-close median {statistics.median(result.round_seconds or [float('nan')]):.2f} s"
+                 f" over {result.rounds_run} rounds run)")
         self.add(11, f"{clients} connected clients, {per_round} a round: round start (open to a client's TRAIN), "
                  "p99", result.start_p99 * 1e3, "ms", "reported", None, "")
 
