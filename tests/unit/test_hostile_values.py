@@ -148,13 +148,15 @@ def test_4_a_client_whose_long_poll_just_ended_is_not_forgotten_to_make_room():
     """A long-poll lasts longer than the silence limit: the moment it ends, before its client polls again,
     the client was heard from just now, not when the poll began (a Sybil flood evicted honest clients so)."""
     state = make_state(k=2, registry=RegistryLimits(max_clients=2))
-    poll = threading.Thread(target=join, args=(state, "a", state.members.silence_limit + 5.0))
+    # A poll of 1 s on the fake clock, which it waits for in real seconds (see FakeClock), again and again
+    # until the clock has moved past its deadline.
+    poll = threading.Thread(target=join, args=(state, "a", 1.0))
     poll.start()
     assert state.wait_for(lambda: state.status()["clients"].get("a", {}).get("state") == "waiting", GUARD)
-    state.clock.advance(state.members.silence_limit + 10.0)  # the poll's deadline passes...
-    join(state, "b")  # ...and this join's wake-up ends it
+    state.clock.advance(state.members.silence_limit + 10.0)  # the poll lasted longer than the silence limit
     poll.join(GUARD)
     assert not poll.is_alive()
+    join(state, "b")
     with pytest.raises(errors.RegistryFullError, match="^the client registry is full: .*max_clients"):
         join(state, "newcomer")
     assert sorted(state.status()["clients"]) == ["a", "b"]
