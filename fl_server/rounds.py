@@ -39,6 +39,7 @@ from fl_server.aggregation import Aggregator, FedAvg
 from fl_server.aggregation.secure import SecureSum
 from fl_server.errors import NotSelectedError, StaleRoundError, UnknownClientError, UploadStalledError, check_protocol
 from fl_server.membership import ClientSelector, Membership, RandomSelector
+from fl_server.polls import Pollers
 from fl_server.publication import ModelPublisher, ModelSnapshot
 from fl_server.round_types import OpenRound, RoundOutcome, RoundRules, ServerLimits
 from fl_server.secure import Phase, SecureStages
@@ -66,7 +67,7 @@ class RoundState:
         self._cond = threading.Condition(self._lock)
         # Each JoinRound long-poll's own condition, by client: woken when a round selects the client, and
         # all of them at the end.
-        self._pollers: dict[str, list[threading.Condition]] = {}
+        self._pollers = Pollers(self._lock)
         self._watchers = 0  # callers of wait_for() waiting now: they watch joins too
         self._round: OpenRound | None = None
         self._global = {name: t.detach().cpu().clone() for name, t in global_state.items()}
@@ -129,8 +130,7 @@ class RoundState:
                 self._cond.notify_all()
             info.polls += 1
             self.members.polling += 1
-            waiter = threading.Condition(self._lock)
-            self._pollers.setdefault(req.client_id, []).append(waiter)
+            waiter = self._pollers.add(req.client_id)
             try:
                 while True:
                     decision = self._decision_for(req.client_id)
@@ -141,10 +141,7 @@ class RoundState:
             finally:
                 info.polls -= 1
                 self.members.polling -= 1
-                waiters = self._pollers[req.client_id]
-                waiters.remove(waiter)
-                if not waiters:
-                    del self._pollers[req.client_id]
+                self._pollers.remove(req.client_id, waiter)
                 # Heard from until now: a client whose long-poll just ended is not "away" (and may not be
                 # forgotten to make room for a newcomer) in the moment before it polls again.
                 info.last_seen = self.clock()
@@ -177,12 +174,6 @@ class RoundState:
             self._cond.notify_all()  # the round may be settled now
         return JoinDecision(Action.WAIT, self.train_config,
                             message=f"round {training_round}: noted that this client could not train it")
-
-    def _wake_pollers(self, clients: Iterable[str] | None = None) -> None:
-        """Wake the long-polls of `clients` (all when None): their answer has changed. Under the lock."""
-        for client in self._pollers if clients is None else clients:
-            for waiter in self._pollers.get(client, ()):
-                waiter.notify()
 
     def _decision_for(self, client_id: str) -> JoinDecision | None:
         if self.finished:
@@ -378,7 +369,7 @@ class RoundState:
             shown = ", ".join(map(safe, selected[:20])) + (f" and {len(selected) - 20} more" * (len(selected) > 20))
             log.info("round %d started with %s", self._round.number, shown)
             self._cond.notify_all()
-            self._wake_pollers(selected)
+            self._pollers.wake(selected)
             return selected
 
     def secure_step(self, req: SecAggRequest, timeout: float) -> SecAggReply:
@@ -508,10 +499,10 @@ class RoundState:
         with self._cond:
             self.finished = True
             self._cond.notify_all()
-            self._wake_pollers()
+            self._pollers.wake()
 
     def stop(self) -> None:
         with self._cond:
             self.stopping = True
             self._cond.notify_all()
-            self._wake_pollers()
+            self._pollers.wake()

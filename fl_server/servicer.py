@@ -4,8 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import NoReturn
 
@@ -20,6 +19,7 @@ from common.tensors import CHUNK_SIZE
 from fl_server import errors
 from fl_server.deadlines import DEADLINES, Deadlines
 from fl_server.publication import ModelSnapshot
+from fl_server.refusals import RefusalLog
 from fl_server.rounds import RoundState
 
 log = logging.getLogger("fl_server.servicer")
@@ -60,30 +60,7 @@ STATUS_FOR = {
 }
 
 
-class RefusalLog:
-    """Logs refusals, at most one line a second for each status: a flood of hostile calls (thousands of
-    made-up ids a second against a full registry) must not become a flood of log lines, nor its writing
-    take the server's time. A line after a quiet spell says how many were left out."""
-
-    def __init__(self, interval: float = 1.0, clock: Callable[[], float] = time.monotonic):
-        self.interval, self.clock = interval, clock
-        self._lock = threading.Lock()
-        self._last: dict[grpc.StatusCode, float] = {}
-        self._left_out: dict[grpc.StatusCode, int] = {}
-
-    def refused(self, peer: str, code: grpc.StatusCode, error: Exception) -> None:
-        now = self.clock()
-        with self._lock:
-            if now - self._last.get(code, -float("inf")) < self.interval:
-                self._left_out[code] = self._left_out.get(code, 0) + 1
-                return
-            self._last[code] = now
-            left_out = self._left_out.pop(code, 0)
-        more = f" (and {left_out} more {code.name} refusal(s) not logged)" if left_out else ""
-        log.warning("%s refused (%s): %s%s", peer, code.name, error, more)
-
-
-REFUSALS = RefusalLog()
+REFUSALS = RefusalLog(log)
 
 
 def _abort(context: grpc.ServicerContext, error: Exception) -> NoReturn:

@@ -299,10 +299,10 @@ def test_11_a_client_without_data_is_logged_with_its_share_then_its_samples(capl
 
 
 def test_a_flood_of_refusals_is_logged_once_a_second_with_a_count(caplog):
-    from fl_server.servicer import RefusalLog  # noqa: PLC0415
+    from fl_server.refusals import RefusalLog  # noqa: PLC0415
 
     now = [0.0]
-    refusals = RefusalLog(clock=lambda: now[0])
+    refusals = RefusalLog(logging.getLogger("fl_server.servicer"), clock=lambda: now[0])
     full = errors.RegistryFullError("the client registry is full")
     with caplog.at_level(logging.WARNING, logger="fl_server.servicer"):
         for i in range(500):
