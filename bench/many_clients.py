@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,6 +51,7 @@ class ManyClients:
     start_median: float
     connect_seconds: float  # from the first client's start to the first round's opening
     errors: int  # errors the simulated clients saw
+    error_kinds: dict[str, int]  # the most frequent errors, client id left out, with their counts
 
     @property
     def bytes_per_client(self) -> float:
@@ -66,7 +68,8 @@ class ManyClients:
                 f"peak {self.rss_peak / 2**20:.0f} MB; {self.threads_connected} threads); round open-to-close "
                 f"median {statistics.median(self.round_seconds):.2f} s (longest {max(self.round_seconds):.2f} s); "
                 f"round start p99 {self.start_p99 * 1e3:.0f} ms (median {self.start_median * 1e3:.0f} ms); all "
-                f"{self.clients} there {self.connect_seconds:.1f} s after the first started; {self.errors} errors")
+                f"{self.clients} there {self.connect_seconds:.1f} s after the first started; {self.errors} errors"
+                + (f" ({'; '.join(f'{n}x {kind}' for kind, n in self.error_kinds.items())})" if self.errors else ""))
 
 
 def _proc(pid: int) -> tuple[int, int]:
@@ -146,7 +149,8 @@ def measure(clients: int, per_round: int, rounds: int, workdir: Path, env: dict[
                        rss_connected=rss_connected, rss_peak=max(s[1] for s in sampler.samples),
                        threads_connected=threads_connected, round_seconds=[r.seconds for r in records],
                        start_p99=float(np.percentile(starts, 99)), start_median=float(np.median(starts)),
-                       connect_seconds=first_open - started, errors=len(stats.errors))
+                       connect_seconds=first_open - started, errors=len(stats.errors),
+                       error_kinds=dict(Counter(e.split(": ", 1)[-1][:100] for e in stats.errors).most_common(3)))
 
 
 def main(argv: list[str] | None = None) -> int:

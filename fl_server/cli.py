@@ -206,9 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         servicer = FederationServicer(state, check_identity=args.tls_client_ca is not None,
                                       client_tokens=client_tokens, max_downloads=cfg.max_downloads,
-                                      first_message_timeout=cfg.first_message_timeout)
-        server, port = create_server(servicer, cfg.host, cfg.port, max_workers=cfg.max_rpcs, health=health,
-                                     credentials=credentials, thread_stack_kib=cfg.rpc_thread_stack_kib,
+                                      first_message_timeout=cfg.first_message_timeout, max_rpcs=cfg.max_rpcs,
+                                      thread_stack_kib=cfg.rpc_thread_stack_kib)
+        server, port = create_server(servicer, cfg.host, cfg.port, health=health, credentials=credentials,
                                      keepalive_seconds=cfg.keepalive_seconds, keepalive_timeout=cfg.keepalive_timeout)
     except PortInUseError as e:
         return logs.fail("fl-server", str(e))
@@ -219,14 +219,14 @@ def main(argv: list[str] | None = None) -> int:
             privacy=(cfg.dp_noise_multiplier, cfg.dp_delta) if cfg.dp_noise_multiplier > 0 else None,
             server_evaluation=evaluation, model=model)
     except ValueError as e:  # its model, when it builds one, fails as fl-server's own would have
-        server.stop(None)
+        server.stop(None).wait()
         return logs.fail("fl-server", str(e))
     monitoring = None
     if args.metrics_port is not None:
         try:
             metrics_token = tokens.read_secret(cfg.metrics_token_file) if cfg.metrics_token_file else None
         except tokens.TokenError as e:
-            server.stop(None)
+            server.stop(None).wait()
             return logs.fail("fl-server", f"metrics_token_file: {e}")
         if not _is_loopback(cfg.metrics_host) and metrics_token is None:
             log.warning("the monitoring endpoint listens on %s without a token: anyone who can reach it can read "
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                                           token=metrics_token, request_timeout=cfg.metrics_request_timeout,
                                           tls=(args.tls_cert, args.tls_key) if credentials is not None else None)
         except OSError as e:
-            server.stop(None)
+            server.stop(None).wait()
             return logs.fail("fl-server", f"cannot serve metrics on {cfg.metrics_host}:{args.metrics_port} "
                              f"({e.strerror}); pick another --metrics-port (0 picks a free one) or metrics_host")
     server.start()

@@ -162,18 +162,19 @@ class Config(ClientHyperparameters):
     # Resource limits that hold before a request is authenticated (docs/security.md, "No client can stop,
     # starve or bloat the server").
     max_rpcs: int = setting(servicer.MAX_RPCS, (
-        "calls served at once, each on its own thread (a JoinRound long-poll holds one for 10 s, an upload "
-        "for its transfer); more get RESOURCE_EXHAUSTED at once. Size it above clients + the calls an attacker "
-        "can open within first_message_timeout"), check=at_least(16), defines_run=False)
+        "calls served at once (a JoinRound long-poll holds one for 10 s, an upload for its transfer), and the "
+        "most threads their blocking work may use (a long-poll holds none); more calls get RESOURCE_EXHAUSTED at "
+        "once. Size it above clients + the calls an attacker can open within first_message_timeout"),
+        check=at_least(16), defines_run=False)
     rpc_thread_stack_kib: int = setting(servicer.THREAD_STACK_KIB, (
-        "stack of each call's thread, in KiB (0 = the system's, usually 8 MiB): idle calls hold threads, "
-        "so their address space is kept small"),
+        "stack of each call thread, in KiB (0 = the system's, usually 8 MiB): uploads, downloads and secure "
+        "aggregation's stages hold threads, so their address space is kept small"),
         check=Rule(lambda v: v == 0 or 256 <= v <= 65536, "must be 0 (system default) or 256 to 65536 KiB"),
         defines_run=False)
     first_message_timeout: float = setting(servicer.FIRST_MESSAGE_TIMEOUT, (
         "seconds an update stream may take to send its header (fl-client sends it at once); then the call is "
-        "ended with DEADLINE_EXCEEDED and its thread freed. Identity is checked on the header, so this bounds "
-        "what an unauthenticated caller holds"), check=positive(), defines_run=False)
+        "ended with DEADLINE_EXCEEDED and its place among max_rpcs freed. Identity is checked on the header, so "
+        "this bounds what an unauthenticated caller holds"), check=positive(), defines_run=False)
     upload_progress_timeout: float = setting(uploads.UPLOAD_PROGRESS_TIMEOUT, (
         "seconds an admitted upload may go without sending data (a 1 MiB chunk) before it is ended with "
         "DEADLINE_EXCEEDED, its receive buffer and thread freed, and its client given up on for the round"),

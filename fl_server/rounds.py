@@ -1,17 +1,19 @@
 """The round state machine: who is selected, what has been submitted, when a round closes.
 
-A plain thread-safe object with no gRPC in it: the servicer calls `join`, `model` and `submit` from
-its worker threads; the coordinator's loop calls `open_round`, `wait_until_complete` and
-`close_round`. No one sleep-polls: the coordinator and tools wait on one condition variable, woken the
-moment something they wait for changes; each JoinRound long-poll waits on a condition of its own (on the
-same lock), woken only when its client's answer changes, so that a round started among 10,000 polling
-clients wakes the 1,000 it selected rather than all of them. Its parts, each in its own module:
-membership (who is live, how clients are
-selected), uploads (receiving and checking one update), aggregation (the rule) and publication (each
-model version, encoded once).
+A plain thread-safe object with no gRPC in it: the servicer calls `join_async` on its asyncio loop and
+`model` and `submit` from worker threads; the coordinator's loop calls `open_round`,
+`wait_until_complete` and `close_round`. No one sleep-polls: the coordinator and tools wait on one
+condition variable, woken the moment something they wait for changes; each JoinRound long-poll waits on a
+waiter of its own (fl_server/polls.py: an asyncio event, no thread), woken only when its client's answer
+changes, so that a round started among 10,000 polling clients wakes the 1,000 it selected rather than all
+of them. Its parts, each in its own module: membership (who is live, how clients are selected), uploads
+(receiving and checking one update), aggregation (the rule) and publication (each model version, encoded
+once).
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -38,8 +40,8 @@ from common.secagg import SecAggError
 from fl_server.aggregation import Aggregator, FedAvg
 from fl_server.aggregation.secure import SecureSum
 from fl_server.errors import NotSelectedError, StaleRoundError, UnknownClientError, UploadStalledError, check_protocol
-from fl_server.membership import ClientSelector, Membership, RandomSelector
-from fl_server.polls import Pollers
+from fl_server.membership import ClientInfo, ClientSelector, Membership, RandomSelector
+from fl_server.polls import LoopWaiter, Pollers, Waiter
 from fl_server.publication import ModelPublisher, ModelSnapshot
 from fl_server.round_types import OpenRound, RoundOutcome, RoundRules, ServerLimits
 from fl_server.secure import Phase, SecureStages
@@ -65,8 +67,8 @@ class RoundState:
         self.bytes_sent = 0  # bytes of every model stream served in full
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
-        # Each JoinRound long-poll's own condition, by client: woken when a round selects the client, and
-        # all of them at the end.
+        # Each JoinRound long-poll's own waiter, by client: woken when a round selects the client, and all
+        # of them at the end.
         self._pollers = Pollers(self._lock)
         self._watchers = 0  # callers of wait_for() waiting now: they watch joins too
         self._round: OpenRound | None = None
@@ -114,23 +116,15 @@ class RoundState:
             self.publisher.subscribe(on_publish)
 
     def join(self, req: JoinRequest, timeout: float) -> JoinDecision:
-        """Register the client and hold the call until there is something for it to do, or `timeout`."""
-        check_protocol(req.protocol_version)
+        """Register the client and hold the call, blocking this thread, until there is something for it to
+        do, or `timeout`."""
         deadline = self.clock() + timeout
         with self._cond:
-            info = self.members.register(req, keep=self._round.chosen if self._round is not None else ())
-            if req.training_round and req.failure:
-                return self._give_up_on_failed(req.client_id, req.training_round, req.failure)
-            if req.training_round:
-                return self._heartbeat_reply(req.client_id, req.training_round)
-            if self._round is None or self._watchers:
-                # The coordinator may be waiting for enough clients (no round is open then). During a round
-                # joins change nothing it waits for: waking it for each of thousands of polls would cost it
-                # a pass over the round's clients each time.
-                self._cond.notify_all()
-            info.polls += 1
-            self.members.polling += 1
-            waiter = self._pollers.add(req.client_id)
+            decision, info = self._enter_join(req)
+            if decision is not None:
+                return decision
+            waiter = self._pollers.condition()
+            self._start_poll(req.client_id, waiter, info)
             try:
                 while True:
                     decision = self._decision_for(req.client_id)
@@ -139,13 +133,66 @@ class RoundState:
                         break
                     waiter.wait(remaining)
             finally:
-                info.polls -= 1
-                self.members.polling -= 1
-                self._pollers.remove(req.client_id, waiter)
-                # Heard from until now: a client whose long-poll just ended is not "away" (and may not be
-                # forgotten to make room for a newcomer) in the moment before it polls again.
-                info.last_seen = self.clock()
-        return decision or JoinDecision(Action.WAIT, self.train_config, message="no round needs you yet")
+                self._end_poll(req.client_id, waiter, info)
+        return decision or self._no_work()
+
+    async def join_async(self, req: JoinRequest, timeout: float) -> JoinDecision:
+        """`join` for the asyncio server: the long-poll holds no thread, only an event on the running loop.
+        The lock is taken on the loop's thread: its holders keep it for moments (the longest, closing a
+        round of a large model, for tens of milliseconds), and a thread hop per poll would cost more."""
+        deadline = self.clock() + timeout
+        with self._cond:
+            decision, info = self._enter_join(req)
+            if decision is not None:
+                return decision
+            waiter = LoopWaiter(asyncio.get_running_loop())
+            self._start_poll(req.client_id, waiter, info)
+        try:
+            while True:
+                waiter.event.clear()
+                with self._cond:
+                    decision = self._decision_for(req.client_id)
+                remaining = deadline - self.clock()
+                if decision is not None or remaining <= 0:
+                    break
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(waiter.event.wait(), remaining)
+        finally:  # also when the call is cancelled (its client went away)
+            with self._cond:
+                self._end_poll(req.client_id, waiter, info)
+        return decision or self._no_work()
+
+    def _enter_join(self, req: JoinRequest) -> tuple[JoinDecision | None, ClientInfo]:
+        """Register the client; the answer when it is due at once (a heartbeat, a failure report), else
+        None: the call is to be held. Under the lock."""
+        check_protocol(req.protocol_version)
+        info = self.members.register(req, keep=self._round.chosen if self._round is not None else ())
+        if req.training_round and req.failure:
+            return self._give_up_on_failed(req.client_id, req.training_round, req.failure), info
+        if req.training_round:
+            return self._heartbeat_reply(req.client_id, req.training_round), info
+        if self._round is None or self._watchers:
+            # The coordinator may be waiting for enough clients (no round is open then). During a round
+            # joins change nothing it waits for: waking it for each of thousands of polls would cost it
+            # a pass over the round's clients each time.
+            self._cond.notify_all()
+        return None, info
+
+    def _start_poll(self, client_id: str, waiter: Waiter, info: ClientInfo) -> None:
+        info.polls += 1
+        self.members.polling += 1
+        self._pollers.add(client_id, waiter)
+
+    def _end_poll(self, client_id: str, waiter: Waiter, info: ClientInfo) -> None:
+        info.polls -= 1
+        self.members.polling -= 1
+        self._pollers.remove(client_id, waiter)
+        # Heard from until now: a client whose long-poll just ended is not "away" (and may not be
+        # forgotten to make room for a newcomer) in the moment before it polls again.
+        info.last_seen = self.clock()
+
+    def _no_work(self) -> JoinDecision:
+        return JoinDecision(Action.WAIT, self.train_config, message="no round needs you yet")
 
     def _train(self, r: OpenRound, message: str = "") -> JoinDecision:
         # With a receive buffer for every selected client, no upload of theirs ever waits for one: the

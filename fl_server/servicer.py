@@ -1,12 +1,21 @@
-"""The gRPC layer: parse, call one method of `RoundState`, map its exceptions to one status each."""
+"""The gRPC layer: parse, call one method of `RoundState`, map its exceptions to one status each.
+
+The server is gRPC's asyncio server, on a loop of its own thread (`Server`). A JoinRound long-poll and an
+update stream waiting for its header hold no thread, only a coroutine: 10,000 clients polling cost 10,000
+small objects, not 10,000 threads (each taking the GIL to wake). Work that blocks runs on the call
+threads (`CallThreads`): an update's receiving and checking (`state.submit`), model downloads, secure
+aggregation's stages and the health checks."""
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
+import functools
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
@@ -17,7 +26,6 @@ from common.messages import Action, JoinDecision
 from common.proto import federation_pb2 as pb
 from common.tensors import CHUNK_SIZE
 from fl_server import errors
-from fl_server.deadlines import DEADLINES, Deadlines
 from fl_server.publication import ModelSnapshot
 from fl_server.refusals import RefusalLog
 from fl_server.rounds import RoundState
@@ -31,7 +39,7 @@ STREAM_WAIT = 30.0  # seconds a model request waits for its version's stream to 
 # of it (protobuf's, then gRPC's), where model streams are bounded by max_downloads.
 INLINE_MODEL_BYTES = 64 * 1024
 FIRST_MESSAGE_TIMEOUT = 10.0  # seconds an update stream may take to send its header (config: first_message_timeout)
-MAX_RPCS = 8192  # calls served at once, one thread each (config: max_rpcs)
+MAX_RPCS = 8192  # calls served at once (config: max_rpcs); also the most call threads there may be
 THREAD_STACK_KIB = 512  # each call thread's stack (config: rpc_thread_stack_kib)
 KEEPALIVE_SECONDS, KEEPALIVE_TIMEOUT = 30.0, 10.0  # server pings (config: keepalive_seconds, keepalive_timeout)
 
@@ -63,29 +71,70 @@ STATUS_FOR = {
 REFUSALS = RefusalLog(log)
 
 
-def _abort(context: grpc.ServicerContext, error: Exception) -> NoReturn:
+def _refusal(context: grpc.ServicerContext | grpc.aio.ServicerContext, error: Exception) -> grpc.StatusCode:
     code = next(code for kind, code in STATUS_FOR.items() if isinstance(error, kind))
     REFUSALS.refused(context.peer(), code, error)
-    context.abort(code, str(error))
+    return code
+
+
+def _abort(context: grpc.ServicerContext, error: Exception) -> NoReturn:
+    """End a call served on a thread with the status of `error`."""
+    context.abort(_refusal(context, error), str(error))
+    raise AssertionError("unreachable: context.abort raises")
+
+
+async def _abort_async(context: grpc.aio.ServicerContext, error: Exception) -> NoReturn:
+    """End a call served on the loop with the status of `error`."""
+    await context.abort(_refusal(context, error), str(error))
     raise AssertionError("unreachable: context.abort raises")
 
 
 _REFUSABLE = tuple(STATUS_FOR)
 
 
-def end_call(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> None:
-    """End a call from another thread than its handler's, with `code` and `details` for the client; the
-    handler's blocked read then returns (the stream looks ended) or raises. grpc's Python API can cancel
-    a call from elsewhere only with CANCELLED and no details; the call object under the context can give
-    a status, so it is used when present (grpc 1.85), else the plain cancel."""
-    call = getattr(getattr(context, "_rpc_event", None), "call", None)
-    try:
-        if call is not None:
-            call.cancel(code.value[0], details)
-        else:
-            context.cancel()
-    except Exception:  # noqa: BLE001 - the call may have ended meanwhile; nothing is left to free then
-        log.debug("ending a call failed", exc_info=True)
+class ThreadedReads:
+    """An asyncio call's remaining request messages, read from a call thread one at a time through the
+    loop, so that blocking code (`RoundState.submit`) can take them as a plain iterator.
+    `interrupt(why)`, from any thread, ends the stream: the read waiting now, or the next one, ends it
+    (the upload's receiver then raises UploadStalledError, which ends the call with DEADLINE_EXCEEDED)."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, loop: asyncio.AbstractEventLoop):
+        self._context = context
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._reading: concurrent.futures.Future[Any] | None = None
+        self.interrupted = ""
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        with self._lock:
+            if self.interrupted:
+                raise StopIteration
+            self._reading = reading = asyncio.run_coroutine_threadsafe(self._context.read(), self._loop)
+        try:
+            message = reading.result()
+        except concurrent.futures.CancelledError:  # interrupted while waiting
+            raise StopIteration from None
+        finally:
+            with self._lock:
+                self._reading = None
+        if message is grpc.aio.EOF:
+            raise StopIteration
+        return message
+
+    def interrupt(self, why: str) -> None:
+        with self._lock:
+            self.interrupted = why
+            if self._reading is not None:
+                self._reading.cancel()  # cancels the read's task on the loop
+
+    def admit(self) -> None:
+        """Tell the client it may send its data now (see fl_client.connection)."""
+        send = asyncio.run_coroutine_threadsafe(self._context.send_initial_metadata(convert.UPLOAD_ADMITTED),
+                                                self._loop)
+        send.result()
 
 
 class FederationServicer:
@@ -93,13 +142,17 @@ class FederationServicer:
 
     def __init__(self, state: RoundState, long_poll: float = LONG_POLL_SECONDS, check_identity: bool = False,
                  client_tokens: dict[str, str] | None = None, max_downloads: int = 8,
-                 first_message_timeout: float = FIRST_MESSAGE_TIMEOUT, deadlines: Deadlines = DEADLINES):
+                 first_message_timeout: float = FIRST_MESSAGE_TIMEOUT, max_rpcs: int = MAX_RPCS,
+                 thread_stack_kib: int = THREAD_STACK_KIB):
         self.state = state
         # An update stream's identity is checked on its first message (the header), so a stream that
-        # never sends one is anonymous: it holds a server thread only until this deadline.
+        # never sends one is anonymous: it holds a place among max_rpcs only until this deadline.
         self.first_message_timeout = first_message_timeout
-        self.deadlines = deadlines
+        self.awaiting_header = 0  # update streams waiting for their header now (on the loop: no lock)
         self.idle_streams_ended = 0  # streams ended for sending no header in time
+        # The cap on calls served at once, and the threads for calls' blocking work: never more than that.
+        self.max_rpcs = max_rpcs
+        self.threads = CallThreads(max_rpcs, thread_stack_kib)
         # Each stream being served holds about one chunk in gRPC's send path; bounding how many are
         # served at once bounds that memory whatever the number of clients (measured: 50 concurrent
         # streams held 1.4 models of memory, 10 held 0.27). The others wait their turn, which costs no
@@ -117,16 +170,16 @@ class FederationServicer:
         self._stream: tuple[int, list[bytes]] | None = None
         state.subscribe(self._cache_stream)
 
-    def JoinRound(self, request: bytes, context: grpc.ServicerContext) -> pb.JoinReply:
+    async def JoinRound(self, request: bytes, context: grpc.aio.ServicerContext) -> pb.JoinReply:
         try:
             req = convert.join_request_from_raw(request)
             self._check_identity(context, req.client_id)
-            decision = self.state.join(req, self._long_poll_for(context))
+            decision = await self.state.join_async(req, self._long_poll_for(context))
             if decision.action is Action.TRAIN and not req.training_round:  # not to heartbeats
                 decision = self._with_small_model(decision)
             return convert.join_decision_to_proto(decision)
         except _REFUSABLE as e:
-            _abort(context, e)
+            await _abort_async(context, e)
 
     def GetGlobalModel(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         try:
@@ -209,40 +262,44 @@ class FederationServicer:
                                          "join again")
         return cached[1]
 
-    def _first_message(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> bytes | None:
-        """The stream's first message, or the call ended with DEADLINE_EXCEEDED if it takes longer than
-        first_message_timeout."""
-        why = (f"no update header within {self.first_message_timeout:g} s (first_message_timeout); "
-               "fl-client sends it at once")
-        timer = self.deadlines.arm(self.first_message_timeout,
-                                   lambda: end_call(context, grpc.StatusCode.DEADLINE_EXCEEDED, why))
+    async def _first_message(self, context: grpc.aio.ServicerContext) -> bytes | None:
+        """The stream's first message (None if it ended without one); the call is ended with
+        DEADLINE_EXCEEDED if that takes longer than first_message_timeout."""
+        self.awaiting_header += 1
         try:
-            first = next(request_iterator, None)
-        except grpc.RpcError:
-            first = None
-            if not timer.cancel():
-                raise
-        if timer.cancel():
-            with self._streams_lock:  # it guards this counter too: handler threads count side by side
-                self.idle_streams_ended += 1
+            first = await asyncio.wait_for(context.read(), self.first_message_timeout)
+        except asyncio.TimeoutError:
+            why = (f"no update header within {self.first_message_timeout:g} s (first_message_timeout); "
+                   "fl-client sends it at once")
+            self.idle_streams_ended += 1
             log.info("%s: update stream ended: %s", context.peer(), why)
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, why)  # already told; this ends the handler quietly
-        return first
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, why)
+        finally:
+            self.awaiting_header -= 1
+        return None if first is grpc.aio.EOF else first
 
-    def SubmitUpdate(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.SubmitReply:
-        first = self._first_message(request_iterator, context)
+    async def SubmitUpdate(self, request_iterator: object, context: grpc.aio.ServicerContext) -> pb.SubmitReply:
+        first = await self._first_message(context)
         try:
             header = convert.update_header_from_raw(first)
             self._check_identity(context, header.client_id)
-            chunks = convert.data_chunks(request_iterator, pb.UpdateChunk, "update")
+            reads = ThreadedReads(context, asyncio.get_running_loop())
+            chunks = convert.data_chunks(reads, pb.UpdateChunk, "update")
             # The client sends its data only once it has our initial metadata (see fl_client.connection),
             # which goes out when a receive buffer is free: waiting uploads then cost no memory. An upload
             # that then stalls is ended by the receiver's progress deadline, through `interrupt`.
-            return convert.submit_result_to_proto(self.state.submit(
-                header, chunks, on_admitted=lambda: context.send_initial_metadata(convert.UPLOAD_ADMITTED),
-                interrupt=lambda why: end_call(context, grpc.StatusCode.DEADLINE_EXCEEDED, why)))
+            result = await self.blocking(functools.partial(self.state.submit, header, chunks,
+                                                           on_admitted=reads.admit, interrupt=reads.interrupt))
+            return convert.submit_result_to_proto(result)
         except _REFUSABLE as e:
-            _abort(context, e)
+            await _abort_async(context, e)
+
+    async def blocking(self, work: Callable[[], T]) -> T:
+        """`work()` on a call thread, awaited on the loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.threads, work)
+
+
+T = TypeVar("T")
 
 
 def _handlers(servicer: FederationServicer) -> grpc.GenericRpcHandler:
@@ -302,13 +359,13 @@ SERVER_OPTIONS = [
     # of connections closed, each call on them failing. Strikes are not counted: a ping costs the server a
     # few bytes, answered in gRPC's core.
     ("grpc.http2.max_ping_strikes", 0),
-    # Calls that have arrived but that the server's single dispatch thread has not yet picked up (it takes
-    # them one at a time, starting a thread for each). Past gRPC's default 1,000 such calls, core drops new
+    # Calls that have arrived but that the server's loop has not yet picked up (it takes them one at a
+    # time). Past gRPC's default 1,000 such calls, core drops new
     # ones at random (none are kept past 3,000), each dropped call ending in a bare CANCELLED (RST_STREAM):
     # 2,000 idle streams opened at once made honest calls among them fail that way. Sized from max_rpcs
     # instead (never below gRPC's defaults), a burst up to the cap on calls is picked up and served, and
     # calls past the cap get its RESOURCE_EXHAUSTED; the queue stays bounded (core still drops calls past
-    # twice the cap), and a pending call holds no thread, only its stream's state.
+    # twice the cap), and a pending call holds only its stream's state.
     ("grpc.server.max_pending_requests", MAX_RPCS),
     ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_RPCS),
 ]
@@ -349,33 +406,80 @@ class CallThreads(ThreadPoolExecutor):
                 threading.stack_size(previous)
 
 
-def create_server(servicer: FederationServicer, host: str, port: int, max_workers: int = MAX_RPCS,
-                  health: HealthServicer | None = None,
-                  credentials: grpc.ServerCredentials | None = None, *, thread_stack_kib: int = THREAD_STACK_KIB,
+class Server:
+    """gRPC's asyncio server, serving on an event loop in a thread of its own ("grpc-loop"), so that the
+    rest of fl-server stays plain threads: build it with `create_server`, then `start()` and `stop(grace)`
+    as a grpc.Server."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._serve, name="grpc-loop", daemon=True)
+        self._thread.start()
+        self._server: grpc.aio.Server | None = None
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_forever()
+        finally:
+            self._loop.close()
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run `coroutine` on the server's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def start(self) -> None:
+        assert self._server is not None
+        self.run(self._server.start())
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """Refuse new calls, end those in progress after `grace` seconds (at once with None), then end the
+        loop. The returned event is set when all is done."""
+        done = threading.Event()
+
+        async def stopping() -> None:
+            if self._server is not None:
+                await self._server.stop(grace)
+
+        def ended(_: object) -> None:
+            done.set()
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+        asyncio.run_coroutine_threadsafe(stopping(), self._loop).add_done_callback(ended)
+        return done
+
+
+def create_server(servicer: FederationServicer, host: str, port: int, health: HealthServicer | None = None,
+                  credentials: grpc.ServerCredentials | None = None, *,
                   keepalive_seconds: float = KEEPALIVE_SECONDS,
-                  keepalive_timeout: float = KEEPALIVE_TIMEOUT) -> tuple[grpc.Server, int]:
+                  keepalive_timeout: float = KEEPALIVE_TIMEOUT) -> tuple[Server, int]:
     """Build (not start) a server; port 0 binds a free port, which is returned. With `health`, the server
     also answers the standard gRPC health checks (grpc.health.v1) that load balancers and orchestrators use.
-    `max_workers` is both the thread pool's size and the cap on calls being served: a call beyond it gets
-    RESOURCE_EXHAUSTED at once rather than a place in a queue no thread may reach before its deadline."""
-    server = grpc.server(
-        # Each long-polling JoinRound holds a worker thread until a round needs its client, and so does
-        # every other call until it ends (an anonymous update stream until first_message_timeout): the
-        # pool must exceed the number of clients plus what an attacker can hold open, or calls would wait
-        # for a thread while legitimate heartbeats time out. Threads are created only as needed.
-        CallThreads(max_workers, thread_stack_kib),
-        options=server_options(keepalive_seconds, keepalive_timeout, max_workers),
-        maximum_concurrent_rpcs=max_workers)
-    server.add_generic_rpc_handlers((_handlers(servicer),))
-    if health is not None:
-        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    A call beyond the servicer's max_rpcs gets RESOURCE_EXHAUSTED at once, rather than a place in a queue
+    it may not leave before its deadline."""
+    server = Server()
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-    try:
-        bound = (server.add_secure_port(address, credentials) if credentials is not None
-                 else server.add_insecure_port(address))
-    except RuntimeError:
-        bound = 0
+
+    async def build() -> int:
+        # Created on its loop: gRPC's asyncio server belongs to the loop it is made on.
+        server._server = aio = grpc.aio.server(
+            # The call threads serve the handlers that are not coroutines, and the blocking work of those
+            # that are (FederationServicer.blocking).
+            migration_thread_pool=servicer.threads,
+            options=server_options(keepalive_seconds, keepalive_timeout, servicer.max_rpcs),
+            maximum_concurrent_rpcs=servicer.max_rpcs)
+        aio.add_generic_rpc_handlers((_handlers(servicer),))
+        if health is not None:
+            health_pb2_grpc.add_HealthServicer_to_server(health, aio)
+        try:
+            return aio.add_secure_port(address, credentials) if credentials is not None \
+                else aio.add_insecure_port(address)
+        except RuntimeError:
+            return 0
+
+    bound = server.run(build())
     if bound == 0:
+        server.stop(None).wait()
         raise PortInUseError(f"cannot listen on {address}: the port is in use or the address is not this "
                              "machine's; pick another with --port (0 picks a free one) or --host")
     return server, bound

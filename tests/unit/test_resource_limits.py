@@ -2,6 +2,7 @@
 upload's progress, the cap on concurrent calls, and the monitoring endpoint's protections. The deadlines
 here are short real ones (a fraction of a second); each test waits on what the deadline must cause, with
 GUARD as a bound against hanging, never a timing assertion."""
+import asyncio
 import http.client
 import socket
 import ssl
@@ -103,29 +104,25 @@ def test_an_upload_that_sends_nothing_after_admission_stalls_too():
 def test_an_update_stream_without_a_header_is_ended_at_the_first_message_deadline():
     state = started(k=1)
     servicer = FederationServicer(state, first_message_timeout=0.2)
-    cancelled = threading.Event()
 
-    class CancellableContext(Context):
-        def cancel(self):
-            cancelled.set()
+    class SilentStream(Context):
+        async def read(self):  # the header never comes
+            await asyncio.sleep(GUARD)
+            raise AssertionError("the idle stream was never ended")
 
-    def idle():
-        assert cancelled.wait(GUARD), "the idle stream was never ended"
-        yield from ()
-
-    context = CancellableContext()
+    context = SilentStream()
     with pytest.raises(Aborted, match="first_message_timeout"):
-        servicer.SubmitUpdate(idle(), context)
+        asyncio.run(servicer.SubmitUpdate(None, context))
     assert context.code is grpc.StatusCode.DEADLINE_EXCEEDED
-    assert servicer.idle_streams_ended == 1
+    assert servicer.idle_streams_ended == 1 and servicer.awaiting_header == 0
 
 
 def test_a_real_server_caps_calls_and_ends_idle_streams():
     """Through gRPC: calls beyond max_workers get RESOURCE_EXHAUSTED at once; a stream that sends no header
     gets DEADLINE_EXCEEDED with the reason when first_message_timeout passes, and its thread is freed."""
     state = started(k=1)
-    servicer = FederationServicer(state, first_message_timeout=0.5)
-    server, port = create_server(servicer, "127.0.0.1", 0, max_workers=4)
+    servicer = FederationServicer(state, first_message_timeout=0.5, max_rpcs=4)
+    server, port = create_server(servicer, "127.0.0.1", 0)
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     submit = channel.stream_unary(convert.SUBMIT_UPDATE, request_serializer=convert.raw,
@@ -138,12 +135,12 @@ def test_a_real_server_caps_calls_and_ends_idle_streams():
 
     try:
         idle = [submit.future(silent(), timeout=GUARD) for _ in range(4)]
-        # Let the four reach their handlers (a late one would only be refused below instead): each has a
-        # call thread of its own then. On a busy machine that takes longer than any fixed pause.
+        # Let the four reach their handlers (a late one would only be refused below instead), where they wait
+        # for their headers holding no thread. On a busy machine that takes longer than any fixed pause.
         deadline = time.monotonic() + GUARD
-        while sum(t.name.startswith("rpc") for t in threading.enumerate()) < 4 and time.monotonic() < deadline:
+        while servicer.awaiting_header < 4 and time.monotonic() < deadline:
             time.sleep(0.02)
-        time.sleep(0.1)
+        assert not any(t.name.startswith("rpc") for t in threading.enumerate()), "an idle stream holds a thread"
         with pytest.raises(grpc.RpcError) as refused:
             submit(silent(), timeout=GUARD)
         assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -152,7 +149,7 @@ def test_a_real_server_caps_calls_and_ends_idle_streams():
             assert call.exception(GUARD) is not None
             assert call.code() is grpc.StatusCode.DEADLINE_EXCEEDED
             assert "first_message_timeout" in call.details()
-        # Their threads are free again: a new call is served.
+        # Their places are free again: a new call is served.
         join = channel.unary_unary(convert.JOIN_ROUND, request_serializer=pb.JoinRequest.SerializeToString,
                                    response_deserializer=pb.JoinReply.FromString)
         # (a heartbeat, answered at once: the state's clock is a FakeClock, which a long-poll would wait on)
@@ -172,7 +169,7 @@ def test_a_real_server_caps_calls_and_ends_idle_streams():
     finally:
         hold.set()
         channel.close()
-        server.stop(None)
+        server.stop(None).wait()
 
 
 def test_calls_not_yet_picked_up_queue_up_to_the_call_cap_rather_than_being_dropped(monkeypatch):
@@ -186,15 +183,15 @@ def test_calls_not_yet_picked_up_queue_up_to_the_call_cap_rather_than_being_drop
     assert (small["grpc.server.max_pending_requests"], small["grpc.server.max_pending_requests_hard_limit"]) == \
         (1000, 3000)
     given = {}
-    real_server = grpc.server
+    real_server = grpc.aio.server
 
     def spy(*args, options=(), **kw):
         given.update(options)
         return real_server(*args, options=options, **kw)
 
-    monkeypatch.setattr(servicer_module.grpc, "server", spy)
-    server, _ = create_server(FederationServicer(started(k=1)), "127.0.0.1", 0, max_workers=5000)
-    server.stop(None)
+    monkeypatch.setattr(servicer_module.grpc.aio, "server", spy)
+    server, _ = create_server(FederationServicer(started(k=1), max_rpcs=5000), "127.0.0.1", 0)
+    server.stop(None).wait()
     assert given["grpc.server.max_pending_requests"] == 5000
     assert given["grpc.server.max_pending_requests_hard_limit"] == 10000
 

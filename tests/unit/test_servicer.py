@@ -1,4 +1,5 @@
 """The gRPC layer's own policies, driven directly with a stand-in for grpc.ServicerContext."""
+import asyncio
 import threading
 
 import grpc
@@ -97,7 +98,7 @@ def test_a_model_request_waits_for_the_version_being_serialized():
 def join(s, training_round=0):
     raw = convert.join_request_to_proto(JoinRequest(client_id="a", num_samples=10,
                                                     training_round=training_round)).SerializeToString()
-    return convert.join_decision_from_proto(s.JoinRound(raw, Context(time_remaining=1.0)))  # no long-poll
+    return convert.join_decision_from_proto(asyncio.run(s.JoinRound(raw, Context(time_remaining=1.0))))  # no long-poll
 
 
 def test_a_small_model_rides_in_the_train_answer_and_uploads_need_no_admission():
