@@ -112,8 +112,9 @@ async def _within(seconds: float, clients: int, address: str, stats: loadgen.Loa
 
 
 def measure(clients: int, per_round: int, rounds: int, workdir: Path, env: dict[str, str] | None = None,
-            budget: float = 600.0) -> ManyClients:
-    """The run, stopped after `budget` seconds if the rounds have not all been aggregated by then."""
+            budget: float = 600.0, settle: float = 1.0) -> ManyClients:
+    """The run, stopped after `budget` seconds if the rounds have not all been aggregated by then. The server's
+    memory before the clients come is sampled after it has run `settle` seconds, and half that again."""
     _more_open_files(clients + 1024)
     out = workdir / f"many-{clients}"
     # In open mode the registry keeps at most max_clients (1,000 by default), and each long-poll holds one
@@ -125,9 +126,11 @@ def measure(clients: int, per_round: int, rounds: int, workdir: Path, env: dict[
                          "--log-level", "WARNING"], env=env)
     sampler = Sampler(srv.proc.pid)
     try:
-        time.sleep(1.0)  # the server's own start-up memory settles
+        time.sleep(settle)  # the server's own start-up memory settles
         sampler.start()
-        time.sleep(0.5)
+        time.sleep(settle / 2)
+        while not sampler.samples and sampler.is_alive():
+            time.sleep(0.01)
         rss_before = sampler.samples[-1][1]
         started = time.time()
         stats = loadgen.LoadStats()
