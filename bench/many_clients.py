@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import loadgen
+from bench.timing import process_status
 from fl_server.records import read_jsonl
 from fl_tools.processes import ServerProcess
 
@@ -69,12 +70,6 @@ class ManyClients:
                 f"{self.clients} there {self.connect_seconds:.1f} s after the first started; {self.errors} errors")
 
 
-def _proc(pid: int) -> tuple[int, int]:
-    """(resident bytes, threads) of a process."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["Threads"])
-
-
 class Sampler(threading.Thread):
     """The server's (time.time(), resident bytes, threads) every `period` seconds, until stopped."""
 
@@ -87,7 +82,8 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         while not self.done.is_set():
             try:
-                self.samples.append((time.time(), *_proc(self.pid)))
+                status = process_status(self.pid)
+                self.samples.append((time.time(), status.rss, status.threads))
             except (FileNotFoundError, ProcessLookupError):
                 return
             self.done.wait(self.period)

@@ -31,7 +31,7 @@ import torch
 
 from bench import bare_grpc, loadgen, ray_sim, secure
 from bench import many_clients as bench_many_clients
-from bench.timing import median_seconds, own_cpu, process_cpu
+from bench.timing import median_seconds, own_cpu, process_cpu, process_status
 from common import allocator, convert, tensors
 from common import messages as m
 from common.datasets import BatchLoader, load_digits, load_mnist, model_spec_for
@@ -109,12 +109,6 @@ def server(out: Path, *args: str) -> ServerProcess:
     return ServerProcess(["--port", "0", "--out", str(out), "--round-timeout", "600", *args], env=ENV)
 
 
-def rss(pid: int) -> tuple[int, int]:
-    """(current, peak) resident set size of a process, in bytes."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
-
-
 @dataclass
 class LoadRun:
     """A server's rounds with simulated clients (bench/loadgen.py), and what it used meanwhile."""
@@ -124,6 +118,12 @@ class LoadRun:
     peak_rss: int  # ... its peak while they ran
     server_cpu: float  # CPU seconds the server used while they ran
     own_cpu: float  # ... and the load generator (this process)
+
+
+def rss(pid: int) -> tuple[int, int]:
+    """(current, peak) resident set size of a process, in bytes (bench/peers.py's reading)."""
+    status = process_status(pid)
+    return status.rss, status.peak_rss
 
 
 def reset_peak_rss(pid: int) -> None:
@@ -163,11 +163,11 @@ class Bench:
                          "--num-clients", str(clients))
             try:
                 time.sleep(0.2 if self.quick else 1.0)  # the server's own start-up memory settles
-                idle, _ = rss(srv.proc.pid)
+                idle = process_status(srv.proc.pid).rss
                 reset_peak_rss(srv.proc.pid)
                 server_cpu, own = process_cpu(srv.proc.pid), own_cpu()
                 stats = loadgen.run(srv.address, clients)
-                _, peak = rss(srv.proc.pid)
+                peak = process_status(srv.proc.pid).peak_rss
                 server_cpu, own = process_cpu(srv.proc.pid) - server_cpu, own_cpu() - own
             finally:
                 srv.stop()
