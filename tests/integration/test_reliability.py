@@ -126,7 +126,6 @@ def test_server_restarted_between_rounds(federation):
         federation.start_client(str(i))
     wait_for(lambda: len(aggregated(federation.out)) >= 2, what="round 2")
     assert server.stop() == 0  # graceful: SIGTERM
-    time.sleep(2.0)
     server = federation.start_server(*args, port=port)
     assert federation.wait_clients() == {"0": 0, "1": 0}
     assert [m["round"] for m in aggregated(federation.out)] == [1, 2, 3, 4]
