@@ -28,6 +28,7 @@ from pathlib import Path
 import grpc
 
 from bench import loadgen
+from bench.timing import process_status
 from common import convert
 from common import messages as m
 from common.proto import federation_pb2 as pb
@@ -39,8 +40,8 @@ LEGIT = 3  # honest simulated clients, all selected each round
 
 def proc_stats(pid: int) -> tuple[int, float]:
     """(threads, RSS in MB) of a process."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-    return int(fields["Threads"]), int(fields["VmRSS"].split()[0]) / 1024
+    status = process_status(pid)
+    return status.threads, status.rss / 2**20
 
 
 def _channel(address: str, i: int) -> grpc.aio.Channel:

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import loadgen
+from bench.timing import process_status
 from fl_server.records import read_jsonl
 from fl_tools.processes import ServerProcess
 
@@ -72,12 +73,6 @@ class ManyClients:
                 + (f" ({'; '.join(f'{n}x {kind}' for kind, n in self.error_kinds.items())})" if self.errors else ""))
 
 
-def _proc(pid: int) -> tuple[int, int]:
-    """(resident bytes, threads) of a process."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["Threads"])
-
-
 class Sampler(threading.Thread):
     """The server's (time.time(), resident bytes, threads) every `period` seconds, until stopped."""
 
@@ -90,7 +85,8 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         while not self.done.is_set():
             try:
-                self.samples.append((time.time(), *_proc(self.pid)))
+                status = process_status(self.pid)
+                self.samples.append((time.time(), status.rss, status.threads))
             except (FileNotFoundError, ProcessLookupError):
                 return
             self.done.wait(self.period)
@@ -115,8 +111,9 @@ async def _within(seconds: float, clients: int, address: str, stats: loadgen.Loa
 
 
 def measure(clients: int, per_round: int, rounds: int, workdir: Path, env: dict[str, str] | None = None,
-            budget: float = 600.0) -> ManyClients:
-    """The run, stopped after `budget` seconds if the rounds have not all been aggregated by then."""
+            budget: float = 600.0, settle: float = 1.0) -> ManyClients:
+    """The run, stopped after `budget` seconds if the rounds have not all been aggregated by then. The server's
+    memory before the clients come is sampled after it has run `settle` seconds, and half that again."""
     _more_open_files(clients + 1024)
     out = workdir / f"many-{clients}"
     # In open mode the registry keeps at most max_clients (1,000 by default), and each long-poll holds one
@@ -128,9 +125,11 @@ def measure(clients: int, per_round: int, rounds: int, workdir: Path, env: dict[
                          "--log-level", "WARNING"], env=env)
     sampler = Sampler(srv.proc.pid)
     try:
-        time.sleep(1.0)  # the server's own start-up memory settles
+        time.sleep(settle)  # the server's own start-up memory settles
         sampler.start()
-        time.sleep(0.5)
+        time.sleep(settle / 2)
+        while not sampler.samples and sampler.is_alive():
+            time.sleep(0.01)
         rss_before = sampler.samples[-1][1]
         started = time.time()
         stats = loadgen.LoadStats()

@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import torch
 
 from bench import bare_grpc, loadgen, ray_sim, secure
 from bench import many_clients as bench_many_clients
-from bench.timing import median_seconds, own_cpu, process_cpu
+from bench.timing import median_seconds, own_cpu, process_cpu, process_status
 from common import allocator, convert, tensors
 from common import messages as m
 from common.datasets import BatchLoader, load_digits, load_mnist, model_spec_for
@@ -108,10 +109,21 @@ def server(out: Path, *args: str) -> ServerProcess:
     return ServerProcess(["--port", "0", "--out", str(out), "--round-timeout", "600", *args], env=ENV)
 
 
+@dataclass
+class LoadRun:
+    """A server's rounds with simulated clients (bench/loadgen.py), and what it used meanwhile."""
+    stats: loadgen.LoadStats
+    records: list[Any]  # its metrics.jsonl
+    idle_rss: int  # the server's resident bytes before the clients came
+    peak_rss: int  # ... its peak while they ran
+    server_cpu: float  # CPU seconds the server used while they ran
+    own_cpu: float  # ... and the load generator (this process)
+
+
 def rss(pid: int) -> tuple[int, int]:
-    """(current, peak) resident set size of a process, in bytes."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+    """(current, peak) resident set size of a process, in bytes (bench/peers.py's reading)."""
+    status = process_status(pid)
+    return status.rss, status.peak_rss
 
 
 def reset_peak_rss(pid: int) -> None:
@@ -127,6 +139,7 @@ class Bench:
         # channel, on the built-in digits. --quick uses the MLP (0.2 MB).
         self.big_model = "mlp" if quick else "resnet18"
         self.repeats = 2 if quick else 5
+        self.load_runs: dict[tuple[str, int, int], LoadRun] = {}
 
     def add(self, *args: Any, **kwargs: Any) -> None:
         figure = Figure(*args, **kwargs)
@@ -139,6 +152,28 @@ class Bench:
         path = self.workdir / name
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def load_run(self, model: str, clients: int, rounds: int) -> LoadRun:
+        """`rounds` rounds of a server of `model` with `clients` simulated clients, all of them in every
+        round. Figures 3 to 6 ask for theirs here: in --quick they ask for the same tiny run, which runs once."""
+        key = (model, clients, rounds)
+        if key not in self.load_runs:
+            out = self.run_dir(f"load-{model}-{clients}x{rounds}")
+            srv = server(out, "--model-name", model, "--rounds", str(rounds), "--clients-per-round", str(clients),
+                         "--num-clients", str(clients))
+            try:
+                time.sleep(0.2 if self.quick else 1.0)  # the server's own start-up memory settles
+                idle = process_status(srv.proc.pid).rss
+                reset_peak_rss(srv.proc.pid)
+                server_cpu, own = process_cpu(srv.proc.pid), own_cpu()
+                stats = loadgen.run(srv.address, clients)
+                peak = process_status(srv.proc.pid).peak_rss
+                server_cpu, own = process_cpu(srv.proc.pid) - server_cpu, own_cpu() - own
+            finally:
+                srv.stop()
+            assert not stats.errors, stats.errors[:3]
+            self.load_runs[key] = LoadRun(stats, read_jsonl(out / "metrics.jsonl"), idle, peak, server_cpu, own)
+        return self.load_runs[key]
 
     # 1 -------------------------------------------------------------------------------------------------
     def transfer(self) -> None:
@@ -242,22 +277,11 @@ class Bench:
         # The figure is the median of the periods after the first round: 4 of them in a full run.
         rounds = 3 if self.quick else 6
         for clients in ((3, 5) if self.quick else (10, 50)):
-            srv = server(self.run_dir(f"rounds{clients}"), "--model-name", self.big_model, "--rounds", str(rounds),
-                         "--clients-per-round", str(clients), "--num-clients", str(clients))
-            try:
-                time.sleep(1.0)
-                idle, _ = rss(srv.proc.pid)
-                reset_peak_rss(srv.proc.pid)
-                server_cpu, own = process_cpu(srv.proc.pid), own_cpu()
-                stats = loadgen.run(srv.address, clients)
-                _, peak = rss(srv.proc.pid)
-                # What the round time is bound by: the CPU the server and the load generator (this process)
-                # used, per round on average.
-                server_cpu, own = process_cpu(srv.proc.pid) - server_cpu, own_cpu() - own
-            finally:
-                srv.stop()
-            assert not stats.errors, stats.errors[:3]
-            records = read_jsonl(self.workdir / f"rounds{clients}" / "metrics.jsonl")
+            run = self.load_run(self.big_model, clients, rounds)
+            records, idle, peak = run.records, run.idle_rss, run.peak_rss
+            # What the round time is bound by: the CPU the server and the load generator (this process)
+            # used, per round on average.
+            server_cpu, own = run.server_cpu, run.own_cpu
             # A round's period, from one aggregation to the next, once clients are connected and warm.
             periods = [b.closed_at - a.closed_at for a, b in itertools.pairwise(records[1:])]
             period = statistics.median(periods)
@@ -277,15 +301,9 @@ class Bench:
 
     # 5 -------------------------------------------------------------------------------------------------
     def scale(self) -> None:
-        clients = 20 if self.quick else 500
-        srv = server(self.run_dir("scale"), "--model-name", "mlp", "--rounds", "3", "--clients-per-round",
-                     str(clients), "--num-clients", str(clients))
-        try:
-            stats = loadgen.run(srv.address, clients)
-        finally:
-            srv.stop()
-        assert not stats.errors, stats.errors[:3]
-        records = read_jsonl(self.workdir / "scale" / "metrics.jsonl")
+        clients = 5 if self.quick else 500  # --quick: figure 3's run (figure 11 has 200 clients)
+        run = self.load_run("mlp", clients, 3)
+        stats, records = run.stats, run.records
         assert len(records) == 3 and all(len(r.clients) == clients for r in records)
         elapsed = records[-1].closed_at - records[0].opened_at
         p99 = float(np.percentile(stats.join_latencies, 99))
@@ -296,30 +314,26 @@ class Bench:
 
     # 6 -------------------------------------------------------------------------------------------------
     def round_start(self) -> None:
-        rounds = 4 if self.quick else 8
-        srv = server(self.run_dir("round_start"), "--model-name", "mlp", "--rounds", str(rounds),
-                     "--clients-per-round", "10", "--num-clients", "10")
-        try:
-            stats = loadgen.run(srv.address, 10)
-        finally:
-            srv.stop()
-        records = read_jsonl(self.workdir / "round_start" / "metrics.jsonl")
+        clients, rounds = (5, 3) if self.quick else (10, 8)  # --quick: figure 3's run
+        run = self.load_run("mlp", clients, rounds)
+        stats, records = run.stats, run.records
         delays = [max(stats.train_received[b.round]) - a.closed_at for a, b in itertools.pairwise(records)]
         delay = statistics.median(delays)
-        self.add(6, "round start: end of aggregation to every selected client holding TRAIN (10 clients)",
+        self.add(6, f"round start: end of aggregation to every selected client holding TRAIN ({clients} clients)",
                  delay * 1e3, "ms", "< 50 ms", delay < 0.05, f"(median of {len(delays)} rounds, worst "
                  f"{max(delays) * 1e3:.1f} ms)")
 
     # 7 -------------------------------------------------------------------------------------------------
     def compression(self) -> None:
         rounds = "3" if self.quick else "10"
-        clients = 2 if self.quick else 3
-        results = {}
+        clients = 1 if self.quick else 3
+        model = "mlp" if self.quick else "cnn"
         # --quick: the smoke test of this path, with the codec that has error feedback and two federations
-        # rather than five (each codec has tests of its own: tests/unit/test_codecs.py).
-        for codec in ("none", "topk:0.1") if self.quick else ("none", "float16", "bfloat16", "int8", "topk:0.1"):
+        # rather than five (each codec has tests of its own: tests/unit/test_codecs.py), side by side.
+        codecs = ("none", "topk:0.1") if self.quick else ("none", "float16", "bfloat16", "int8", "topk:0.1")
+
+        def federation(codec: str) -> tuple[int, float | None, float | None]:
             out = self.run_dir("compression-" + codec.replace(":", ""))
-            model = "mlp" if self.quick else "cnn"
             srv = server(out, "--model-name", model, "--rounds", rounds, "--clients-per-round", str(clients),
                          "--num-clients", str(clients), "--compression", codec)
             try:
@@ -330,7 +344,10 @@ class Bench:
                 srv.stop()
             assert codes == [0] * clients, f"{codec}: clients exited {codes}"
             records = [r for r in read_jsonl(out / "metrics.jsonl") if r.aggregated]
-            results[codec] = (sum(r.bytes_in for r in records), records[2].accuracy, records[-1].accuracy)
+            return sum(r.bytes_in for r in records), records[2].accuracy, records[-1].accuracy
+
+        with ThreadPoolExecutor(2 if self.quick else 1) as pool:
+            results = dict(zip(codecs, pool.map(federation, codecs)))
         base_bytes, base_early, base_final = results["none"]
         for codec, (nbytes, early, final) in results.items():
             if codec == "none":
@@ -389,7 +406,7 @@ class Bench:
         server (bench/many_clients.py); --quick 200 clients, 20 a round."""
         clients, per_round = (200, 20) if self.quick else (10_000, 1_000)
         result = bench_many_clients.measure(clients, per_round, 3, self.workdir, env=ENV,
-                                            budget=120.0 if self.quick else 600.0)
+                                            budget=120.0 if self.quick else 600.0, settle=0.2 if self.quick else 1.0)
         self.add(11, f"{clients} connected clients, {per_round} a round: server memory per connected client",
                  result.bytes_per_client / 1024, "KiB", "reported", None, f"({result.summary()})")
         self.add(11, f"{clients} connected clients, {per_round} a round: rounds aggregated (of 3) within its "

@@ -1,4 +1,5 @@
-"""Timing and CPU accounting shared by the benchmark tools (bench.run, bench.bare_grpc, bench.upload_cpu)."""
+"""Timing, CPU and memory accounting shared by the benchmark tools (bench.run, bench.bare_grpc, bench.upload_cpu,
+bench.many_clients, bench.hostile)."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -32,6 +34,20 @@ def process_cpu(pid: int) -> float:
     """CPU seconds (user + system) a process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+@dataclass(frozen=True)
+class ProcessStatus:
+    rss: int  # resident set size, bytes
+    peak_rss: int  # its peak (VmHWM), bytes
+    threads: int
+
+
+def process_status(pid: int) -> ProcessStatus:
+    """A process's resident set, now and at its peak, and its threads, from /proc/<pid>/status."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return ProcessStatus(rss=int(fields["VmRSS"].split()[0]) * 1024, peak_rss=int(fields["VmHWM"].split()[0]) * 1024,
+                         threads=int(fields["Threads"]))
 
 
 def own_cpu() -> float:

@@ -1,13 +1,13 @@
 """Real fl-server and fl-client processes over real gRPC on localhost."""
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.integration.conftest import ENV, free_port, read_metrics
+from tests.integration.test_reliability import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +44,9 @@ def test_three_clients_reach_90_percent_within_10_rounds(federation):
 def test_client_started_before_the_server_waits_and_joins(federation):
     port = free_port()
     client = federation.start_client("0", server=f"127.0.0.1:{port}")
-    time.sleep(3)
+    # It tries, fails and tries again (each failure is logged) instead of giving up.
+    wait_for(lambda: federation.client_log("0").count("unavailable") >= 2 or client.poll() is not None,
+             what="the client retrying")
     assert client.poll() is None, "the client gave up instead of waiting for the server"
     federation.start_server("--rounds", "2", "--num-clients", "1", "--clients-per-round", "1",
                             "--model-name", "mlp", port=port)
