@@ -20,8 +20,10 @@ log = logging.getLogger("fl_client.connection")
 
 T = TypeVar("T")
 
-# Only these can get better by trying again: the server is down or restarting, or the network is slow.
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# Only these can get better by trying again: the server is down or restarting, or the network is slow,
+# or the server ended the call with no answer (CANCELLED: a server stopping cancels the calls still in
+# progress after its grace period; no refusal of ours is CANCELLED).
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 # ...and the server's cap on calls served at once (its max_rpcs), which gRPC reports with this text, and
 # its client registry being full (open mode; places free up as clients leave). Other RESOURCE_EXHAUSTED
 # refusals (a message over the size limit) would fail again the same way.
@@ -31,7 +33,7 @@ BUSY = "concurrent rpc limit"
 def retryable(code: grpc.StatusCode, details: str) -> bool:
     return code in RETRYABLE or (code is grpc.StatusCode.RESOURCE_EXHAUSTED and (
         BUSY in details.lower() or details.startswith(m.REGISTRY_FULL)))
-JOIN_DEADLINE = 30.0  # above the server's long-poll (10 s), so a healthy long-poll never times out here
+JOIN_DEADLINE = 30.0  # above the server's long-poll (25 s), which answers 1 s before a client's deadline at the latest
 TRANSFER_DEADLINE = 600.0  # a whole model up or down; generous for slow links
 
 

@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         servicer = FederationServicer(state, check_identity=args.tls_client_ca is not None,
                                       client_tokens=client_tokens, max_downloads=cfg.max_downloads,
                                       first_message_timeout=cfg.first_message_timeout, max_rpcs=cfg.max_rpcs,
+                                      long_poll=cfg.long_poll_seconds,
                                       thread_stack_kib=cfg.rpc_thread_stack_kib)
         server, port = create_server(servicer, cfg.host, cfg.port, health=health, credentials=credentials,
                                      keepalive_seconds=cfg.keepalive_seconds, keepalive_timeout=cfg.keepalive_timeout)

@@ -161,10 +161,16 @@ class Config(ClientHyperparameters):
         check=at_least(1), defines_run=False)
     # Resource limits that hold before a request is authenticated (docs/security.md, "No client can stop,
     # starve or bloat the server").
+    long_poll_seconds: float = setting(servicer.LONG_POLL_SECONDS, (
+        "seconds a JoinRound call from an idle client is held open (less a random fifth) before it is answered "
+        "WAIT and renewed; a round reaches a held client at once. Longer polls cost less with many clients; "
+        "a client's own deadline (fl-client: 30 s) caps it"),
+        check=Rule(lambda v: 1 <= v <= 3600, "must be between 1 and 3600 seconds"), defines_run=False)
     max_rpcs: int = setting(servicer.MAX_RPCS, (
-        "calls served at once (a JoinRound long-poll holds one for 10 s, an upload for its transfer), and the "
-        "most threads their blocking work may use (a long-poll holds none); more calls get RESOURCE_EXHAUSTED at "
-        "once. Size it above clients + the calls an attacker can open within first_message_timeout"),
+        "calls served at once (a JoinRound long-poll holds one for long_poll_seconds, an upload for its "
+        "transfer), and the most threads their blocking work may use (a long-poll holds none); more calls get "
+        "RESOURCE_EXHAUSTED at once. Size it above clients + the calls an attacker can open within "
+        "first_message_timeout"),
         check=at_least(16), defines_run=False)
     rpc_thread_stack_kib: int = setting(servicer.THREAD_STACK_KIB, (
         "stack of each call thread, in KiB (0 = the system's, usually 8 MiB): uploads, downloads and secure "

@@ -29,6 +29,12 @@ class ClientInfo:
     device: str
     last_seen: float  # last time the client called us (join, heartbeat, fetch, upload)
     polls: int = 0  # JoinRound long-polls of this client being held open right now
+    downloads: int = 0  # its model downloads in progress, waiting for a slot or streaming
+
+    @property
+    def in_call(self) -> bool:
+        """A call of the client's is open now: it is there, whenever it last began one."""
+        return self.polls > 0 or self.downloads > 0
 
 
 @dataclass(frozen=True)
@@ -146,7 +152,7 @@ class Membership:
         now = self.clock()
         self._pruned = now
         gone = [c for c, info in self.clients.items()
-                if info.polls == 0 and now - info.last_seen > self.limits.forget_after and c not in keep]
+                if not info.in_call and now - info.last_seen > self.limits.forget_after and c not in keep]
         for c in gone:
             del self.clients[c]
         if gone:
@@ -164,7 +170,7 @@ class Membership:
         searched = now >= self._no_room_until
         away = [] if not searched else [
             (info.last_seen, c) for c, info in self.clients.items()
-            if info.polls == 0 and now - info.last_seen > self.silence_limit and c not in keep]
+            if not info.in_call and now - info.last_seen > self.silence_limit and c not in keep]
         if not away:
             if searched:  # the window starts at a real search: a steady flood still gets one a second
                 self._no_room_until = now + 1.0
@@ -187,16 +193,18 @@ class Membership:
         """Clients polling now, or heard from within the silence limit."""
         now = self.clock()
         return sorted(c for c, info in self.clients.items()
-                      if info.polls > 0 or now - info.last_seen <= self.silence_limit)
+                      if info.in_call or now - info.last_seen <= self.silence_limit)
 
     def present(self) -> list[str]:
         """Clients polling now, or heard from within a heartbeat: those a round may sample."""
         now = self.clock()
-        return sorted(c for c, info in self.clients.items() if info.polls > 0 or now - info.last_seen <= self.recent)
+        return sorted(c for c, info in self.clients.items() if info.in_call or now - info.last_seen <= self.recent)
 
     def silent_for(self, client_id: str, since: float) -> float:
-        """Seconds since the client was last heard from, or since `since` if that is later."""
-        return self.clock() - max(self.clients[client_id].last_seen, since)
+        """Seconds since the client was last heard from, or since `since` if that is later; 0 while a
+        call of its own is open (a download waiting for its slot may wait longer than a heartbeat)."""
+        info = self.clients[client_id]
+        return 0.0 if info.in_call else self.clock() - max(info.last_seen, since)
 
     def describe(self, r: OpenRound | None) -> dict[str, dict[str, Any]]:
         """Each client's state in words (for `fl-server status`), given the open round if any."""

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -242,6 +242,23 @@ class RoundState:
             raise StaleRoundError(f"model version {req.model_version} is gone; the current one is "
                                   f"{snapshot.version}: join again")
         return snapshot
+
+    @contextlib.contextmanager
+    def downloading(self, client_id: str) -> Iterator[None]:
+        """Around a model download: its client is not silent while the call is open (with a thousand
+        clients fetching through max_downloads slots, one may wait longer than the silence limit), and is
+        heard from when it ends."""
+        with self._cond:
+            info = self.members.clients.get(client_id)
+            if info is not None:
+                info.downloads += 1
+        try:
+            yield
+        finally:
+            if info is not None:
+                with self._cond:
+                    info.downloads -= 1
+                    info.last_seen = self.clock()
 
     def submit(self, header: UpdateHeader, chunks: Iterable[bytes | memoryview],
                on_admitted: Callable[[], None] = lambda: None,

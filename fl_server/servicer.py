@@ -12,6 +12,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import logging
+import random
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,9 @@ from fl_server.rounds import RoundState
 
 log = logging.getLogger("fl_server.servicer")
 
-LONG_POLL_SECONDS = 10.0  # how long JoinRound holds a call open before answering WAIT
+# How long JoinRound holds a call open before answering WAIT (config: long_poll_seconds). Every idle client
+# renews its poll this often: with 10,000 clients, 10 s polls were 1,000 calls a second for nothing.
+LONG_POLL_SECONDS = 25.0
 STREAM_WAIT = 30.0  # seconds a model request waits for its version's stream to be serialized
 # A model whose whole GetGlobalModel stream is at most this many bytes rides in the TRAIN answer to
 # JoinRound, saving each selected client a call. Small, because every such answer holds its own copies
@@ -159,6 +162,7 @@ class FederationServicer:
         # throughput when the server's link or CPU is what limits the transfers.
         self._download_slots = threading.Semaphore(max_downloads)
         self.long_poll = long_poll
+        self._jitter = random.Random()
         # With mutual TLS, a client may only act as the id in its certificate; with tokens, as the id
         # whose secret it presents.
         self.check_identity = check_identity
@@ -189,13 +193,14 @@ class FederationServicer:
             stream = self._stream_for(snapshot, req.model_version)
         except _REFUSABLE as e:
             _abort(context, e)
-        if not self._download_slots.acquire(timeout=context.time_remaining()):
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is busy sending the model to other clients "
-                                                       "until this call's deadline; try again")
-        try:
-            yield from stream
-        finally:
-            self._download_slots.release()
+        with self.state.downloading(req.client_id):
+            if not self._download_slots.acquire(timeout=context.time_remaining()):
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the server is busy sending the model to other "
+                                                           "clients until this call's deadline; try again")
+            try:
+                yield from stream
+            finally:
+                self._download_slots.release()
         self.state.count_sent(sum(map(len, stream)))  # reached only when the whole stream went out
 
     def SecureAggregation(self, request: bytes, context: grpc.ServicerContext) -> pb.SecAggReply:
@@ -220,9 +225,11 @@ class FederationServicer:
 
     def _long_poll_for(self, context: grpc.ServicerContext) -> float:
         """How long a long-poll may hold the call: answer before the client's own deadline runs out, or it
-        would see DEADLINE_EXCEEDED."""
+        would see DEADLINE_EXCEEDED; and a random fifth less at most, so that clients that all joined at once
+        (10,000 at a server's start) do not renew their polls in one wave every long_poll seconds."""
         remaining = context.time_remaining()
-        return self.long_poll if remaining is None else max(0.0, min(self.long_poll, remaining - 1.0))
+        hold = self.long_poll if remaining is None else max(0.0, min(self.long_poll, remaining - 1.0))
+        return hold * self._jitter.uniform(0.8, 1.0)
 
     def _check_identity(self, context: grpc.ServicerContext, client_id: str) -> None:
         if self.check_identity:

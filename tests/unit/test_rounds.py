@@ -431,6 +431,24 @@ def test_a_client_that_keeps_sending_heartbeats_is_waited_for():
     assert torch.allclose(state.global_state["w"], torch.full((3,), 2.0))
 
 
+def test_a_client_waiting_for_its_download_is_not_given_up_on_and_is_heard_from_when_it_ends():
+    """A thousand clients fetching through max_downloads slots: one may wait longer than the silence limit
+    for its turn, with no heartbeat (fl-client starts them once it has the model)."""
+    state = started(k=2, min_fit=2, timeout=60.0)  # silence limit 8 s
+    opened = state.clock.now
+    submit(state, "a", diff(1.0))
+    coordinator = Coordinator(state)
+    with state.downloading("b"):
+        for _ in range(6):  # 12 s waiting for a download slot, well past the silence limit
+            advance(state, state.rules.heartbeat_seconds, coordinator)
+            assert "b" not in state._round.silent
+    advance(state, state.members.silence_limit - 0.5, coordinator)  # silent since the download ended, not long
+    assert "b" not in state._round.silent
+    submit(state, "b", diff(3.0))
+    assert coordinator.join() == pytest.approx(opened + 12.0 + state.members.silence_limit - 0.5)
+    assert state.close_round().contributors == ["a", "b"]
+
+
 def test_a_client_that_reports_a_failed_round_is_not_waited_for():
     state = started(k=2, min_fit=1, timeout=60.0)
     opened = state.clock.now
