@@ -51,6 +51,19 @@ def select_device(requested: str = "auto") -> torch.device:
     return device
 
 
+def seed_torch(seed: int) -> None:
+    """`torch.manual_seed(seed)`, at a hundredth of its cost on a machine without an accelerator.
+
+    torch.manual_seed also queues the seed for CUDA, XPU and MTIA generators, which records the caller's
+    stack each time a device is not initialized yet (0.1-0.6 ms a call here, twice in each client
+    round). With no accelerator visible none of those generators can ever be used, so seeding the CPU's
+    default generator is all it does."""
+    if torch.accelerator.is_available():
+        torch.manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(int(seed))
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -32,7 +32,7 @@ from common import convert, tls, tokens
 from common import messages as m
 from common.datasets import DataError
 from common.secagg import SecAggError
-from common.training import TrainingStopped, select_device
+from common.training import TrainingStopped, seed_torch, select_device
 from fl_client.connection import RequestRefusedError, ServerConnection
 from fl_client.round import ClientRound, seed_for
 from fl_client.secure import SecureRound
@@ -283,7 +283,7 @@ class Federation:
                     heartbeat.stop()
                     raise
             # Seeded here for every way of running the task (run_app seeds again, to the same seed).
-            torch.manual_seed(seed_for(decision.config, self.client_id, decision.round))
+            seed_torch(seed_for(decision.config, self.client_id, decision.round))
             task = Task(client_id=self.client_id, round=decision.round, config=decision.config,
                         global_state={name: t.clone() for name, t in global_state.items()}, device=self.device,
                         seed=seed_for(decision.config, self.client_id, decision.round), data_dir=self.data_dir,

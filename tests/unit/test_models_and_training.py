@@ -6,7 +6,7 @@ import torch
 from common.datasets import ArrayData, BatchLoader, keeps_data_on_gpu, load_digits, model_spec_for
 from common.messages import ModelSpec, TrainConfig
 from common.models import build_model
-from common.training import check_autocast, evaluate, select_device, train
+from common.training import check_autocast, evaluate, seed_torch, select_device, train
 
 
 @pytest.mark.parametrize("name, shape, params", [
@@ -180,3 +180,10 @@ def test_regression_trains_on_float_targets_with_one_output():
     after = evaluate(model, BatchLoader(data, 128), torch.device("cpu"))
     assert math.isnan(after.accuracy) and after.num_samples == 512
     assert after.loss < before.loss / 10
+
+
+def test_seed_torch_seeds_as_torch_manual_seed():
+    seed_torch(123)
+    first = torch.rand(5)
+    torch.manual_seed(123)
+    assert torch.equal(first, torch.rand(5))
