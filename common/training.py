@@ -64,10 +64,76 @@ def seed_torch(seed: int) -> None:
         torch.default_generator.manual_seed(int(seed))
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+class RoundSGD:
+    """SGD with momentum and weight decay for one round's local epochs: the same arithmetic as
+    torch.optim.SGD's foreach implementation (its default on GPUs; on the CPU it gives the same bits as
+    the default per-tensor loop), without torch.optim's per-step wrappers (profiler hooks, grad-mode and
+    compiler guards, parameter groups), which cost 0.15-0.25 ms a step: a quarter of a small model's
+    round. Sparse gradients take torch's per-tensor path, which handles them."""
+
+    def __init__(self, params: Iterable[torch.Tensor], lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
+        self.params = list(params)
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.momentum_buffers: list[torch.Tensor | None] = [None] * len(self.params)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.detach_().zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        index = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if not index:
+            return
+        params = [self.params[i] for i in index]
+        grads: list[torch.Tensor] = [p.grad for p in params if p.grad is not None]
+        if any(g.is_sparse for g in grads):
+            self._step_per_tensor(index)
+            return
+        if self.weight_decay != 0:
+            grads = list(torch._foreach_add(grads, params, alpha=self.weight_decay))
+        if self.momentum != 0:
+            held = [self.momentum_buffers[i] for i in index]
+            buffers: list[torch.Tensor] = [b for b in held if b is not None]
+            if len(buffers) == len(index):
+                torch._foreach_mul_(buffers, self.momentum)
+                torch._foreach_add_(buffers, grads, alpha=1)
+            else:  # the first step of some: their buffers start as their gradients
+                buffers = []
+                for i, b, g in zip(index, held, grads):
+                    if b is None:
+                        b = self.momentum_buffers[i] = torch.clone(g).detach()
+                    else:
+                        b.mul_(self.momentum).add_(g, alpha=1)
+                    buffers.append(b)
+            grads = buffers
+        torch._foreach_add_(params, grads, alpha=-self.lr)
+
+    def _step_per_tensor(self, index: list[int]) -> None:
+        for i in index:  # torch.optim.SGD's _single_tensor_sgd, without nesterov, dampening or maximize
+            param = self.params[i]
+            grad = param.grad
+            assert grad is not None
+            if self.weight_decay != 0:
+                grad = grad.add(param, alpha=self.weight_decay)
+            if self.momentum != 0:
+                buf = self.momentum_buffers[i]
+                if buf is None:
+                    buf = self.momentum_buffers[i] = torch.clone(grad).detach()
+                else:
+                    buf.mul_(self.momentum).add_(grad, alpha=1)
+                grad = buf
+            param.add_(grad, alpha=-self.lr)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer | RoundSGD:
+    """A fresh optimizer for a round, as FedAvg has it: Adam from torch.optim, or RoundSGD."""
     if cfg.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return RoundSGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def reconstructs(model: nn.Module) -> bool:
