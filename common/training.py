@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -136,6 +137,15 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer 
     return RoundSGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def on_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model.to(device)`, skipped when every parameter and buffer is there already (each round after the
+    first): Module.to walks every submodule and assigns every tensor back even then (70 us a call for a
+    64-128-10 MLP, against 20 us for looking)."""
+    if any(t.device != device for t in itertools.chain(model.parameters(), model.buffers())):
+        model.to(device)
+    return model
+
+
 def reconstructs(model: nn.Module) -> bool:
     """An autoencoder learns to reproduce its input (MSE); every other model classifies (cross-entropy)."""
     return getattr(getattr(model, "module", model), "reconstructs", False)  # through a DDP wrapper too
@@ -161,7 +171,7 @@ def train(model: nn.Module, loader: Iterable, cfg: TrainConfig, device: torch.de
     safe (matrix products, convolutions). The weights, their gradients and the optimizer stay float32,
     so the diff sent back is float32 like any other; bfloat16 has float32's range, so no loss scaling."""
     start = time.perf_counter()
-    model.to(device).train()
+    on_device(model, device).train()
     optimizer = make_optimizer(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     # FedProx (Li et al., 2020): pull the local model towards the round's global one, which limits
@@ -210,7 +220,7 @@ def _loss(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, unsupervised: boo
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device) -> EvalResult:
     """Cross-entropy and accuracy; for an autoencoder, the mean squared reconstruction error and NaN; for
     regression (float targets), the mean squared error and NaN."""
-    model.to(device).eval()
+    on_device(model, device).eval()
     unsupervised = reconstructs(model)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)

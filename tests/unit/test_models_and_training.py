@@ -212,3 +212,12 @@ def test_seed_torch_seeds_as_torch_manual_seed():
     first = torch.rand(5)
     torch.manual_seed(123)
     assert torch.equal(first, torch.rand(5))
+
+
+def test_on_device_moves_a_model_only_when_it_is_elsewhere():
+    from common.training import on_device
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    assert on_device(model, torch.device("cpu")) is model
+    assert on_device(model, torch.device("meta")) is model
+    assert all(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()])
