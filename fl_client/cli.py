@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
             def prepare(cfg: TrainConfig) -> None:  # the data loaded and checked while the client waits
                 builtin.configure(args.id, cfg, device)
+        allocator.freeze_startup_objects()
         with connect(args.server, args.id, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
                      token_file=args.token_file, insecure=args.insecure, device=device,
                      give_up_after=args.give_up_after, data_dir=args.data) as federation:

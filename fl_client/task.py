@@ -16,6 +16,7 @@ from torch import nn
 
 from common import messages as m
 from common.settings import values_of
+from common.training import seed_torch
 
 State = dict[str, torch.Tensor]
 
@@ -154,7 +155,7 @@ def state_of(weights: nn.Module | Mapping[str, torch.Tensor], global_state: Mapp
 def run_app(task: Task, train: TrainFn, evaluate: EvaluateFn | None = None) -> Result | None:
     """The user's code on one task: the evaluation of the global model first, when the server asks for
     one and there is an evaluation function, then the training."""
-    torch.manual_seed(task.seed)
+    seed_torch(task.seed)
     if evaluate is not None and task.wants_evaluation:
         evaluation = evaluate(task)
         if evaluation is not None:

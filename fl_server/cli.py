@@ -240,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             server.stop(None).wait()
             return logs.fail("fl-server", f"cannot serve metrics on {cfg.metrics_host}:{args.metrics_port} "
                              f"({e.strerror}); pick another --metrics-port (0 picks a free one) or metrics_host")
+    allocator.freeze_startup_objects()
     server.start()
     for service in ("", SERVICE):
         health.set(service, health_pb2.HealthCheckResponse.SERVING)

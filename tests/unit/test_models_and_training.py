@@ -6,7 +6,7 @@ import torch
 from common.datasets import ArrayData, BatchLoader, keeps_data_on_gpu, load_digits, model_spec_for
 from common.messages import ModelSpec, TrainConfig
 from common.models import build_model
-from common.training import check_autocast, evaluate, select_device, train
+from common.training import RoundSGD, check_autocast, evaluate, seed_torch, select_device, train
 
 
 @pytest.mark.parametrize("name, shape, params", [
@@ -180,3 +180,44 @@ def test_regression_trains_on_float_targets_with_one_output():
     after = evaluate(model, BatchLoader(data, 128), torch.device("cpu"))
     assert math.isnan(after.accuracy) and after.num_samples == 512
     assert after.loss < before.loss / 10
+
+
+@pytest.mark.parametrize("momentum, weight_decay", [(0.9, 0.0), (0.0, 0.0), (0.9, 1e-3), (0.5, 0.1)])
+def test_round_sgd_takes_torch_sgds_steps_bit_for_bit(momentum, weight_decay):
+    """The built-in training's SGD does torch.optim.SGD's arithmetic: the same weights after several steps,
+    a parameter that gets no gradient in some steps included."""
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    extra_a = torch.nn.Parameter(torch.randn(4))
+    b = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    b.load_state_dict(a.state_dict())
+    extra_b = torch.nn.Parameter(extra_a.detach().clone())
+    ours = RoundSGD([*a.parameters(), extra_a], lr=0.05, momentum=momentum, weight_decay=weight_decay)
+    theirs = torch.optim.SGD([*b.parameters(), extra_b], lr=0.05, momentum=momentum, weight_decay=weight_decay)
+    for step in range(6):
+        x, y = torch.randn(5, 8), torch.randint(0, 3, (5,))
+        for model, extra, opt in ((a, extra_a, ours), (b, extra_b, theirs)):
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            if step % 3 == 2:  # the extra parameter only takes part in some steps
+                loss = loss + (extra ** 2).sum()
+            loss.backward()
+            opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert torch.equal(extra_a, extra_b)
+
+
+def test_seed_torch_seeds_as_torch_manual_seed():
+    seed_torch(123)
+    first = torch.rand(5)
+    torch.manual_seed(123)
+    assert torch.equal(first, torch.rand(5))
+
+
+def test_on_device_moves_a_model_only_when_it_is_elsewhere():
+    from common.training import on_device
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    assert on_device(model, torch.device("cpu")) is model
+    assert on_device(model, torch.device("meta")) is model
+    assert all(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()])
