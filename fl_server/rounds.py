@@ -155,8 +155,9 @@ class RoundState:
                 remaining = deadline - self.clock()
                 if decision is not None or remaining <= 0:
                     break
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(waiter.event.wait(), remaining)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining):
+                        await waiter.event.wait()
         finally:  # also when the call is cancelled (its client went away)
             with self._cond:
                 self._end_poll(req.client_id, waiter, info)
@@ -199,7 +200,10 @@ class RoundState:
         # admission's round trip would only delay it, so the clients are told to send their data at once.
         return JoinDecision(Action.TRAIN, self.train_config, round=r.number, model_version=self.model_version,
                             heartbeat_seconds=self.rules.heartbeat_seconds, message=message,
-                            upload_admitted=self.uploads.max_concurrent >= len(r.selected))
+                            upload_admitted=self._admitted_in_advance(r))
+
+    def _admitted_in_advance(self, r: OpenRound) -> bool:
+        return self.uploads.max_concurrent >= len(r.selected)
 
     def _heartbeat_reply(self, client_id: str, training_round: int) -> JoinDecision:
         r = self._round
@@ -261,11 +265,12 @@ class RoundState:
                     info.last_seen = self.clock()
 
     def submit(self, header: UpdateHeader, chunks: Iterable[bytes | memoryview],
-               on_admitted: Callable[[], None] = lambda: None,
+               on_admitted: Callable[[bool], None] = lambda tell_client: None,
                interrupt: Callable[[str], None] = lambda why: None) -> SubmitResult:
         """Receive one update and fold it into the round's aggregate, or refuse it untouched.
-        `on_admitted()` runs once a receive buffer is reserved for the update, just before its data is
-        read: the servicer tells the client there that it may send the data now. `interrupt(why)` ends
+        `on_admitted(tell_client)` runs once a receive buffer is reserved for the update, just before its
+        data is read: the servicer tells the client there that it may send the data now, unless the client
+        was told so in advance (tell_client False). `interrupt(why)` ends
         the call of an upload that stalled (uploads.UploadReceiver.receive); its client is then given up
         on for the round, as a silent one is."""
         check_protocol(header.protocol_version)
@@ -280,7 +285,10 @@ class RoundState:
             r.uploading.add(header.client_id)
         try:
             # Outside the lock: uploads from different clients stream in parallel.
-            update = self.uploads.receive(header, chunks, on_admitted, interrupt)
+            # A client told in its TRAIN answer that its upload is admitted (upload_admitted) sends its data at
+            # once: telling it again would cost a send for nothing.
+            tell_client = not self._admitted_in_advance(r)
+            update = self.uploads.receive(header, chunks, lambda: on_admitted(tell_client), interrupt)
             return self._count(r, update)
         except UploadStalledError as e:
             self._give_up_on_stalled(r, header.client_id, str(e))
