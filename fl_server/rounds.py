@@ -265,12 +265,11 @@ class RoundState:
                     info.last_seen = self.clock()
 
     def submit(self, header: UpdateHeader, chunks: Iterable[bytes | memoryview],
-               on_admitted: Callable[[bool], None] = lambda tell_client: None,
+               on_admitted: Callable[[], None] = lambda: None,
                interrupt: Callable[[str], None] = lambda why: None) -> SubmitResult:
         """Receive one update and fold it into the round's aggregate, or refuse it untouched.
-        `on_admitted(tell_client)` runs once a receive buffer is reserved for the update, just before its
-        data is read: the servicer tells the client there that it may send the data now, unless the client
-        was told so in advance (tell_client False). `interrupt(why)` ends
+        `on_admitted()` runs once a receive buffer is reserved for the update, just before its data is
+        read: the servicer tells the client there that it may send the data now. `interrupt(why)` ends
         the call of an upload that stalled (uploads.UploadReceiver.receive); its client is then given up
         on for the round, as a silent one is."""
         check_protocol(header.protocol_version)
@@ -285,10 +284,9 @@ class RoundState:
             r.uploading.add(header.client_id)
         try:
             # Outside the lock: uploads from different clients stream in parallel.
-            # A client told in its TRAIN answer that its upload is admitted (upload_admitted) sends its data at
-            # once: telling it again would cost a send for nothing.
-            tell_client = not self._admitted_in_advance(r)
-            update = self.uploads.receive(header, chunks, lambda: on_admitted(tell_client), interrupt)
+            # Every client is told, even one told in advance in its TRAIN answer (upload_admitted): a client
+            # that waits for it (any but fl-client's current one may) would otherwise stall.
+            update = self.uploads.receive(header, chunks, on_admitted, interrupt)
             return self._count(r, update)
         except UploadStalledError as e:
             self._give_up_on_stalled(r, header.client_id, str(e))

@@ -136,19 +136,17 @@ class ThreadedReads:
             raise message
         return message
 
-    def admit(self, tell_client: bool = True) -> None:
-        """Start reading the data; with `tell_client`, first tell the client it may send it now (see
-        fl_client.connection)."""
-        self._loop.call_soon_threadsafe(self._start, tell_client)
+    def admit(self) -> None:
+        """Tell the client it may send its data now (see fl_client.connection), and start reading it."""
+        self._loop.call_soon_threadsafe(self._start)
 
-    def _start(self, tell_client: bool) -> None:
+    def _start(self) -> None:
         if not self.interrupted:
-            self._task = self._loop.create_task(self._pump(tell_client))
+            self._task = self._loop.create_task(self._pump())
 
-    async def _pump(self, tell_client: bool) -> None:
+    async def _pump(self) -> None:
         try:
-            if tell_client:
-                await self._context.send_initial_metadata(convert.UPLOAD_ADMITTED)
+            await self._context.send_initial_metadata(convert.UPLOAD_ADMITTED)
             while True:
                 while len(self._messages) >= self.AHEAD:
                     self._room.clear()

@@ -515,7 +515,7 @@ def test_data_is_read_only_after_the_upload_is_admitted():
         events.append("first chunk read")
         yield from payload.chunks()
 
-    state.submit(header, chunks(), on_admitted=lambda tell_client: events.append("admitted"))
+    state.submit(header, chunks(), on_admitted=lambda: events.append("admitted"))
     assert events == ["admitted", "first chunk read"]
 
 
@@ -532,13 +532,12 @@ def test_an_upload_waits_for_a_free_buffer_before_it_is_admitted(caplog):
         assert release_a.wait(GUARD)
         yield from payload_a.chunks()
 
-    def admit_b(tell_client):
-        assert tell_client  # one receive buffer for two selected clients: they wait to be told
+    def admit_b():
         a_released_when_b_was_admitted.append(release_a.is_set())
         b_admitted.set()
 
     uploading_a = threading.Thread(target=state.submit, args=(header_a, held_chunks()),
-                                   kwargs={"on_admitted": lambda tell_client: a_admitted.set()}, daemon=True)
+                                   kwargs={"on_admitted": a_admitted.set}, daemon=True)
     uploading_a.start()
     assert a_admitted.wait(GUARD)  # a holds the only buffer now, until its update is in and folded
     uploading_b = threading.Thread(target=state.submit, args=(header_b, payload_b.chunks()),
