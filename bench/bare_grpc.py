@@ -27,7 +27,7 @@ from bench.timing import median_seconds
 from common import allocator
 from common.tensors import CHUNK_SIZE
 from fl_client.connection import CHANNEL_OPTIONS
-from fl_server.servicer import SERVER_OPTIONS
+from fl_server.transport import SERVER_OPTIONS
 
 METHOD = "/bench.Bare/Upload"
 DOWNLOAD = "/bench.Bare/Download"

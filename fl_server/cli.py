@@ -31,7 +31,8 @@ from fl_server.membership import RandomSelector, RegistryLimits
 from fl_server.monitoring import MonitoringServer
 from fl_server.records import RoundRecord
 from fl_server.rounds import RoundRules, RoundState, ServerLimits
-from fl_server.servicer import FederationServicer, PortInUseError, create_server
+from fl_server.servicer import FederationServicer
+from fl_server.transport import PortInUseError, create_server
 from fl_server.uploads import MetricLimits
 
 log = logging.getLogger("fl_server")

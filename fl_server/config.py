@@ -39,7 +39,7 @@ from common.settings import (
     positive,
     setting,
 )
-from fl_server import monitoring, servicer, uploads
+from fl_server import monitoring, servicer, transport, uploads
 from fl_server.aggregation import parse_aggregator
 from fl_server.membership import RegistryLimits
 from fl_server.model_source import parse_shape
@@ -166,13 +166,13 @@ class Config(ClientHyperparameters):
         "WAIT and renewed; a round reaches a held client at once. Longer polls cost less with many clients; "
         "a client's own deadline (fl-client: 30 s) caps it"),
         check=Rule(lambda v: 1 <= v <= 3600, "must be between 1 and 3600 seconds"), defines_run=False)
-    max_rpcs: int = setting(servicer.MAX_RPCS, (
+    max_rpcs: int = setting(transport.MAX_RPCS, (
         "calls served at once (a JoinRound long-poll holds one for long_poll_seconds, an upload for its "
         "transfer), and the most threads their blocking work may use (a long-poll holds none); more calls get "
         "RESOURCE_EXHAUSTED at once. Size it above clients + the calls an attacker can open within "
         "first_message_timeout"),
         check=at_least(16), defines_run=False)
-    rpc_thread_stack_kib: int = setting(servicer.THREAD_STACK_KIB, (
+    rpc_thread_stack_kib: int = setting(transport.THREAD_STACK_KIB, (
         "stack of each call thread, in KiB (0 = the system's, usually 8 MiB): uploads, downloads and secure "
         "aggregation's stages hold threads, so their address space is kept small"),
         check=Rule(lambda v: v == 0 or 256 <= v <= 65536, "must be 0 (system default) or 256 to 65536 KiB"),
@@ -185,10 +185,10 @@ class Config(ClientHyperparameters):
         "seconds an admitted upload may go without sending data (a 1 MiB chunk) before it is ended with "
         "DEADLINE_EXCEEDED, its receive buffer and thread freed, and its client given up on for the round"),
         check=positive(), defines_run=False)
-    keepalive_seconds: float = setting(servicer.KEEPALIVE_SECONDS, (
+    keepalive_seconds: float = setting(transport.KEEPALIVE_SECONDS, (
         "the server pings each connection this often (HTTP/2 keepalive) to find peers that vanished"),
         check=Rule(lambda v: v >= 1, "must be at least 1 second"), defines_run=False)
-    keepalive_timeout: float = setting(servicer.KEEPALIVE_TIMEOUT,
+    keepalive_timeout: float = setting(transport.KEEPALIVE_TIMEOUT,
                                        "seconds without a ping's answer after which a connection is closed",
                                        check=Rule(lambda v: v >= 1, "must be at least 1 second"), defines_run=False)
     metrics_host: str = setting("127.0.0.1", (

@@ -17,11 +17,11 @@ from common import convert, tls
 from common.messages import Action, JoinRequest
 from common.proto import federation_pb2 as pb
 from fl_client.connection import retryable
-from fl_server import servicer as servicer_module
 from fl_server import uploads
 from fl_server.deadlines import Deadlines
 from fl_server.monitoring import MonitoringServer
-from fl_server.servicer import FederationServicer, create_server, server_options
+from fl_server.servicer import FederationServicer
+from fl_server.transport import create_server, server_options
 from tests.unit.test_rounds import GUARD, diff, started, update
 from tests.unit.test_servicer import Aborted, Context
 
@@ -189,7 +189,7 @@ def test_calls_not_yet_picked_up_queue_up_to_the_call_cap_rather_than_being_drop
         given.update(options)
         return real_server(*args, options=options, **kw)
 
-    monkeypatch.setattr(servicer_module.grpc.aio, "server", spy)
+    monkeypatch.setattr(grpc.aio, "server", spy)
     server, _ = create_server(FederationServicer(started(k=1), max_rpcs=5000), "127.0.0.1", 0)
     server.stop(None).wait()
     assert given["grpc.server.max_pending_requests"] == 5000
@@ -262,7 +262,7 @@ def test_monitoring_speaks_tls_with_the_given_certificate(tmp_path):
 
 
 def test_call_threads_are_made_with_the_configured_stack(monkeypatch):
-    from fl_server import servicer as servicer_module
+    from fl_server import transport
 
     sizes = []
     original = threading.stack_size
@@ -272,8 +272,8 @@ def test_call_threads_are_made_with_the_configured_stack(monkeypatch):
             sizes.append(size[0])
         return original(*size)
 
-    monkeypatch.setattr(servicer_module.threading, "stack_size", recording)
-    pool = servicer_module.CallThreads(2, stack_kib=256)
+    monkeypatch.setattr(transport.threading, "stack_size", recording)
+    pool = transport.CallThreads(2, stack_kib=256)
     pool.submit(lambda: None).result(GUARD)
     pool.shutdown()
     assert sizes[:2] == [256 * 1024, 0]  # set for the pool's new thread, then put back
