@@ -192,7 +192,7 @@ class FederationServicer:
         # served at once bounds that memory whatever the number of clients (measured: 50 concurrent
         # streams held 1.4 models of memory, 10 held 0.27). The others wait their turn, which costs no
         # throughput when the server's link or CPU is what limits the transfers.
-        self._download_slots = threading.Semaphore(max_downloads)
+        self._download_slots = asyncio.Semaphore(max_downloads)
         self.long_poll = long_poll
         self._jitter = random.Random()
         # With mutual TLS, a client may only act as the id in its certificate; with tokens, as the id
@@ -217,20 +217,27 @@ class FederationServicer:
         except _REFUSABLE as e:
             await _abort_async(context, e)
 
-    def GetGlobalModel(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+    async def GetGlobalModel(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
         try:
             req = convert.model_request_from_raw(request)
             self._check_identity(context, req.client_id)
             snapshot = self.state.model(req)
-            stream = self._stream_for(snapshot, req.model_version)
+            # A version being serialized is waited for on a call thread, not on the loop.
+            stream = await self.blocking(functools.partial(self._stream_for, snapshot, req.model_version))
         except _REFUSABLE as e:
-            _abort(context, e)
+            await _abort_async(context, e)
         with self.state.downloading(req.client_id):
-            if not self._download_slots.acquire(timeout=context.time_remaining()):
-                context.abort(grpc.StatusCode.UNAVAILABLE, "the server is busy sending the model to other "
-                                                           "clients until this call's deadline; try again")
             try:
-                yield from stream
+                async with asyncio.timeout(context.time_remaining()):
+                    await self._download_slots.acquire()
+            except TimeoutError:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is busy sending the model to other "
+                                                                 "clients until this call's deadline; try again")
+            try:
+                # Written from the loop: a handler that yields from a thread pays a thread hop per chunk
+                # (1.11 GB/s for a 44.7 MB model, against 1.37 GB/s this way).
+                for message in stream:
+                    await context.write(message)
             finally:
                 self._download_slots.release()
         self.state.count_sent(sum(map(len, stream)))  # reached only when the whole stream went out

@@ -49,37 +49,69 @@ def request():
     return convert.model_request_to_proto(ModelRequest(client_id="a", model_version=0)).SerializeToString()
 
 
+class StreamContext(Context):
+    """A download's context: records what is written; with `hold`, the first write waits for it."""
+
+    def __init__(self, time_remaining=None, hold=None):
+        super().__init__(time_remaining)
+        self.written, self.hold = [], hold
+
+    async def write(self, message):
+        self.written.append(message)
+        if self.hold is not None:
+            await self.hold.wait()
+
+
+async def written_soon(context):
+    async with asyncio.timeout(GUARD):
+        while not context.written:
+            await asyncio.sleep(0.01)
+
+
 def test_downloads_beyond_the_limit_wait_their_turn():
-    s = servicer(max_downloads=1)
-    first = s.GetGlobalModel(request(), Context())
-    next(first)  # holds the only slot while streaming
-    # No slot is left for another download meanwhile: one that may not wait at all is turned away.
-    impatient = Context(time_remaining=0)
-    with pytest.raises(Aborted, match="try again"):
-        next(s.GetGlobalModel(request(), impatient))
-    assert impatient.code is grpc.StatusCode.UNAVAILABLE
-    second_waits, second_done = threading.Event(), threading.Event()
+    async def main():
+        s = servicer(max_downloads=1)
+        release = asyncio.Event()
+        first_context = StreamContext(hold=release)
+        first = asyncio.create_task(s.GetGlobalModel(request(), first_context))
+        await written_soon(first_context)  # it holds the only slot while streaming
+        # No slot is left for another download meanwhile: one that may not wait at all is turned away.
+        impatient = StreamContext(time_remaining=0)
+        with pytest.raises(Aborted, match="try again"):
+            await s.GetGlobalModel(request(), impatient)
+        assert impatient.code is grpc.StatusCode.UNAVAILABLE
+        second_context = StreamContext()  # no deadline: it waits for the slot
+        second = asyncio.create_task(s.GetGlobalModel(request(), second_context))
+        await asyncio.sleep(0.2)
+        assert second_context.written == []
+        release.set()  # the first stream ends and frees its slot
+        async with asyncio.timeout(GUARD):
+            await first
+            await second
+        assert second_context.written == first_context.written == s._stream[1]
 
-    def second():
-        list(s.GetGlobalModel(request(), Context(on_time_remaining=second_waits.set)))
-        second_done.set()
-
-    threading.Thread(target=second, daemon=True).start()
-    assert second_waits.wait(GUARD)  # it is about to wait for the slot, with no deadline
-    list(first)  # the first stream ends and frees its slot
-    assert second_done.wait(GUARD)
+    asyncio.run(main())
 
 
 def test_a_download_that_cannot_get_a_slot_before_its_deadline_is_told_to_retry():
-    s = servicer(max_downloads=1)
-    holder = s.GetGlobalModel(request(), Context())
-    next(holder)
-    context = Context(time_remaining=0.1)
-    with pytest.raises(Aborted, match="try again"):
-        next(s.GetGlobalModel(request(), context))
-    assert context.code is grpc.StatusCode.UNAVAILABLE  # which fl-client retries with backoff
-    holder.close()  # a cancelled stream frees its slot too
-    assert len(list(s.GetGlobalModel(request(), Context()))) >= 2
+    async def main():
+        s = servicer(max_downloads=1)
+        holder_context = StreamContext(hold=asyncio.Event())
+        holder = asyncio.create_task(s.GetGlobalModel(request(), holder_context))
+        await written_soon(holder_context)
+        context = StreamContext(time_remaining=0.1)
+        with pytest.raises(Aborted, match="try again"):
+            await s.GetGlobalModel(request(), context)
+        assert context.code is grpc.StatusCode.UNAVAILABLE  # which fl-client retries with backoff
+        holder.cancel()  # a cancelled stream frees its slot too
+        with pytest.raises(asyncio.CancelledError):
+            await holder
+        again = StreamContext()
+        async with asyncio.timeout(GUARD):
+            await s.GetGlobalModel(request(), again)
+        assert len(again.written) >= 2
+
+    asyncio.run(main())
 
 
 def test_a_model_request_waits_for_the_version_being_serialized():
