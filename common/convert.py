@@ -148,7 +148,7 @@ def join_decision_to_proto(d: m.JoinDecision) -> pb.JoinReply:
     return pb.JoinReply(action=_ACTIONS[d.action], round=d.round, model_version=d.model_version,
                         config=train_config_to_proto(d.config), retry_after_seconds=d.retry_after,
                         message=d.message, heartbeat_seconds=d.heartbeat_seconds, upload_admitted=d.upload_admitted,
-                        model_stream=d.model_stream)
+                        model_stream=d.model_stream, inline_upload_bytes=d.inline_upload_bytes)
 
 
 def join_decision_from_proto(msg: pb.JoinReply) -> m.JoinDecision:
@@ -157,7 +157,7 @@ def join_decision_from_proto(msg: pb.JoinReply) -> m.JoinDecision:
                           round=msg.round, model_version=msg.model_version,
                           retry_after=max(0.0, msg.retry_after_seconds), message=msg.message,
                           heartbeat_seconds=max(0.0, msg.heartbeat_seconds), upload_admitted=msg.upload_admitted,
-                          model_stream=tuple(msg.model_stream))
+                          model_stream=tuple(msg.model_stream), inline_upload_bytes=msg.inline_upload_bytes)
 
 
 # --- GetGlobalModel ----------------------------------------------------------------------------------
@@ -192,13 +192,17 @@ def model_header_from_raw(raw: bytes | None) -> m.ModelHeader:
 
 # --- SubmitUpdate ------------------------------------------------------------------------------------
 
-def update_stream(header: m.UpdateHeader, payload: Payload, chunk_size: int) -> Iterator[bytes]:
+def update_stream(header: m.UpdateHeader, payload: Payload, chunk_size: int, inline: bool = False) -> Iterator[bytes]:
+    """The SubmitUpdate stream: the header, then the data chunks; with `inline`, one message, the header
+    carrying all the data (UpdateHeader.data; the header should announce one chunk)."""
+    data = payload.data if inline else b""
     yield pb.UpdateChunk(header=pb.UpdateHeader(
         protocol_version=header.protocol_version, client_id=header.client_id, round=header.round,
         model_version=header.model_version, num_samples=header.num_samples, metrics=header.metrics,
-        payload=payload_header_to_proto(header.payload))).SerializeToString()
-    for pieces in payload.pieces(chunk_size):
-        yield encode_data_chunk(pieces)
+        payload=payload_header_to_proto(header.payload), data=data, join_after=header.join_after)).SerializeToString()
+    if not inline:
+        for pieces in payload.pieces(chunk_size):
+            yield encode_data_chunk(pieces)
 
 
 def _metrics(metrics: Any) -> dict[str, float]:
@@ -211,10 +215,16 @@ def _metrics(metrics: Any) -> dict[str, float]:
 
 
 def update_header_from_raw(raw: bytes | None) -> m.UpdateHeader:
+    return update_opening_from_raw(raw)[0]
+
+
+def update_opening_from_raw(raw: bytes | None) -> tuple[m.UpdateHeader, bytes]:
+    """A SubmitUpdate stream's first message: its header, and the data it carries inline (b"": none)."""
     h = _header_of(raw, pb.UpdateChunk, "update").header
-    return m.UpdateHeader(client_id=_client_id(h.client_id), round=h.round, model_version=h.model_version,
-                          num_samples=h.num_samples, payload=payload_header_from_proto(h.payload),
-                          metrics=_metrics(h.metrics), protocol_version=h.protocol_version)
+    return (m.UpdateHeader(client_id=_client_id(h.client_id), round=h.round, model_version=h.model_version,
+                           num_samples=h.num_samples, payload=payload_header_from_proto(h.payload),
+                           metrics=_metrics(h.metrics), protocol_version=h.protocol_version,
+                           join_after=h.join_after), h.data)
 
 
 # --- stream framing ----------------------------------------------------------------------------------
@@ -303,11 +313,13 @@ def data_chunks(stream: Iterator[bytes], message_type: type, what: str) -> Itera
 
 
 def submit_result_to_proto(r: m.SubmitResult) -> pb.SubmitReply:
-    return pb.SubmitReply(accepted=r.accepted, duplicate=r.duplicate, message=r.message)
+    return pb.SubmitReply(accepted=r.accepted, duplicate=r.duplicate, message=r.message,
+                          next=join_decision_to_proto(r.next) if r.next is not None else None)
 
 
 def submit_result_from_proto(msg: pb.SubmitReply) -> m.SubmitResult:
-    return m.SubmitResult(accepted=msg.accepted, duplicate=msg.duplicate, message=msg.message)
+    return m.SubmitResult(accepted=msg.accepted, duplicate=msg.duplicate, message=msg.message,
+                          next=join_decision_from_proto(msg.next) if msg.HasField("next") else None)
 
 
 # --- SecureAggregation -------------------------------------------------------------------------------

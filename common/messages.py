@@ -164,6 +164,7 @@ class JoinDecision:
     heartbeat_seconds: float = 0.0  # TRAIN only: how often to send heartbeats while working
     upload_admitted: bool = False  # TRAIN only: the upload needs no admission (a receive buffer is held for it)
     model_stream: tuple[bytes, ...] = ()  # TRAIN only, small models: the GetGlobalModel stream, or () to fetch it
+    inline_upload_bytes: int = 0  # TRAIN only: an update payload up to this size may travel inside its header
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,7 @@ class UpdateHeader:
     payload: PayloadHeader
     metrics: dict[str, float] = field(default_factory=dict)
     protocol_version: int = PROTOCOL_VERSION
+    join_after: bool = False  # once taken, hold the call for the client's next join (SubmitResult.next)
 
 
 class SecAggStage(enum.Enum):
@@ -231,3 +233,4 @@ class SubmitResult:
     accepted: bool
     duplicate: bool = False
     message: str = ""
+    next: JoinDecision | None = None  # the client's next join's answer, when its header asked (join_after)

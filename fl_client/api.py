@@ -201,6 +201,7 @@ class Federation:
         # to get ready while the client waits (the built-in one loads and checks its data).
         self.on_config: Callable[[m.TrainConfig], None] | None = None
         self._config: m.TrainConfig | None = None
+        self._next_decision: m.JoinDecision | None = None  # brought by the last update's answer
 
     def __enter__(self) -> Federation:
         return self
@@ -233,7 +234,10 @@ class Federation:
 
     def _serve(self) -> Iterator[Task]:
         while True:
-            decision = self.connection.join(self._join_request())
+            # The last update's answer may have brought the next join's (SubmitResult.next).
+            decision, self._next_decision = self._next_decision, None
+            if decision is None:
+                decision = self.connection.join(self._join_request())
             if decision.action is m.Action.FINISHED:
                 log.info("server says training is finished after %d round(s) here", self.rounds_trained)
                 return
@@ -298,7 +302,9 @@ class Federation:
                         _should_stop=heartbeat.round_over.is_set,
                         _submit=functools.partial(self._submit, global_state=global_state,
                                                   model_version=header.model_version, secure=secure,
-                                                  admitted=decision.upload_admitted))
+                                                  heartbeat=heartbeat,
+                                                  admitted=decision.upload_admitted,
+                                                  inline_limit=decision.inline_upload_bytes))
             try:
                 yield task
             finally:
@@ -309,14 +315,24 @@ class Federation:
                     self._report_failure(task, "the client's code did not submit the round")
 
     def _submit(self, task: Task, result: Result, global_state: State, model_version: int,
-                secure: SecureRound | None = None, admitted: bool = False) -> m.SubmitResult:
+                secure: SecureRound | None = None, admitted: bool = False, inline_limit: int = 0,
+                heartbeat: Heartbeat | None = None) -> m.SubmitResult:
         if task.should_stop():
             log.info("round %d: over before the update was sent; not sending it", task.round)
             return m.SubmitResult(accepted=False, message="the round was over before the update was sent")
         update = (secure.prepare(global_state, task, result) if secure is not None else
                   self.client.prepare(global_state, task, result))
+        # The server holds the answer until this client's next join is answered too, which saves a call
+        # a round; not in a secure round, whose unmasking follows the upload. The round's heartbeats stop
+        # as the update goes: an upload under way counts as hearing from the client, and after it there is
+        # no work of this round left to report on.
+        join_after = secure is None
+        if join_after and heartbeat is not None:
+            heartbeat.stop()
         try:
-            reply = self.connection.submit(update.header(model_version), update.payload, admitted)
+            reply = self.connection.submit(update.header(model_version, join_after), update.payload, admitted,
+                                           inline_limit)
+            self._next_decision = reply.next
             if secure is not None and reply.accepted:
                 self._reveal(secure)
         except RequestRefusedError as e:

@@ -108,6 +108,11 @@ class ServerConnection:
             response_deserializer=convert.raw)
         self._submit_update = self.channel.stream_unary(
             convert.SUBMIT_UPDATE, request_serializer=convert.raw, response_deserializer=pb.SubmitReply.FromString)
+        # An update that is one message (its data inside the header) goes as a unary call on the same
+        # method: on the wire that is a stream of one message, and gRPC's client then needs no thread to
+        # feed the stream.
+        self._submit_one_message = self.channel.unary_unary(
+            convert.SUBMIT_UPDATE, request_serializer=convert.raw, response_deserializer=pb.SubmitReply.FromString)
         self._secure_aggregation = self.channel.unary_unary(
             convert.SECURE_AGGREGATION, request_serializer=pb.SecAggRequest.SerializeToString,
             response_deserializer=pb.SecAggReply.FromString)
@@ -183,12 +188,18 @@ class ServerConnection:
                                  header.payload.checksum, self._model_buffer)
         return header, state
 
-    def submit(self, header: m.UpdateHeader, payload: tensors.Payload, admitted: bool = False) -> m.SubmitResult:
+    def submit(self, header: m.UpdateHeader, payload: tensors.Payload, admitted: bool = False,
+               inline_limit: int = 0) -> m.SubmitResult:
         """`admitted`: the server said that this round's uploads need no admission (JoinDecision's
-        upload_admitted), so the data follows the header at once."""
+        upload_admitted), so the data follows the header at once; `inline_limit` (its inline_upload_bytes):
+        a payload up to that size goes inside the header, the whole update one message."""
+        inline = 0 < payload.total_bytes <= inline_limit and header.payload.num_chunks == 1
+
         def eager() -> pb.SubmitReply:
-            return self._submit_update(convert.update_stream(header, payload, CHUNK_SIZE), timeout=TRANSFER_DEADLINE,
-                                       metadata=self._metadata)
+            messages = convert.update_stream(header, payload, CHUNK_SIZE, inline=inline)
+            if inline:
+                return self._submit_one_message(next(messages), timeout=TRANSFER_DEADLINE, metadata=self._metadata)
+            return self._submit_update(messages, timeout=TRANSFER_DEADLINE, metadata=self._metadata)
 
         def attempt() -> pb.SubmitReply:  # a stream is single-use, so each retry builds a fresh one
             admitted = threading.Event()
@@ -206,7 +217,7 @@ class ServerConnection:
                 admitted.set()
             return call.result()
 
-        return convert.submit_result_from_proto(self._call("SubmitUpdate", eager if admitted else attempt))
+        return convert.submit_result_from_proto(self._call("SubmitUpdate", eager if admitted or inline else attempt))
 
     def secure_step(self, req: m.SecAggRequest) -> m.SecAggReply:
         """One stage of a secure round: the server's answer once the stage is complete (it holds each

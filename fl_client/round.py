@@ -43,12 +43,13 @@ class PreparedUpdate:
     metrics: dict[str, float]
     residual: State  # the error-feedback memory as it is once this update has been taken
 
-    def header(self, model_version: int) -> m.UpdateHeader:
-        """The header that announces this update, for the global model `model_version` it was trained from."""
+    def header(self, model_version: int, join_after: bool = False) -> m.UpdateHeader:
+        """The header that announces this update, for the global model `model_version` it was trained from
+        (`join_after`: the server answers with the client's next join too, SubmitResult.next)."""
         return m.UpdateHeader(
             client_id=self.client_id, round=self.round, model_version=model_version, num_samples=self.num_samples,
             payload=payload_header_of(self.payload, m.Encoding.DIFF, tensors.CHUNK_SIZE, str(self.codec)),
-            metrics=dict(self.metrics))
+            metrics=dict(self.metrics), join_after=join_after)
 
 
 class ClientRound:

@@ -109,7 +109,8 @@ class Membership:
         if info is None:
             self._make_room(keep)
             info = self.clients[client_id] = ClientInfo(num_samples, device, self.clock())
-        info.num_samples, info.device, info.last_seen = num_samples, device, self.clock()
+        # A join that names no device (one made after an update: SubmitUpdate's join_after) keeps the known one.
+        info.num_samples, info.device, info.last_seen = num_samples, device or info.device, self.clock()
         return info, new
 
     def register(self, req: JoinRequest, keep: Collection[str] = ()) -> ClientInfo:

@@ -20,7 +20,7 @@ from typing import NoReturn, TypeVar
 import grpc
 
 from common import convert, tls, tokens
-from common.messages import Action, JoinDecision
+from common.messages import Action, JoinDecision, JoinRequest, SubmitResult, UpdateHeader
 from common.proto import federation_pb2 as pb
 from common.tensors import CHUNK_SIZE
 from fl_server import errors
@@ -39,6 +39,9 @@ STREAM_WAIT = 30.0  # seconds a model request waits for its version's stream to 
 # JoinRound, saving each selected client a call. Small, because every such answer holds its own copies
 # of it (protobuf's, then gRPC's), where model streams are bounded by max_downloads.
 INLINE_MODEL_BYTES = 64 * 1024
+# ...and an update of at most this size may come inside its header: one message instead of three
+# (header, data, end) and the admission, which is what a round of a small model costs the server most.
+INLINE_UPLOAD_BYTES = 64 * 1024
 FIRST_MESSAGE_TIMEOUT = 10.0  # seconds an update stream may take to send its header (config: first_message_timeout)
 
 
@@ -210,12 +213,27 @@ class FederationServicer:
         try:
             req = convert.join_request_from_raw(request)
             self._check_identity(context, req.client_id)
-            decision = await self.state.join_async(req, self._long_poll_for(context))
-            if decision.action is Action.TRAIN and not req.training_round:  # not to heartbeats
-                decision = self._with_small_model(decision)
-            return convert.join_decision_to_proto(decision)
+            return convert.join_decision_to_proto(await self._join(req, context))
         except _REFUSABLE as e:
             await _abort_async(context, e)
+
+    async def _join(self, req: JoinRequest, context: grpc.aio.ServicerContext) -> JoinDecision:
+        decision = await self.state.join_async(req, self._long_poll_for(context))
+        if decision.action is Action.TRAIN and not req.training_round:  # not to heartbeats
+            decision = self._with_small_model(decision)
+        return decision
+
+    async def _join_after(self, header: UpdateHeader, result: SubmitResult,
+                          context: grpc.aio.ServicerContext) -> SubmitResult:
+        """`result` of a taken update with the answer to its client's next join (UpdateHeader.join_after),
+        held as a JoinRound poll is. A join refused (the registry full, say) leaves `next` out: the update is
+        taken whatever happens, and the client's own join then meets the refusal."""
+        try:
+            decision = await self._join(JoinRequest(client_id=header.client_id, num_samples=header.num_samples),
+                                        context)
+        except _REFUSABLE:
+            return result
+        return dataclasses.replace(result, next=decision)
 
     async def GetGlobalModel(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
         try:
@@ -260,7 +278,8 @@ class FederationServicer:
         if size > INLINE_MODEL_BYTES:
             return decision
         self.state.count_sent(size)
-        return dataclasses.replace(decision, model_stream=tuple(cached[1]))
+        return dataclasses.replace(decision, model_stream=tuple(cached[1]),
+                                   inline_upload_bytes=INLINE_UPLOAD_BYTES if decision.upload_admitted else 0)
 
     def _long_poll_for(self, context: grpc.ServicerContext) -> float:
         """How long a long-poll may hold the call: answer before the client's own deadline runs out, or it
@@ -328,15 +347,26 @@ class FederationServicer:
     async def SubmitUpdate(self, request_iterator: object, context: grpc.aio.ServicerContext) -> pb.SubmitReply:
         first = await self._first_message(context)
         try:
-            header = convert.update_header_from_raw(first)
+            header, inline = convert.update_opening_from_raw(first)
             self._check_identity(context, header.client_id)
-            reads = ThreadedReads(context, asyncio.get_running_loop())
-            chunks = convert.data_chunks(reads, pb.UpdateChunk, "update")
-            # The client sends its data only once it has our initial metadata (see fl_client.connection),
-            # which goes out when a receive buffer is free: waiting uploads then cost no memory. An upload
-            # that then stalls is ended by the receiver's progress deadline, through `interrupt`.
-            result = await self.blocking(functools.partial(self.state.submit, header, chunks,
-                                                           on_admitted=reads.admit, interrupt=reads.interrupt))
+            if inline:
+                # A small update inside its header (JoinReply.inline_upload_bytes): all of it is here, so
+                # there is nothing to admit or read ahead, and no stream to watch for stalls.
+                if len(inline) > INLINE_UPLOAD_BYTES:
+                    raise errors.InvalidUpdateError(
+                        f"an update of {len(inline)} bytes may not travel inside its header (at most "
+                        f"{INLINE_UPLOAD_BYTES}); send it as data chunks after the header")
+                result = await self.blocking(functools.partial(self.state.submit, header, (inline,)))
+            else:
+                reads = ThreadedReads(context, asyncio.get_running_loop())
+                chunks = convert.data_chunks(reads, pb.UpdateChunk, "update")
+                # The client sends its data only once it has our initial metadata (see fl_client.connection),
+                # which goes out when a receive buffer is free: waiting uploads then cost no memory. An upload
+                # that then stalls is ended by the receiver's progress deadline, through `interrupt`.
+                result = await self.blocking(functools.partial(self.state.submit, header, chunks,
+                                                               on_admitted=reads.admit, interrupt=reads.interrupt))
+            if header.join_after and result.accepted:
+                result = await self._join_after(header, result, context)
             return convert.submit_result_to_proto(result)
         except _REFUSABLE as e:
             await _abort_async(context, e)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63ommon/proto/federation.proto\x12\x05\x66l.v1\"\xd2\x01\n\rSecAggRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12!\n\x05stage\x18\x04 \x01(\x0e\x32\x12.fl.v1.SecAggStage\x12\x32\n\x07\x65ntries\x18\x05 \x03(\x0b\x32!.fl.v1.SecAggRequest.EntriesEntry\x1a.\n\x0c\x45ntriesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\xb3\x01\n\x0bSecAggReply\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x30\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x1f.fl.v1.SecAggReply.EntriesEntry\x12\x11\n\tsurvivors\x18\x03 \x03(\t\x12\x0f\n\x07\x64ropped\x18\x04 \x03(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x1a.\n\x0c\x45ntriesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\x88\x01\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x16\n\x0etraining_round\x18\x05 \x01(\x04\x12\x0f\n\x07\x66\x61ilure\x18\x06 \x01(\t\"C\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0binput_shape\x18\x02 \x03(\r\x12\x13\n\x0bnum_classes\x18\x03 \x01(\r\"\xe0\x01\n\x0bTrainConfig\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.fl.v1.ModelSpec\x12\x17\n\x0fhyperparameters\x18\x10 \x01(\tJ\x04\x08\x02\x10\x10R\x07\x64\x61tasetR\x0bnum_clientsR\x04seedR\x0clocal_epochsR\nbatch_sizeR\x02lrR\x08momentumR\x0cweight_decayR\toptimizerR\x0b\x63ompressionR\tpartitionR\x02muR\tclip_normR\reval_fraction\"\xec\x01\n\tJoinReply\x12\x1d\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\r.fl.v1.Action\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x15\n\rmodel_version\x18\x03 \x01(\x04\x12\"\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x12.fl.v1.TrainConfig\x12\x1b\n\x13retry_after_seconds\x18\x05 \x01(\x01\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x19\n\x11heartbeat_seconds\x18\x07 \x01(\x01\x12\x17\n\x0fupload_admitted\x18\x08 \x01(\x08\x12\x14\n\x0cmodel_stream\x18\t \x03(\x0c\"R\n\x0cModelRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x04\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\"\xa0\x01\n\rPayloadHeader\x12\"\n\x07tensors\x18\x01 \x03(\x0b\x32\x11.fl.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x12\n\nnum_chunks\x18\x03 \x01(\r\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x06\x12!\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\x0f.fl.v1.Encoding\x12\r\n\x05\x63odec\x18\x06 \x01(\t\"Z\n\x0bModelHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x12%\n\x07payload\x18\x03 \x01(\x0b\x32\x14.fl.v1.PayloadHeader\"J\n\nModelChunk\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x12.fl.v1.ModelHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\x80\x02\n\x0cUpdateHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x15\n\rmodel_version\x18\x04 \x01(\x04\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x04\x12\x31\n\x07metrics\x18\x06 \x03(\x0b\x32 .fl.v1.UpdateHeader.MetricsEntry\x12%\n\x07payload\x18\x07 \x01(\x0b\x32\x14.fl.v1.PayloadHeader\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"L\n\x0bUpdateChunk\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.fl.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"C\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x0f\n\x07message\x18\x03 \x01(\t*g\n\x0bSecAggStage\x12\x1c\n\x18SECAGG_STAGE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x41\x44VERTISE_KEYS\x10\x01\x12\x0e\n\nSHARE_KEYS\x10\x02\x12\n\n\x06UNMASK\x10\x03\x12\n\n\x06REVEAL\x10\x04*C\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04WAIT\x10\x02\x12\x0c\n\x08\x46INISHED\x10\x03*@\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x46ULL_WEIGHTS\x10\x01\x12\x08\n\x04\x44IFF\x10\x02\x32\xf4\x01\n\nFederation\x12\x31\n\tJoinRound\x12\x12.fl.v1.JoinRequest\x1a\x10.fl.v1.JoinReply\x12:\n\x0eGetGlobalModel\x12\x13.fl.v1.ModelRequest\x1a\x11.fl.v1.ModelChunk0\x01\x12\x38\n\x0cSubmitUpdate\x12\x12.fl.v1.UpdateChunk\x1a\x12.fl.v1.SubmitReply(\x01\x12=\n\x11SecureAggregation\x12\x14.fl.v1.SecAggRequest\x1a\x12.fl.v1.SecAggReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63ommon/proto/federation.proto\x12\x05\x66l.v1\"\xd2\x01\n\rSecAggRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12!\n\x05stage\x18\x04 \x01(\x0e\x32\x12.fl.v1.SecAggStage\x12\x32\n\x07\x65ntries\x18\x05 \x03(\x0b\x32!.fl.v1.SecAggRequest.EntriesEntry\x1a.\n\x0c\x45ntriesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\xb3\x01\n\x0bSecAggReply\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x30\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x1f.fl.v1.SecAggReply.EntriesEntry\x12\x11\n\tsurvivors\x18\x03 \x03(\t\x12\x0f\n\x07\x64ropped\x18\x04 \x03(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x1a.\n\x0c\x45ntriesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\x88\x01\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x16\n\x0etraining_round\x18\x05 \x01(\x04\x12\x0f\n\x07\x66\x61ilure\x18\x06 \x01(\t\"C\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0binput_shape\x18\x02 \x03(\r\x12\x13\n\x0bnum_classes\x18\x03 \x01(\r\"\xe0\x01\n\x0bTrainConfig\x12\x1f\n\x05model\x18\x01 \x01(\x0b\x32\x10.fl.v1.ModelSpec\x12\x17\n\x0fhyperparameters\x18\x10 \x01(\tJ\x04\x08\x02\x10\x10R\x07\x64\x61tasetR\x0bnum_clientsR\x04seedR\x0clocal_epochsR\nbatch_sizeR\x02lrR\x08momentumR\x0cweight_decayR\toptimizerR\x0b\x63ompressionR\tpartitionR\x02muR\tclip_normR\reval_fraction\"\x89\x02\n\tJoinReply\x12\x1d\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\r.fl.v1.Action\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x15\n\rmodel_version\x18\x03 \x01(\x04\x12\"\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x12.fl.v1.TrainConfig\x12\x1b\n\x13retry_after_seconds\x18\x05 \x01(\x01\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x19\n\x11heartbeat_seconds\x18\x07 \x01(\x01\x12\x17\n\x0fupload_admitted\x18\x08 \x01(\x08\x12\x14\n\x0cmodel_stream\x18\t \x03(\x0c\x12\x1b\n\x13inline_upload_bytes\x18\n \x01(\x04\"R\n\x0cModelRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x04\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\"\xa0\x01\n\rPayloadHeader\x12\"\n\x07tensors\x18\x01 \x03(\x0b\x32\x11.fl.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x12\n\nnum_chunks\x18\x03 \x01(\r\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x06\x12!\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\x0f.fl.v1.Encoding\x12\r\n\x05\x63odec\x18\x06 \x01(\t\"Z\n\x0bModelHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x12%\n\x07payload\x18\x03 \x01(\x0b\x32\x14.fl.v1.PayloadHeader\"J\n\nModelChunk\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x12.fl.v1.ModelHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\xa2\x02\n\x0cUpdateHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x15\n\rmodel_version\x18\x04 \x01(\x04\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x04\x12\x31\n\x07metrics\x18\x06 \x03(\x0b\x32 .fl.v1.UpdateHeader.MetricsEntry\x12%\n\x07payload\x18\x07 \x01(\x0b\x32\x14.fl.v1.PayloadHeader\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\x12\x12\n\njoin_after\x18\t \x01(\x08\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"L\n\x0bUpdateChunk\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.fl.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"c\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x1e\n\x04next\x18\x04 \x01(\x0b\x32\x10.fl.v1.JoinReply*g\n\x0bSecAggStage\x12\x1c\n\x18SECAGG_STAGE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x41\x44VERTISE_KEYS\x10\x01\x12\x0e\n\nSHARE_KEYS\x10\x02\x12\n\n\x06UNMASK\x10\x03\x12\n\n\x06REVEAL\x10\x04*C\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04WAIT\x10\x02\x12\x0c\n\x08\x46INISHED\x10\x03*@\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x46ULL_WEIGHTS\x10\x01\x12\x08\n\x04\x44IFF\x10\x02\x32\xf4\x01\n\nFederation\x12\x31\n\tJoinRound\x12\x12.fl.v1.JoinRequest\x1a\x10.fl.v1.JoinReply\x12:\n\x0eGetGlobalModel\x12\x13.fl.v1.ModelRequest\x1a\x11.fl.v1.ModelChunk0\x01\x12\x38\n\x0cSubmitUpdate\x12\x12.fl.v1.UpdateChunk\x1a\x12.fl.v1.SubmitReply(\x01\x12=\n\x11SecureAggregation\x12\x14.fl.v1.SecAggRequest\x1a\x12.fl.v1.SecAggReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,12 +37,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SECAGGREPLY_ENTRIESENTRY']._serialized_options = b'8\001'
   _globals['_UPDATEHEADER_METRICSENTRY']._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_SECAGGSTAGE']._serialized_start=1988
-  _globals['_SECAGGSTAGE']._serialized_end=2091
-  _globals['_ACTION']._serialized_start=2093
-  _globals['_ACTION']._serialized_end=2160
-  _globals['_ENCODING']._serialized_start=2162
-  _globals['_ENCODING']._serialized_end=2226
+  _globals['_SECAGGSTAGE']._serialized_start=2083
+  _globals['_SECAGGSTAGE']._serialized_end=2186
+  _globals['_ACTION']._serialized_start=2188
+  _globals['_ACTION']._serialized_end=2255
+  _globals['_ENCODING']._serialized_start=2257
+  _globals['_ENCODING']._serialized_end=2321
   _globals['_SECAGGREQUEST']._serialized_start=41
   _globals['_SECAGGREQUEST']._serialized_end=251
   _globals['_SECAGGREQUEST_ENTRIESENTRY']._serialized_start=205
@@ -58,25 +58,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAINCONFIG']._serialized_start=644
   _globals['_TRAINCONFIG']._serialized_end=868
   _globals['_JOINREPLY']._serialized_start=871
-  _globals['_JOINREPLY']._serialized_end=1107
-  _globals['_MODELREQUEST']._serialized_start=1109
-  _globals['_MODELREQUEST']._serialized_end=1191
-  _globals['_TENSORSPEC']._serialized_start=1193
-  _globals['_TENSORSPEC']._serialized_end=1249
-  _globals['_PAYLOADHEADER']._serialized_start=1252
-  _globals['_PAYLOADHEADER']._serialized_end=1412
-  _globals['_MODELHEADER']._serialized_start=1414
-  _globals['_MODELHEADER']._serialized_end=1504
-  _globals['_MODELCHUNK']._serialized_start=1506
-  _globals['_MODELCHUNK']._serialized_end=1580
-  _globals['_UPDATEHEADER']._serialized_start=1583
-  _globals['_UPDATEHEADER']._serialized_end=1839
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1793
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1839
-  _globals['_UPDATECHUNK']._serialized_start=1841
-  _globals['_UPDATECHUNK']._serialized_end=1917
-  _globals['_SUBMITREPLY']._serialized_start=1919
-  _globals['_SUBMITREPLY']._serialized_end=1986
-  _globals['_FEDERATION']._serialized_start=2229
-  _globals['_FEDERATION']._serialized_end=2473
+  _globals['_JOINREPLY']._serialized_end=1136
+  _globals['_MODELREQUEST']._serialized_start=1138
+  _globals['_MODELREQUEST']._serialized_end=1220
+  _globals['_TENSORSPEC']._serialized_start=1222
+  _globals['_TENSORSPEC']._serialized_end=1278
+  _globals['_PAYLOADHEADER']._serialized_start=1281
+  _globals['_PAYLOADHEADER']._serialized_end=1441
+  _globals['_MODELHEADER']._serialized_start=1443
+  _globals['_MODELHEADER']._serialized_end=1533
+  _globals['_MODELCHUNK']._serialized_start=1535
+  _globals['_MODELCHUNK']._serialized_end=1609
+  _globals['_UPDATEHEADER']._serialized_start=1612
+  _globals['_UPDATEHEADER']._serialized_end=1902
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1856
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1902
+  _globals['_UPDATECHUNK']._serialized_start=1904
+  _globals['_UPDATECHUNK']._serialized_end=1980
+  _globals['_SUBMITREPLY']._serialized_start=1982
+  _globals['_SUBMITREPLY']._serialized_end=2081
+  _globals['_FEDERATION']._serialized_start=2324
+  _globals['_FEDERATION']._serialized_end=2568
 # @@protoc_insertion_point(module_scope)

@@ -117,7 +117,7 @@ class TrainConfig(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., hyperparameters: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("action", "round", "model_version", "config", "retry_after_seconds", "message", "heartbeat_seconds", "upload_admitted", "model_stream")
+    __slots__ = ("action", "round", "model_version", "config", "retry_after_seconds", "message", "heartbeat_seconds", "upload_admitted", "model_stream", "inline_upload_bytes")
     ACTION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,7 @@ class JoinReply(_message.Message):
     HEARTBEAT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_ADMITTED_FIELD_NUMBER: _ClassVar[int]
     MODEL_STREAM_FIELD_NUMBER: _ClassVar[int]
+    INLINE_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     action: Action
     round: int
     model_version: int
@@ -136,7 +137,8 @@ class JoinReply(_message.Message):
     heartbeat_seconds: float
     upload_admitted: bool
     model_stream: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, action: _Optional[_Union[Action, str]] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., config: _Optional[_Union[TrainConfig, _Mapping]] = ..., retry_after_seconds: _Optional[float] = ..., message: _Optional[str] = ..., heartbeat_seconds: _Optional[float] = ..., upload_admitted: _Optional[bool] = ..., model_stream: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    inline_upload_bytes: int
+    def __init__(self, action: _Optional[_Union[Action, str]] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., config: _Optional[_Union[TrainConfig, _Mapping]] = ..., retry_after_seconds: _Optional[float] = ..., message: _Optional[str] = ..., heartbeat_seconds: _Optional[float] = ..., upload_admitted: _Optional[bool] = ..., model_stream: _Optional[_Iterable[bytes]] = ..., inline_upload_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelRequest(_message.Message):
     __slots__ = ("protocol_version", "client_id", "model_version")
@@ -193,7 +195,7 @@ class ModelChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[ModelHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("protocol_version", "client_id", "round", "model_version", "num_samples", "metrics", "payload")
+    __slots__ = ("protocol_version", "client_id", "round", "model_version", "num_samples", "metrics", "payload", "data", "join_after")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +210,8 @@ class UpdateHeader(_message.Message):
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    JOIN_AFTER_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     client_id: str
     round: int
@@ -215,7 +219,9 @@ class UpdateHeader(_message.Message):
     num_samples: int
     metrics: _containers.ScalarMap[str, float]
     payload: PayloadHeader
-    def __init__(self, protocol_version: _Optional[int] = ..., client_id: _Optional[str] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., payload: _Optional[_Union[PayloadHeader, _Mapping]] = ...) -> None: ...
+    data: bytes
+    join_after: bool
+    def __init__(self, protocol_version: _Optional[int] = ..., client_id: _Optional[str] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., payload: _Optional[_Union[PayloadHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., join_after: _Optional[bool] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
     __slots__ = ("header", "data")
@@ -226,11 +232,13 @@ class UpdateChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class SubmitReply(_message.Message):
-    __slots__ = ("accepted", "duplicate", "message")
+    __slots__ = ("accepted", "duplicate", "message", "next")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     duplicate: bool
     message: str
-    def __init__(self, accepted: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+    next: JoinReply
+    def __init__(self, accepted: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., message: _Optional[str] = ..., next: _Optional[_Union[JoinReply, _Mapping]] = ...) -> None: ...

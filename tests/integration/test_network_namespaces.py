@@ -52,10 +52,12 @@ def test_link_down_and_up_mid_round(federation, hosts):
     netns = lambda name: ["ip", "netns", "exec", hosts[name]]  # noqa: E731
     server = federation.start_server("--host", "0.0.0.0", "--rounds", "4", "--num-clients", "2",
                                      "--clients-per-round", "2", "--min-fit", "1", "--heartbeat-seconds", "0.5",
-                                     "--local-epochs", "20", "--model-name", "mlp", prefix=netns("server"))
+                                     "--local-epochs", "100", "--model-name", "mlp", prefix=netns("server"))
     federation.start_client("0", server=f"{SUBNETS['a']}.1:{server.port}", prefix=netns("a"))
     federation.start_client("1", server=f"{SUBNETS['b']}.1:{server.port}", prefix=netns("b"))
 
+    # A round's training takes about a second, so the link goes down while client 0 trains and heartbeats
+    # (once its update goes, it sends none: the upload itself is what the server hears).
     wait_for(lambda: "round 2: training on" in federation.client_log("0"), what="client 0 training round 2")
     ip("-n", hosts["a"], "link", "set", hosts["link_a"], "down")
     # The link stays down until the server, after the 3.5 s silence limit, has closed the round without client 0.

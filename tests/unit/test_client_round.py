@@ -80,7 +80,7 @@ class FakeConnection:
     def fetch_model(self, request):
         return m.ModelHeader(round=1, model_version=request.model_version, payload=None), self.global_state
 
-    def submit(self, header, payload, admitted=False):
+    def submit(self, header, payload, admitted=False, inline_limit=0):
         self.submitted.append((header, payload))
         return self.reply
 
@@ -285,6 +285,31 @@ def test_each_task_is_submitted_once(digits):
             assert task.submit(task.global_state, 5).accepted
             with pytest.raises(TaskError, match="submitted already"):
                 task.submit(task.global_state, 5)
+
+
+class NextJoinInAnswer(FakeConnection):
+    """A server that answers each update with the client's next join (SubmitResult.next), as fl-server does
+    for an update whose header asks (join_after); counts the client's own joins."""
+
+    joins = 0
+
+    def join(self, request):
+        self.joins += 1
+        return super().join(request)
+
+    def submit(self, header, payload, admitted=False, inline_limit=0):
+        super().submit(header, payload, admitted, inline_limit)
+        return m.SubmitResult(accepted=header.join_after, next=super().join(None) if header.join_after else None)
+
+
+def test_the_answer_to_an_update_brings_the_next_round_so_the_client_joins_only_once(digits):
+    train, _ = digits
+    cfg = config(train)
+    connection = NextJoinInAnswer(build_model(cfg.model, seed=0).state_dict(), cfg, rounds=3)
+    with federation(connection) as client:
+        rounds = [task.round for task in client.rounds() if task.submit(task.global_state, 5).accepted]
+    assert rounds == [1, 2, 3] and connection.joins == 1
+    assert all(header.join_after for header, _ in connection.submitted)
 
 
 def test_held_out_part_is_fixed_and_never_trained_on(digits):

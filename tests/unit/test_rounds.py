@@ -612,3 +612,13 @@ def test_automatic_upload_concurrency_fits_a_memory_budget():
     big = make_state(global_state={"w": torch.zeros(20_000_000)})
     assert big.uploads.max_concurrent == 1  # 80 MB: one at a time
     assert make_state(max_concurrent_uploads=3).uploads.max_concurrent == 3
+
+
+def test_a_join_that_names_no_device_keeps_the_one_the_client_named():
+    # The join held after an update (SubmitUpdate's join_after) is made from the update's header, which
+    # names no device: the server's log and /status keep showing the one the client joined with.
+    state = make_state()
+    state.join(JoinRequest(client_id="a", num_samples=10, device="cuda:1"), 0)
+    state.join(JoinRequest(client_id="a", num_samples=12), 0)
+    info = state.members.clients["a"]
+    assert (info.device, info.num_samples) == ("cuda:1", 12)

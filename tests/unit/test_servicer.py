@@ -1,13 +1,15 @@
 """The gRPC layer's own policies, driven directly with a stand-in for grpc.ServicerContext."""
 import asyncio
+import dataclasses
 import threading
 
 import grpc
 import pytest
 import torch
 
-from common import convert
-from common.messages import Action, JoinRequest, ModelRequest, ModelSpec, TrainConfig
+from common import convert, tensors
+from common.messages import Action, Encoding, JoinRequest, ModelRequest, ModelSpec, TrainConfig, UpdateHeader
+from common.tensors import CHUNK_SIZE
 from fl_server import servicer as servicer_module
 from fl_server.rounds import RoundRules, RoundState
 from fl_server.servicer import FederationServicer
@@ -154,3 +156,82 @@ def test_a_larger_model_is_fetched_and_uploads_wait_for_admission_when_buffers_a
     s.state.open_round()
     decision = join(s)
     assert decision.action is Action.TRAIN and decision.model_stream == () and not decision.upload_admitted
+
+
+class UpdateContext(Context):
+    """An update stream's context: `messages` are what the client sent."""
+
+    def __init__(self, messages, time_remaining=None):
+        super().__init__(time_remaining)
+        self.messages = list(messages)
+
+    async def read(self):
+        return self.messages.pop(0) if self.messages else grpc.aio.EOF
+
+
+def inline_update(decision, diff, join_after=False, num_chunks=None):
+    """The one message of an update whose data is inside its header."""
+    payload = tensors.encode(diff)
+    header = UpdateHeader(client_id="a", round=decision.round, model_version=decision.model_version, num_samples=10,
+                          payload=convert.payload_header_of(payload, Encoding.DIFF, CHUNK_SIZE), join_after=join_after)
+    if num_chunks is not None:
+        header = dataclasses.replace(header, payload=dataclasses.replace(header.payload, num_chunks=num_chunks))
+    return next(convert.update_stream(header, payload, CHUNK_SIZE, inline=True)), header
+
+
+def next_round(state):
+    """What the coordinator does between two rounds, without evaluating or saving."""
+    state.wait_until_complete()
+    state.close_round()
+    state.open_round()
+
+
+def test_a_small_update_travels_inside_its_header_and_its_answer_brings_the_next_round():
+    s = servicer(max_downloads=1)
+    join(s)
+    s.state.open_round()
+    decision = join(s)
+    assert decision.inline_upload_bytes == servicer_module.INLINE_UPLOAD_BYTES
+    raw, _ = inline_update(decision, {"w": torch.ones(3)}, join_after=True)
+    context = UpdateContext([raw], time_remaining=GUARD)
+
+    async def main():
+        submitting = asyncio.create_task(s.SubmitUpdate(None, context))
+        await asyncio.to_thread(next_round, s.state)  # the update completes the round; the next one opens
+        return await asyncio.wait_for(submitting, GUARD)
+
+    reply = convert.submit_result_from_proto(asyncio.run(main()))
+    assert reply.accepted and context.code is None
+    assert torch.equal(s.state.global_state["w"], torch.arange(3.0) + 1)  # one client: global + its diff
+    # The answer waited for the client's next join: round 2, with the new model in it, and no JoinRound call.
+    assert reply.next.action is Action.TRAIN and reply.next.round == decision.round + 1
+    assert list(reply.next.model_stream) == s._stream[1] and reply.next.model_version == s.state.model_version
+    assert s.state.members.clients["a"].num_samples == 10  # the join was the update's client's, with its samples
+
+
+def test_an_update_without_join_after_is_answered_at_once_without_a_next_join():
+    s = servicer(max_downloads=1)
+    join(s)
+    s.state.open_round()
+    raw, _ = inline_update(join(s), {"w": torch.ones(3)})
+    reply = convert.submit_result_from_proto(asyncio.run(s.SubmitUpdate(None, UpdateContext([raw]))))
+    assert reply.accepted and reply.next is None
+
+
+@pytest.mark.parametrize("too_big, num_chunks, expected", [
+    (True, None, "may not travel inside its header"),
+    (False, 2, "announced 2 chunks but sent 1"),
+])
+def test_an_inline_update_that_breaks_the_rules_is_refused_and_changes_nothing(monkeypatch, too_big, num_chunks,
+                                                                                 expected):
+    if too_big:
+        monkeypatch.setattr(servicer_module, "INLINE_UPLOAD_BYTES", 4)
+    s = servicer(max_downloads=1)
+    join(s)
+    s.state.open_round()
+    raw, _ = inline_update(join(s), {"w": torch.ones(3)}, join_after=True, num_chunks=num_chunks)
+    context = UpdateContext([raw])
+    with pytest.raises(Aborted, match=expected):
+        asyncio.run(s.SubmitUpdate(None, context))
+    assert context.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert not s.state._round.submitted and torch.equal(s.state.global_state["w"], torch.arange(3.0))
