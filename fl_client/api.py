@@ -221,7 +221,13 @@ class Federation:
     def rounds(self) -> Iterator[Task]:
         """The rounds this client is given, one Task each, until the server says training is finished.
         Blocks (long-polls) between them. Submit each task before asking for the next one; a task left
-        unsubmitted is reported to the server as not delivered, and the round goes on without it."""
+        unsubmitted is reported to the server as not delivered, and the round goes on without it.
+
+        `task.submit` returns once the server has taken the update and answered this client's next join
+        too (the next round's task, or wait): one call a round instead of two, which is most of a small
+        model's round. Its answer can take as long as a long-poll (25 s by default)."""
+        if self._rounds is not None:
+            self._rounds.close()  # type: ignore[attr-defined]  # the last one's open round reported, as by close()
         self._rounds = self._serve()
         return self._rounds
 
@@ -233,6 +239,16 @@ class Federation:
                              training_round=training_round, failure=failure)
 
     def _serve(self) -> Iterator[Task]:
+        try:
+            yield from self._serve_rounds()
+        finally:
+            # Selected already by the last update's answer for a round that no one will now train: the
+            # server hears it at once, instead of waiting for the client to fall silent.
+            pending, self._next_decision = self._next_decision, None
+            if pending is not None and pending.action is m.Action.TRAIN:
+                self._send_failure(pending.round, "the client stopped before this round")
+
+    def _serve_rounds(self) -> Iterator[Task]:
         while True:
             # The last update's answer may have brought the next join's (SubmitResult.next).
             decision, self._next_decision = self._next_decision, None

@@ -30,6 +30,9 @@ class ClientInfo:
     last_seen: float  # last time the client called us (join, heartbeat, fetch, upload)
     polls: int = 0  # JoinRound long-polls of this client being held open right now
     downloads: int = 0  # its model downloads in progress, waiting for a slot or streaming
+    # (round, model version) of the last update of its that a round counted: a re-sent copy of it (the
+    # answer was lost once the update was in) is answered as a duplicate, even after that round closed.
+    counted: tuple[int, int] | None = None
 
     @property
     def in_call(self) -> bool:

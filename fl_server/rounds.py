@@ -274,6 +274,9 @@ class RoundState:
         on for the round, as a silent one is."""
         check_protocol(header.protocol_version)
         with self._cond:
+            counted = self._counted_already(header)
+            if counted is not None:
+                return counted
             r = self._check_submittable(header)
             self._check_secure_upload(header.client_id)
             if header.client_id in r.submitted:
@@ -331,6 +334,8 @@ class RoundState:
             r.silent.pop(header.client_id, None)
             r.metrics[header.client_id] = dict(header.metrics)
             self.members.touch(header.client_id)
+            if header.client_id in self.members:
+                self.members.clients[header.client_id].counted = (r.number, header.model_version)
             log.info("round %d: update from %s (%d samples, %.1f MB; waited %.3f s for a receive buffer, received "
                      "in %.3f s, checked in %.3f s), %d/%d in", r.number, safe(header.client_id), header.num_samples,
                      header.payload.total_bytes / 1e6, update.waited, update.received, update.checked,
@@ -362,6 +367,17 @@ class RoundState:
             with self._cond:
                 r.folding -= 1
                 self._cond.notify_all()
+
+    def _counted_already(self, header: UpdateHeader) -> SubmitResult | None:
+        """A duplicate's answer for an update of a round that is no longer open but counted this client's
+        update: its copy, sent again because the answer was lost (an update asking for join_after waits
+        for its answer until the next round opens). None for anything else."""
+        info = self.members.clients.get(header.client_id)
+        r = self._round
+        if info is None or info.counted != (header.round, header.model_version) or (r and r.number == header.round):
+            return None
+        return SubmitResult(accepted=True, duplicate=True,
+                            message=f"update for round {header.round} was already counted")
 
     def _check_submittable(self, header: UpdateHeader) -> OpenRound:
         if header.client_id not in self.members:

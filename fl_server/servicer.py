@@ -356,6 +356,9 @@ class FederationServicer:
                     raise errors.InvalidUpdateError(
                         f"an update of {len(inline)} bytes may not travel inside its header (at most "
                         f"{INLINE_UPLOAD_BYTES}); send it as data chunks after the header")
+                if await context.read() is not grpc.aio.EOF:
+                    raise errors.InvalidUpdateError("an update whose data is inside its header is one message, but "
+                                                    "more followed; send the data either inside or after the header")
                 result = await self.blocking(functools.partial(self.state.submit, header, (inline,)))
             else:
                 reads = ThreadedReads(context, asyncio.get_running_loop())
@@ -365,7 +368,9 @@ class FederationServicer:
                 # that then stalls is ended by the receiver's progress deadline, through `interrupt`.
                 result = await self.blocking(functools.partial(self.state.submit, header, chunks,
                                                                on_admitted=reads.admit, interrupt=reads.interrupt))
-            if header.join_after and result.accepted:
+            # Not in a secure round: its clients unmask after their update is taken, which this wait would block.
+            if header.join_after and result.accepted and self.state.secure is None:
+                del first, inline  # not held through the wait
                 result = await self._join_after(header, result, context)
             return convert.submit_result_to_proto(result)
         except _REFUSABLE as e:

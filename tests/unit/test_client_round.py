@@ -312,6 +312,18 @@ def test_the_answer_to_an_update_brings_the_next_round_so_the_client_joins_only_
     assert all(header.join_after for header, _ in connection.submitted)
 
 
+def test_a_client_that_stops_after_an_update_gives_back_the_round_its_answer_brought(digits):
+    train, _ = digits
+    cfg = config(train)
+    connection = NextJoinInAnswer(build_model(cfg.model, seed=0).state_dict(), cfg, rounds=3)
+    with federation(connection) as client:
+        for task in client.rounds():
+            task.submit(task.global_state, 5)
+            break  # the answer selected this client for round 2 already
+    (failure,) = connection.failures
+    assert failure.training_round == 2 and "stopped" in failure.failure
+
+
 def test_held_out_part_is_fixed_and_never_trained_on(digits):
     train, _ = digits
     cfg = config(train, eval_fraction=0.25)

@@ -235,3 +235,47 @@ def test_an_inline_update_that_breaks_the_rules_is_refused_and_changes_nothing(m
         asyncio.run(s.SubmitUpdate(None, context))
     assert context.code is grpc.StatusCode.INVALID_ARGUMENT
     assert not s.state._round.submitted and torch.equal(s.state.global_state["w"], torch.arange(3.0))
+
+
+def test_an_update_sent_again_after_its_round_closed_is_answered_as_counted():
+    # The answer to an update asking for join_after waits for the next round: a link that fails meanwhile
+    # makes fl-client send the update again, to a server whose round has moved on.
+    s = servicer(max_downloads=1)
+    join(s)
+    s.state.open_round()
+    raw, _ = inline_update(join(s), {"w": torch.ones(3)})
+    assert convert.submit_result_from_proto(asyncio.run(s.SubmitUpdate(None, UpdateContext([raw])))).accepted
+    next_round(s.state)
+    again = convert.submit_result_from_proto(asyncio.run(s.SubmitUpdate(None, UpdateContext([raw]))))
+    assert again.accepted and again.duplicate and "already counted" in again.message
+    assert torch.equal(s.state.global_state["w"], torch.arange(3.0) + 1)  # counted once
+    assert not s.state._round.submitted  # and not into the round now open
+
+
+def test_more_messages_after_an_update_inside_its_header_are_refused():
+    s = servicer(max_downloads=1)
+    join(s)
+    s.state.open_round()
+    raw, _ = inline_update(join(s), {"w": torch.ones(3)})
+    context = UpdateContext([raw, convert.encode_data_chunk(b"\0" * 12)])
+    with pytest.raises(Aborted, match="more followed"):
+        asyncio.run(s.SubmitUpdate(None, context))
+    assert context.code is grpc.StatusCode.INVALID_ARGUMENT and not s.state._round.submitted
+
+
+def test_a_secure_round_answers_an_update_at_once_even_when_asked_to_join_after(monkeypatch):
+    class Stages:  # a secure round whose uploads are open to every selected client
+        def check_upload(self, client_id):
+            pass
+
+    s = servicer(max_downloads=1)
+    join(s)
+    s.state.open_round()
+    monkeypatch.setattr(s.state, "secure", Stages())
+    raw, _ = inline_update(join(s), {"w": torch.ones(3)}, join_after=True)
+
+    async def main():  # long enough to hold, were it to: the answer must come before the round moves on
+        return await asyncio.wait_for(s.SubmitUpdate(None, UpdateContext([raw], time_remaining=GUARD)), GUARD / 2)
+
+    reply = convert.submit_result_from_proto(asyncio.run(main()))
+    assert reply.accepted and reply.next is None
