@@ -34,13 +34,13 @@ def closed(out: Path) -> int:
 
 
 def sample(rounds_closed: Callable[[], int], server: int, clients: list[subprocess.Popen], rounds: int,
-           window: float) -> tuple[float, float, float]:
+           window: float, warm_up: int = WARM_UP_ROUNDS) -> tuple[float, float, float]:
     """(seconds per round, server CPU seconds per round, clients' CPU seconds per round) over `window`
-    seconds once WARM_UP_ROUNDS have closed."""
+    seconds once `warm_up` rounds have closed."""
     deadline = time.monotonic() + 600
-    while rounds_closed() < WARM_UP_ROUNDS:
+    while rounds_closed() < warm_up:
         if time.monotonic() > deadline or any(c.poll() is not None for c in clients):
-            raise RuntimeError(f"the federation did not reach round {WARM_UP_ROUNDS}")
+            raise RuntimeError(f"the federation did not reach round {warm_up}")
         time.sleep(0.2)
     pids = [c.pid for c in clients]
     r0, s0, c0 = rounds_closed(), process_cpu(server), sum(map(process_cpu, pids))
@@ -52,17 +52,19 @@ def sample(rounds_closed: Callable[[], int], server: int, clients: list[subproce
     return window / n, (s1 - s0) / n, (c1 - c0) / n
 
 
-def measure(rounds: int, window: float, out: Path) -> tuple[float, float, float]:
+def measure(rounds: int, window: float, out: Path, clients: int = 10,
+            warm_up: int = WARM_UP_ROUNDS) -> tuple[float, float, float]:
+    """fedgrpc's figures (see `sample`), with `clients` fl-client processes (10 in the workload)."""
     srv = ServerProcess(["--port", "0", "--out", str(out), "--round-timeout", "600", "--dataset", "digits",
-                         "--model-name", SMALL_MODEL, "--rounds", str(rounds), "--num-clients", "10",
-                         "--clients-per-round", "10", "--local-epochs", "1", "--batch-size", "32", "--lr", "0.05",
-                         "--momentum", "0.9", "--seed", str(SEED)], env=ENV)
-    clients = [start_client(str(i), srv.address, ["--device", "cpu", "--quiet", "--allow-model", SMALL_MODEL], env=ENV)
-               for i in range(10)]
+                         "--model-name", SMALL_MODEL, "--rounds", str(rounds), "--num-clients", str(clients),
+                         "--clients-per-round", str(clients), "--local-epochs", "1", "--batch-size", "32",
+                         "--lr", "0.05", "--momentum", "0.9", "--seed", str(SEED)], env=ENV)
+    procs = [start_client(str(i), srv.address, ["--device", "cpu", "--quiet", "--allow-model", SMALL_MODEL], env=ENV)
+             for i in range(clients)]
     try:
-        return sample(lambda: closed(out), srv.proc.pid, clients, rounds, window)
+        return sample(lambda: closed(out), srv.proc.pid, procs, rounds, window, warm_up)
     finally:
-        for c in clients:
+        for c in procs:
             c.kill()
         srv.stop()
 

@@ -416,6 +416,20 @@ class Bench:
         self.add(11, f"{clients} connected clients, {per_round} a round: round start (open to a client's TRAIN), "
                  "p99", result.start_p99 * 1e3, "ms", "reported", None, "")
 
+    # 12 ------------------------------------------------------------------------------------------------
+    def small_rounds(self) -> None:
+        """The small-model round (bench/round_cpu.py): the built-in digits, an MLP 64-128-10, 10 fl-client
+        processes all selected each round, E = 1, B = 32; steady state, over 10 s after round 50. Flower's
+        round on the same workload is make bench-peers' (bench/peers.py); --quick 3 clients, 0.5 s."""
+        from bench import round_cpu  # noqa: PLC0415 - it imports bench.peers, which imports this module
+        rounds, window, clients, warm_up = (200, 0.5, 3, 4) if self.quick else (400, 10.0, 10, 50)
+        period, server_cpu, clients_cpu = round_cpu.measure(rounds, window, self.run_dir("small-rounds"),
+                                                            clients, warm_up)
+        self.add(12, f"small model, {clients} clients (digits, MLP 64-128-10, all selected): time per round",
+                 period * 1e3, "ms", "reported", None,
+                 f"(steady state after round {warm_up}; CPU per round: server {server_cpu * 1e3:.1f} ms, the "
+                 f"clients {clients_cpu * 1e3:.1f} ms; against Flower: make bench-peers)")
+
     # 10 ------------------------------------------------------------------------------------------------
     def ray_simulation(self) -> None:
         """The simulation's Ray backend against in-process on the same work (bench/ray_sim.py): 1,000
@@ -474,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fl-bench-") as tmp:
         bench = Bench(args.quick, Path(tmp))
         for name in ("transfer", "serialization", "rounds_and_memory", "scale", "round_start", "compression",
-                     "client_training", "secure_aggregation", "ray_simulation", "many_clients"):
+                     "client_training", "secure_aggregation", "ray_simulation", "many_clients", "small_rounds"):
             if (not args.only or name in args.only) and name not in args.skip:
                 getattr(bench, name)()
     where = machine()

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 import grpc
 import torch
 
-from common import convert, tls, tokens
+from common import convert, timeline, tls, tokens
 from common import messages as m
 from common.datasets import DataError
 from common.secagg import SecAggError
@@ -321,6 +321,7 @@ class Federation:
                                                   heartbeat=heartbeat,
                                                   admitted=decision.upload_admitted,
                                                   inline_limit=decision.inline_upload_bytes))
+            timeline.mark("task", task.round)
             try:
                 yield task
             finally:
@@ -333,6 +334,7 @@ class Federation:
     def _submit(self, task: Task, result: Result, global_state: State, model_version: int,
                 secure: SecureRound | None = None, admitted: bool = False, inline_limit: int = 0,
                 heartbeat: Heartbeat | None = None) -> m.SubmitResult:
+        timeline.mark("submit", task.round)
         if task.should_stop():
             log.info("round %d: over before the update was sent; not sending it", task.round)
             return m.SubmitResult(accepted=False, message="the round was over before the update was sent")
@@ -345,9 +347,11 @@ class Federation:
         join_after = secure is None
         if join_after and heartbeat is not None:
             heartbeat.stop()
+        timeline.mark("send", task.round)
         try:
             reply = self.connection.submit(update.header(model_version, join_after), update.payload, admitted,
                                            inline_limit)
+            timeline.mark("answer", task.round)
             self._next_decision = reply.next
             if secure is not None and reply.accepted:
                 self._reveal(secure)

@@ -13,7 +13,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import torch  # noqa: E402
 
-from common import allocator, logs
+from common import allocator, logs, timeline
 from common.datasets import DataError
 from common.local_data import data_layout
 from common.messages import TrainConfig
@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             def prepare(cfg: TrainConfig) -> None:  # the data loaded and checked while the client waits
                 builtin.configure(args.id, cfg, device)
         allocator.freeze_startup_objects()
+        timeline.start(f"client {args.id}")  # with FL_TIMELINE set: bench/round_timeline.py
         with connect(args.server, args.id, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
                      token_file=args.token_file, insecure=args.insecure, device=device,
                      give_up_after=args.give_up_after, data_dir=args.data) as federation:

@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import HealthServicer
 
-from common import allocator, logs, tensors, tls, tokens
+from common import allocator, logs, tensors, timeline, tls, tokens
 from common.convert import SERVICE
 from common.datasets import NO_DATASET, DataError, load_dataset
 from common.training import select_device
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, os.getcwd())
     try:
         logs.configure(args.log_level, args.log_file)
+        timeline.start("server")  # with FL_TIMELINE set: bench/round_timeline.py
         cfg = config_module.from_arguments(args)
         device = select_device(args.device)
         train_data = test_data = None

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from common import codecs, tensors
+from common import codecs, tensors, timeline
 from common.logs import safe
 from common.messages import (
     Action,
@@ -333,6 +333,7 @@ class RoundState:
             self.bytes_received += header.payload.total_bytes
             r.silent.pop(header.client_id, None)
             r.metrics[header.client_id] = dict(header.metrics)
+            timeline.mark("counted", r.number, header.client_id)
             self.members.touch(header.client_id)
             if header.client_id in self.members:
                 self.members.clients[header.client_id].counted = (r.number, header.model_version)
@@ -454,6 +455,7 @@ class RoundState:
                 self.secure.open(self._round)
             shown = ", ".join(map(safe, selected[:20])) + (f" and {len(selected) - 20} more" * (len(selected) > 20))
             log.info("round %d started with %s", self._round.number, shown)
+            timeline.mark("open", self._round.number)
             self._cond.notify_all()
             self._pollers.wake(selected)
             return selected
@@ -570,6 +572,7 @@ class RoundState:
                     self.aggregator.discard()
             if aggregated:
                 self.publisher.publish(self._global, self.model_version + 1)
+            timeline.mark("closed", r.number)
             self._cond.notify_all()
             reasons = {c: r.silent.get(c, "stopping" if self.stopping else "no update by the round's deadline")
                        for c in r.selected if c not in r.submitted}

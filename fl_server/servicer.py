@@ -19,7 +19,7 @@ from typing import NoReturn, TypeVar
 
 import grpc
 
-from common import convert, tls, tokens
+from common import convert, timeline, tls, tokens
 from common.messages import Action, JoinDecision, JoinRequest, SubmitResult, UpdateHeader
 from common.proto import federation_pb2 as pb
 from common.tensors import CHUNK_SIZE
@@ -221,6 +221,7 @@ class FederationServicer:
         decision = await self.state.join_async(req, self._long_poll_for(context))
         if decision.action is Action.TRAIN and not req.training_round:  # not to heartbeats
             decision = self._with_small_model(decision)
+            timeline.mark("train", decision.round, req.client_id)
         return decision
 
     async def _join_after(self, header: UpdateHeader, result: SubmitResult,
@@ -349,6 +350,7 @@ class FederationServicer:
         try:
             header, inline = convert.update_opening_from_raw(first)
             self._check_identity(context, header.client_id)
+            timeline.mark("update", header.round, header.client_id)
             if inline:
                 # A small update inside its header (JoinReply.inline_upload_bytes): all of it is here, so
                 # there is nothing to admit or read ahead, and no stream to watch for stalls.

@@ -18,7 +18,7 @@ def test_quick_benchmark_produces_every_figure(tmp_path):
                            "--skip", "ray_simulation"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    assert sorted({f["number"] for f in results["figures"]}) == [*range(1, 10), 11]
+    assert sorted({f["number"] for f in results["figures"]}) == [*range(1, 10), 11, 12]
     assert all(f["value"] > 0 for f in results["figures"])
     assert "| 9 |" in (tmp_path / "results.md").read_text()
 

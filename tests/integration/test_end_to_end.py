@@ -6,13 +6,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import round_timeline
+from common import timeline
 from tests.integration.conftest import ENV, free_port, read_metrics
 from tests.integration.test_reliability import wait_for
 
 pytestmark = pytest.mark.integration
 
 
-def test_three_clients_reach_90_percent_within_10_rounds(federation):
+def test_three_clients_reach_90_percent_within_10_rounds(federation, monkeypatch, tmp_path):
+    # With FL_TIMELINE the processes mark each round's moments (bench/round_timeline.py): checked below.
+    monkeypatch.setitem(ENV, timeline.ENV, str(tmp_path / "marks"))
     server = federation.start_server("--rounds", "10", "--num-clients", "3", "--clients-per-round", "3",
                                      "--model-name", "cnn")
     for i in range(3):
@@ -39,6 +43,19 @@ def test_three_clients_reach_90_percent_within_10_rounds(federation):
     assert any("finished 10 rounds" in line for line in server.lines)
     for text in ["".join(server.stderr_lines), *map(federation.client_log, codes)]:
         assert "Traceback" not in text
+
+    # Every round's moments, from every process, in the order they happen.
+    rounds = round_timeline.by_round(timeline.read(tmp_path / "marks"))
+    for n in range(1, 11):
+        r = rounds[n]
+        opened, closed = r[("server", "open")][0], r[("server", "closed")][0]
+        for c in ("0", "1", "2"):
+            who = f"client {c}"
+            task, submit, send = r[(who, "task")][0], r[(who, "submit")][0], r[(who, "send")][0]
+            assert opened <= min(t for (w, e), ts in r.items() if e == "train" for t in ts) <= task
+            assert task < submit <= send < closed < r[(who, "answer")][0]
+        assert len(round_timeline.events_of(r, "counted", "server")) == 3
+        assert max(round_timeline.events_of(r, "counted", "server")) <= closed
 
 
 def test_client_started_before_the_server_waits_and_joins(federation):
