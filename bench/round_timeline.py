@@ -13,7 +13,8 @@ round on the machine's shared monotonic clock (common/timeline.py):
             back, bringing the next round)
 
 Printed: for the rounds after the first `--skip` (start-up and warm-up), the median time from a round's
-opening to each phase, and one round of median length drawn as a timeline, process by process.
+opening to each phase, and one round of median length drawn as a timeline, process by process. A round
+run twice (re-run after too few updates, under the same number) is left out.
 """
 from __future__ import annotations
 
@@ -79,10 +80,20 @@ PHASES = [  # (label, the time after the round's opening it is measured at)
 ]
 
 
+def complete(rounds: dict[int, dict[tuple[str, str], list[float]]], n: int) -> bool:
+    """Round `n` ran once (a round re-run after too few updates keeps its number: its two runs' marks
+    would mix), every phase was marked, and the round after it opened (its first opening ends this one)."""
+    r, after = rounds.get(n, {}), rounds.get(n + 1, {})
+    once = len(r.get(("server", "open"), ())) == 1 and len(r.get(("server", "closed"), ())) == 1
+    marked = all(events_of(r, event, side) for event, side in
+                 (("train", "server"), ("task", "client"), ("submit", "client"), ("send", "client"),
+                  ("update", "server"), ("counted", "server")))
+    return once and marked and bool(after.get(("server", "open")))
+
+
 def analyse(marks: list[dict], skip: int) -> str:
     rounds = by_round(marks)
-    numbers = sorted(n for n, r in rounds.items() if ("server", "open") in r and ("server", "closed") in r
-                     and n + 1 in rounds and ("server", "open") in rounds[n + 1] and n > skip)
+    numbers = sorted(n for n in list(rounds) if n > skip and complete(rounds, n))
     if not numbers:
         raise RuntimeError("no complete round after the skipped ones: ask for more --rounds")
     opened = {n: rounds[n][("server", "open")][0] for n in numbers}

@@ -167,7 +167,7 @@ class ServerConnection:
         try:
             return convert.join_decision_from_proto(
                 self._join_round(convert.join_request_to_proto(req), timeout=timeout, metadata=self._metadata))
-        except (grpc.RpcError, convert.MalformedMessage):
+        except (grpc.RpcError, convert.MalformedMessage, ValueError):  # ValueError: the channel is closed already
             return None
 
     def fetch_model(self, req: m.ModelRequest) -> tuple[m.ModelHeader, dict[str, torch.Tensor]]:

@@ -30,9 +30,10 @@ class ClientInfo:
     last_seen: float  # last time the client called us (join, heartbeat, fetch, upload)
     polls: int = 0  # JoinRound long-polls of this client being held open right now
     downloads: int = 0  # its model downloads in progress, waiting for a slot or streaming
-    # (round, model version) of the last update of its that a round counted: a re-sent copy of it (the
-    # answer was lost once the update was in) is answered as a duplicate, even after that round closed.
-    counted: tuple[int, int] | None = None
+    # (round, model version, payload checksum) of the last update of its that a round counted: a re-sent
+    # copy of it (the answer was lost once the update was in) is answered as a duplicate, even after that
+    # round closed. The checksum tells a copy from a new update for a re-run of the round (same number).
+    counted: tuple[int, int, int] | None = None
 
     @property
     def in_call(self) -> bool:

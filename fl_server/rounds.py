@@ -336,7 +336,8 @@ class RoundState:
             timeline.mark("counted", r.number, header.client_id)
             self.members.touch(header.client_id)
             if header.client_id in self.members:
-                self.members.clients[header.client_id].counted = (r.number, header.model_version)
+                self.members.clients[header.client_id].counted = (r.number, header.model_version,
+                                                                  header.payload.checksum)
             log.info("round %d: update from %s (%d samples, %.1f MB; waited %.3f s for a receive buffer, received "
                      "in %.3f s, checked in %.3f s), %d/%d in", r.number, safe(header.client_id), header.num_samples,
                      header.payload.total_bytes / 1e6, update.waited, update.received, update.checked,
@@ -375,7 +376,8 @@ class RoundState:
         for its answer until the next round opens). None for anything else."""
         info = self.members.clients.get(header.client_id)
         r = self._round
-        if info is None or info.counted != (header.round, header.model_version) or (r and r.number == header.round):
+        counted = (header.round, header.model_version, header.payload.checksum)
+        if info is None or info.counted != counted or (r and r.number == header.round):
             return None
         return SubmitResult(accepted=True, duplicate=True,
                             message=f"update for round {header.round} was already counted")

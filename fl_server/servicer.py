@@ -358,9 +358,7 @@ class FederationServicer:
                     raise errors.InvalidUpdateError(
                         f"an update of {len(inline)} bytes may not travel inside its header (at most "
                         f"{INLINE_UPLOAD_BYTES}); send it as data chunks after the header")
-                if await context.read() is not grpc.aio.EOF:
-                    raise errors.InvalidUpdateError("an update whose data is inside its header is one message, but "
-                                                    "more followed; send the data either inside or after the header")
+                await self._end_of_stream(context)
                 result = await self.blocking(functools.partial(self.state.submit, header, (inline,)))
             else:
                 reads = ThreadedReads(context, asyncio.get_running_loop())
@@ -377,6 +375,20 @@ class FederationServicer:
             return convert.submit_result_to_proto(result)
         except _REFUSABLE as e:
             await _abort_async(context, e)
+
+    async def _end_of_stream(self, context: grpc.aio.ServicerContext) -> None:
+        """The stream ends after an update whose data is inside its header; InvalidUpdateError if more
+        follows, or if it is held open for first_message_timeout."""
+        try:
+            async with asyncio.timeout(self.first_message_timeout):
+                more = await context.read()
+        except TimeoutError:
+            raise errors.InvalidUpdateError(
+                f"an update whose data is inside its header ends there, but the stream stayed open for "
+                f"{self.first_message_timeout:g} s; close it after the header") from None
+        if more is not grpc.aio.EOF:
+            raise errors.InvalidUpdateError("an update whose data is inside its header is one message, but more "
+                                            "followed; send the data either inside or after the header")
 
     async def blocking(self, work: Callable[[], T]) -> T:
         """`work()` on a call thread, awaited on the loop."""

@@ -279,3 +279,37 @@ def test_a_secure_round_answers_an_update_at_once_even_when_asked_to_join_after(
 
     reply = convert.submit_result_from_proto(asyncio.run(main()))
     assert reply.accepted and reply.next is None
+
+
+def test_a_new_update_for_a_re_run_of_a_closed_round_is_not_taken_for_a_copy():
+    # A round that failed min_fit is re-run under the same number and version: an update of the re-run
+    # that comes after it closed is stale, not a copy of the update the failed run counted.
+    s = servicer(max_downloads=1)
+    join(s)
+    s.state.open_round()
+    decision = join(s)
+    first, _ = inline_update(decision, {"w": torch.ones(3)})
+    assert convert.submit_result_from_proto(asyncio.run(s.SubmitUpdate(None, UpdateContext([first])))).accepted
+    next_round(s.state)
+    other, _ = inline_update(decision, {"w": torch.full((3,), 2.0)})  # same round and version, other bytes
+    context = UpdateContext([other])
+    with pytest.raises(Aborted, match="join again"):
+        asyncio.run(s.SubmitUpdate(None, context))
+    assert context.code is grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_an_update_inside_its_header_whose_stream_stays_open_is_refused(monkeypatch):
+    class HeldOpen(UpdateContext):
+        async def read(self):
+            if self.messages:
+                return self.messages.pop(0)
+            await asyncio.sleep(GUARD)  # never ends the stream
+
+    s = servicer(max_downloads=1)
+    s.first_message_timeout = 0.2
+    join(s)
+    s.state.open_round()
+    raw, _ = inline_update(join(s), {"w": torch.ones(3)})
+    with pytest.raises(Aborted, match="stream stayed open"):
+        asyncio.run(s.SubmitUpdate(None, HeldOpen([raw])))
+    assert not s.state._round.submitted

@@ -67,3 +67,10 @@ def test_the_analysis_gives_each_phase_after_the_rounds_opening():
     assert "a client's training (task to result): median 10.0 ms; its update's encoding (result to send): 0.50 ms" \
         in text
     assert "client 1  task 4.0 | trained until 14.0 | sent 14.5 | answered 21.0" in text
+
+
+def test_a_round_run_twice_is_left_out_rather_than_mixed():
+    marks = [m for n in range(1, 5) for m in marks_of_round(n, n * 0.020)]
+    marks += [{**m, "t": m["t"] + 0.005} for m in marks_of_round(2, 2 * 0.020) if m["event"] in ("open", "closed")]
+    text = round_timeline.analyse(sorted(marks, key=lambda m: m["t"]), skip=0)
+    assert text.startswith("rounds 1-3 (2): median ms after a round opens")
