@@ -214,10 +214,6 @@ def _metrics(metrics: Any) -> dict[str, float]:
     return dict(metrics)
 
 
-def update_header_from_raw(raw: bytes | None) -> m.UpdateHeader:
-    return update_opening_from_raw(raw)[0]
-
-
 def update_opening_from_raw(raw: bytes | None) -> tuple[m.UpdateHeader, bytes]:
     """A SubmitUpdate stream's first message: its header, and the data it carries inline (b"": none)."""
     h = _header_of(raw, pb.UpdateChunk, "update").header

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from common import codecs, secagg, tensors
+from common import codecs, secagg, secagg_sessions, tensors
 from common import messages as m
 from common.secure_rounds import flatten_floats, masked_length, round_params
 from fl_client.round import PreparedUpdate
@@ -33,7 +33,7 @@ class SecureRound:
     def __init__(self, client_id: str, cfg: m.TrainConfig, round_: int, global_state: State, step: Step):
         self.client_id, self.round, self.step = client_id, round_, step
         self.params = round_params(cfg, masked_length(tensors.specs_of(global_state)), round_)
-        self.session = secagg.ClientSession(client_id, self.params)
+        self.session = secagg_sessions.ClientSession(client_id, self.params)
         self.received: dict[str, bytes] = {}  # the shares this client's neighbours sent it
         self._advertisement: m.SecAggRequest | None = None
         self._shares: m.SecAggRequest | None = None

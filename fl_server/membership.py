@@ -32,7 +32,7 @@ class ClientInfo:
     downloads: int = 0  # its model downloads in progress, waiting for a slot or streaming
     # (round, model version, payload checksum) of the last update of its that a round counted: a re-sent
     # copy of it (the answer was lost once the update was in) is answered as a duplicate, even after that
-    # round closed. The checksum tells a copy from a new update for a re-run of the round (same number).
+    # round closed (RoundState._counted_already).
     counted: tuple[int, int, int] | None = None
 
     @property
@@ -187,9 +187,13 @@ class Membership:
         log.info("client registry full (%d): forgot client %s, not heard from for %.0f s", cap, safe(oldest),
                  now - last_seen)
 
-    def touch(self, client_id: str) -> None:
-        if client_id in self.clients:
-            self.clients[client_id].last_seen = self.clock()
+    def touch(self, client_id: str, counted: tuple[int, int, int] | None = None) -> None:
+        """Heard from the client now; `counted`: the identity of its update a round just counted."""
+        info = self.clients.get(client_id)
+        if info is not None:
+            info.last_seen = self.clock()
+            if counted is not None:
+                info.counted = counted
 
     def __contains__(self, client_id: str) -> bool:
         return client_id in self.clients

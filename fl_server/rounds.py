@@ -334,10 +334,7 @@ class RoundState:
             r.silent.pop(header.client_id, None)
             r.metrics[header.client_id] = dict(header.metrics)
             timeline.mark("counted", r.number, header.client_id)
-            self.members.touch(header.client_id)
-            if header.client_id in self.members:
-                self.members.clients[header.client_id].counted = (r.number, header.model_version,
-                                                                  header.payload.checksum)
+            self.members.touch(header.client_id, counted=_identity(header))
             log.info("round %d: update from %s (%d samples, %.1f MB; waited %.3f s for a receive buffer, received "
                      "in %.3f s, checked in %.3f s), %d/%d in", r.number, safe(header.client_id), header.num_samples,
                      header.payload.total_bytes / 1e6, update.waited, update.received, update.checked,
@@ -376,8 +373,7 @@ class RoundState:
         for its answer until the next round opens). None for anything else."""
         info = self.members.clients.get(header.client_id)
         r = self._round
-        counted = (header.round, header.model_version, header.payload.checksum)
-        if info is None or info.counted != counted or (r and r.number == header.round):
+        if info is None or info.counted != _identity(header) or (r and r.number == header.round):
             return None
         return SubmitResult(accepted=True, duplicate=True,
                             message=f"update for round {header.round} was already counted")
@@ -497,7 +493,7 @@ class RoundState:
                 # Submissions wake us at once; the timeout is what notices a silent client.
                 self._cond.wait(min(remaining, self.rules.heartbeat_seconds))
             if self.secure is not None and not self.stopping:
-                self._reveal(r)
+                self.secure.unmask(r, self._cond, self.members, lambda: self.stopping, self.rules.heartbeat_seconds)
 
     def begin_unmasking(self) -> None:
         """A secure round's uploads are over: tell the survivors to reveal their shares (wait_until_complete
@@ -505,25 +501,7 @@ class RoundState:
         with self._cond:
             r = self._round
             assert r is not None and self.secure is not None, "no secure round is open"
-            self._begin_reveal(r)
-
-    def _begin_reveal(self, r: OpenRound) -> None:
-        assert self.secure is not None
-        self.secure.closing = True  # no more uploads start; those in flight finish (their progress deadline)
-        while r.folding or r.uploading:  # every counted masked update is in the sum before anyone is told
-            # Woken when an upload or fold ends; the timeout is a backstop, not the mechanism.
-            self._cond.wait(self.rules.heartbeat_seconds)
-        self.secure.begin_reveal(r)
-        self._cond.notify_all()
-
-    def _reveal(self, r: OpenRound) -> None:
-        """A secure round's last stage: the survivors reveal the shares that remove the masks left."""
-        assert self.secure is not None
-        self._begin_reveal(r)
-        started = self.clock()
-        while not self.stopping and not self.secure.reveal_done(r):
-            self.secure.give_up_on_silent(r, self.members, started)
-            self._cond.wait(min(max(self.secure.deadline - self.clock(), 0.0) + 0.05, self.rules.heartbeat_seconds))
+            self.secure.end_uploads(r, self._cond, self.rules.heartbeat_seconds)
 
     def _give_up_on_silent(self, r: OpenRound) -> None:
         # Each submission wakes the coordinator; with a thousand clients a round, a pass over them all at each
@@ -597,3 +575,9 @@ class RoundState:
             self.stopping = True
             self._cond.notify_all()
             self._pollers.wake()
+
+
+def _identity(header: UpdateHeader) -> tuple[int, int, int]:
+    """What tells a copy of an update from another update: a round re-run after too few updates keeps
+    its number and model version, so the payload's checksum is part of it."""
+    return header.round, header.model_version, header.payload.checksum

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 
 from common import messages as m
-from common import secagg
+from common import secagg, secagg_sessions
 from common.logs import safe
 from common.secure_rounds import round_params
 from fl_server.aggregation.secure import SecureSum
@@ -48,7 +48,7 @@ class SecureStages:
         self.stage_timeout = stage_timeout
         self.clock = clock
         self.round: OpenRound | None = None
-        self.session: secagg.ServerSession | None = None
+        self.session: secagg_sessions.ServerSession | None = None
         self.phase = Phase.FAILED
         self.deadline = 0.0
         self.advertised: set[str] = set()
@@ -65,7 +65,7 @@ class SecureStages:
 
     def open(self, r: OpenRound) -> None:
         params = round_params(self.train_config, self.aggregator.length, r.number)
-        self.session = secagg.ServerSession(params, r.selected)
+        self.session = secagg_sessions.ServerSession(params, r.selected)
         self.aggregator.session, self.aggregator.params = self.session, params
         self.round, self.phase, self.failure = r, Phase.ADVERTISE, ""
         self.deadline = self.clock() + self.stage_timeout
@@ -249,6 +249,26 @@ class SecureStages:
         self.changes += 1
         log.info("round %d: secure aggregation: %d masked updates in, %d dropped; unmasking", r.number,
                  len(self.survivors), len(self.dropped))
+
+    def end_uploads(self, r: OpenRound, cond: threading.Condition, wait_step: float) -> None:
+        """No more masked updates start; once those in flight are folded (every counted one in the sum
+        before anyone is told), the survivors are told to reveal. Under `cond`, the round state's lock."""
+        self.closing = True
+        while r.folding or r.uploading:
+            # Woken when an upload or fold ends; the timeout is a backstop, not the mechanism.
+            cond.wait(wait_step)
+        self.begin_reveal(r)
+        cond.notify_all()
+
+    def unmask(self, r: OpenRound, cond: threading.Condition, members: Membership, stopping: Callable[[], bool],
+               wait_step: float) -> None:
+        """The round's last stage: end the uploads, then wait (under `cond`) until the survivors have
+        revealed the shares that remove the masks left, the stage's deadline passes, or we are stopping."""
+        self.end_uploads(r, cond, wait_step)
+        started = self.clock()
+        while not stopping() and not self.reveal_done(r):
+            self.give_up_on_silent(r, members, started)
+            cond.wait(min(max(self.deadline - self.clock(), 0.0) + 0.05, wait_step))
 
     def reveal_done(self, r: OpenRound) -> bool:
         return self.phase is not Phase.REVEAL or not self.waiting_for(r) or self.clock() >= self.deadline

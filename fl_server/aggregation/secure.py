@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from common import secagg
+from common import secagg, secagg_sessions
 from common.secure_rounds import masked_length
 from common.tensors import TensorSpec
 from fl_server.aggregation.base import UpdateRejected, spec_mismatch
@@ -32,7 +32,7 @@ class SecureSum(OptimizerState):
         self.length = masked_length(model_specs)
         self.specs = [TensorSpec(MASKED, "int64", (self.length + 1,))]
         self.optimizer = optimizer or ServerOptimizer("fedavg")
-        self.session: secagg.ServerSession | None = None
+        self.session: secagg_sessions.ServerSession | None = None
         self.params: secagg.SecAggParams | None = None
         self._sum: torch.Tensor | None = None
         self.count = 0

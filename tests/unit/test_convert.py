@@ -27,7 +27,7 @@ def test_update_stream_roundtrip():
                             payload=convert.payload_header_of(payload, m.Encoding.DIFF, 256),
                             metrics={"train_loss": 0.5})
     stream = iter(list(convert.update_stream(header, payload, 256)))
-    back = convert.update_header_from_raw(next(stream))
+    back = convert.update_opening_from_raw(next(stream))[0]
     assert back == header
     got = tensors.assemble(back.payload.specs, convert.data_chunks(stream, pb.UpdateChunk, "update"),
                            back.payload.checksum)
@@ -59,16 +59,16 @@ def test_malformed_headers_are_refused(mutate, message):
     msg = pb.UpdateChunk.FromString(next(convert.update_stream(header, payload, 1024)))
     mutate(msg.header)
     with pytest.raises(convert.MalformedMessage, match=message):
-        convert.update_header_from_raw(msg.SerializeToString())
+        convert.update_opening_from_raw(msg.SerializeToString())[0]
 
 
 def test_stream_must_start_with_header_and_have_only_one():
     with pytest.raises(convert.MalformedMessage, match="start with a header"):
-        convert.update_header_from_raw(pb.UpdateChunk(data=b"x").SerializeToString())
+        convert.update_opening_from_raw(pb.UpdateChunk(data=b"x").SerializeToString())[0]
     with pytest.raises(convert.MalformedMessage, match="empty"):
-        convert.update_header_from_raw(None)
+        convert.update_opening_from_raw(None)[0]
     with pytest.raises(convert.MalformedMessage, match="not valid protobuf"):
-        convert.update_header_from_raw(b"\xff\xff\xff")
+        convert.update_opening_from_raw(b"\xff\xff\xff")[0]
     second = pb.UpdateChunk(header=pb.UpdateHeader()).SerializeToString()
     with pytest.raises(convert.MalformedMessage, match="second header"):
         list(convert.data_chunks(iter([convert.encode_data_chunk(b"x"), second]), pb.UpdateChunk, "update"))

@@ -1,9 +1,9 @@
-"""The client's heartbeat thread (fl_client.api.Heartbeats): when it beats, and that a round's end stops it."""
+"""The client's heartbeat thread (fl_client.heartbeat.Heartbeats): when it beats, and that a round's end stops it."""
 import threading
 import time
 
 from common import messages as m
-from fl_client.api import Heartbeat, Heartbeats
+from fl_client.heartbeat import Heartbeat, Heartbeats
 
 
 class Connection:

@@ -242,11 +242,11 @@ def raw_update_header(metrics):
 
 def test_5_convert_refuses_too_many_metrics_rather_than_keeping_some():
     many = {f"m{i}": float(i) for i in range(60)}
-    assert convert.update_header_from_raw(raw_update_header(many)).metrics == many  # all of them, not 50
+    assert convert.update_opening_from_raw(raw_update_header(many))[0].metrics == many  # all of them, not 50
     with pytest.raises(convert.MalformedMessage, match="at most 1000 metrics"):
-        convert.update_header_from_raw(raw_update_header({f"m{i}": 0.0 for i in range(convert.MAX_METRICS + 1)}))
+        convert.update_opening_from_raw(raw_update_header({f"m{i}": 0.0 for i in range(convert.MAX_METRICS + 1)}))[0]
     with pytest.raises(convert.MalformedMessage, match="metric names"):
-        convert.update_header_from_raw(raw_update_header({"x" * 5000: 0.0}))
+        convert.update_opening_from_raw(raw_update_header({"x" * 5000: 0.0}))[0]
 
 
 # --- 7: log injection --------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from common import secagg, secagg_crypto
-from common.secagg import ClientSession, SecAggError, SecAggParams, ServerSession, decode, encode, neighbours
+from common.secagg import SecAggError, SecAggParams, decode, encode, neighbours
+from common.secagg_sessions import ClientSession, ServerSession
 
 IDS = [f"client-{i}" for i in range(10)]
 
